@@ -1,0 +1,24 @@
+r"""tpp_plugin — the two-phase probabilistic (TPP) spiking neuron for ANN→SNN conversion.
+
+``import tpp_plugin`` registers the neuron into every installed framework (SpikingJelly,
+snnTorch); :func:`unregister` undoes it. See :mod:`tpp_plugin.functional` for the math.
+"""
+
+from . import functional
+from .qcfs import QCFS, qcfs_levels, replace_relu
+from .registry import register, registered, unregister
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "QCFS",
+    "qcfs_levels",
+    "replace_relu",
+    "register",
+    "registered",
+    "unregister",
+    "__version__",
+]
+
+register()

@@ -1,0 +1,1 @@
+"""Thin glue between :mod:`tpp_plugin.functional` and each SNN framework (imported lazily)."""

@@ -1,0 +1,127 @@
+r"""Framework-neutral pieces of ANN→SNN conversion: find activations, calibrate, swap modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "named_modules_of_type",
+    "set_submodule",
+    "batch_inputs",
+    "check_calibration_mode",
+    "activation_statistic",
+    "calibrate_thresholds",
+]
+
+
+def named_modules_of_type(model: nn.Module, types, exact: bool = False) -> Iterator:
+    """Yield ``(name, module)`` for submodules of ``model`` that are instances of ``types``.
+
+    With ``exact=True`` only modules whose type *is* one of ``types`` (no subclasses) match,
+    as SpikingJelly's converters match ``nn.ReLU``.
+    """
+    types = types if isinstance(types, tuple) else (types,)
+    for name, module in model.named_modules():
+        if name and (type(module) in types if exact else isinstance(module, types)):
+            yield name, module
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` of ``root`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def batch_inputs(batch) -> torch.Tensor:
+    """The input tensor of a data-loader batch (a tensor, or the first item of a tuple/list)."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("empty batch")
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"calibration batches must hold tensors, got {type(batch).__name__}")
+    return batch
+
+
+def check_calibration_mode(mode) -> str | float:
+    """Validate a threshold calibration mode: ``'max'``, a percentile ``'99.9%'``, or a float in
+    ``(0, 1]`` (that fraction of the maximum) — SpikingJelly's conventions."""
+    if isinstance(mode, str):
+        if mode.lower() == "max":
+            return "max"
+        if mode.endswith("%"):
+            try:
+                p = float(mode[:-1])
+            except ValueError:
+                p = -1.0
+            if 0.0 < p <= 100.0:
+                return mode
+    elif isinstance(mode, float) and 0.0 < mode <= 1.0:
+        return mode
+    raise ValueError(
+        f"mode must be 'max', a percentile like '99.9%', or a float in (0, 1], got {mode!r}"
+    )
+
+
+def activation_statistic(x: torch.Tensor, mode) -> torch.Tensor:
+    """The per-batch activation statistic for threshold calibration (see
+    :func:`check_calibration_mode`)."""
+    x = x.detach().float().flatten()
+    if mode == "max":
+        return x.max()
+    if isinstance(mode, str):
+        q = float(mode[:-1]) / 100.0
+        if x.numel() > 16_000_000:  # torch.quantile's input limit
+            x = x[torch.randperm(x.numel(), device=x.device)[:16_000_000]]
+        return torch.quantile(x, q)
+    return x.max() * mode
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: nn.Module,
+    dataloader: Iterable,
+    modules: list[nn.Module],
+    mode="max",
+    momentum: float = 0.1,
+) -> list[float]:
+    """Run ``model`` over ``dataloader`` and return one threshold per module in ``modules``.
+
+    The statistic of each module's *output* is tracked per batch with an exponential moving
+    average (first batch taken as is), as SpikingJelly's ``VoltageHook`` does.
+    """
+    mode = check_calibration_mode(mode)
+    stats: list[torch.Tensor | None] = [None] * len(modules)
+
+    def make_hook(i):
+        def hook(_module, _inputs, output):
+            s = activation_statistic(output, mode)
+            stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        for batch in dataloader:
+            model(batch_inputs(batch).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if any(s is None for s in stats):
+        raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
+    thresholds = [float(s) for s in stats]
+    for i, th in enumerate(thresholds):
+        if not th > 0:
+            raise ValueError(
+                f"activation {i} never became positive during calibration (threshold {th}); "
+                "use more calibration data or a different mode"
+            )
+    return thresholds

@@ -1,0 +1,112 @@
+r"""``python -m tpp_plugin demo``: the plugin's headline on sklearn digits, in seconds on a CPU.
+
+Trains a small ReLU CNN and a small QCFS CNN, converts the ReLU CNN with SpikingJelly's own
+``RateCodingRecipe`` (default IF neuron vs ``neuron='tpp'``) and the QCFS CNN with the QCFS path,
+and prints accuracy against the number of time steps ``T``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import data
+from .models import ann_accuracy, digits_cnn, train_ann
+from .qcfs import qcfs_levels
+
+__all__ = ["run_demo", "spikingjelly_accuracy", "format_table"]
+
+DEFAULT_TS = (1, 2, 4, 8, 16, 32)
+
+
+@torch.no_grad()
+def spikingjelly_accuracy(snn, loader, T: int) -> float:
+    """Accuracy of a converted SpikingJelly network run for ``T`` steps in multi-step mode, with
+    the image as a constant input current (direct encoding) and the output averaged over time."""
+    from spikingjelly.activation_based import functional
+
+    functional.set_step_mode(snn, "m")
+    correct = total = 0
+    for x, y in loader:
+        functional.reset_net(snn)
+        out = snn(x.unsqueeze(0).expand(T, *x.shape)).mean(0)
+        correct += (out.argmax(1) == y).sum().item()
+        total += len(y)
+    functional.reset_net(snn)
+    return correct / total
+
+
+def format_table(title: str, rows: dict, Ts) -> str:
+    """Render ``{label: [acc per T]}`` (accuracies in [0, 1]) as a fixed-width text table."""
+    width = max(len(k) for k in rows) + 2
+    head = f"{'':<{width}}" + "".join(f"{f'T={T}':>8}" for T in Ts)
+    lines = [title, head, "-" * len(head)]
+    for label, accs in rows.items():
+        cells = "".join(f"{100 * a:8.1f}" for a in accs)
+        lines.append(f"{label:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def _progress(desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return lambda it: tqdm(it, desc=desc, unit="epoch", leave=False)
+
+
+def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, echo=print) -> dict:
+    """Run the SpikingJelly demo and return ``{'relu': {...}, 'qcfs': {...}}`` accuracy tables."""
+    from spikingjelly.activation_based import ann2snn
+
+    import tpp_plugin  # noqa: F401  (registers neuron='tpp' into SpikingJelly)
+
+    from .adapters.spikingjelly import IS_LEGACY, convert_qcfs
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = data.load_digits(seed=seed)
+    train, test = data.loaders(x_train, y_train, x_test, y_test, seed=seed)
+    relu_ann = train_ann(digits_cnn(), train, epochs, progress=_progress("ReLU CNN"))
+    qcfs_ann = train_ann(
+        digits_cnn(qcfs_levels=levels), train, epochs, progress=_progress("QCFS CNN")
+    )
+
+    def convert_relu(**hook):
+        if IS_LEGACY:
+            return ann2snn.Converter(train, mode="99.9%", **hook)(relu_ann)
+        recipe = ann2snn.RateCodingRecipe(train, mode="99.9%", **hook)
+        return ann2snn.Converter(recipe).convert(relu_ann)
+
+    relu_acc = ann_accuracy(relu_ann, test)
+    relu_rows = {"ANN (ReLU)": [relu_acc] * len(Ts)}
+    relu_nets = {
+        "SpikingJelly IF (default)": convert_relu(),
+        "TPP bernoulli": convert_relu(neuron="tpp", neuron_kwargs={"seed": seed}),
+        "TPP exact": convert_relu(neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed}),
+    }
+    for label, snn in relu_nets.items():
+        relu_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
+
+    qcfs_rows = {f"ANN (QCFS, L={levels})": [ann_accuracy(qcfs_ann, test)] * len(Ts)}
+    with_levels = []
+    for T in Ts:
+        with qcfs_levels(qcfs_ann, T):
+            with_levels.append(ann_accuracy(qcfs_ann, test))
+    qcfs_rows["ANN with L=T"] = with_levels
+    for label, neuron, kwargs in (
+        ("IF (v starts at θ/2)", "if", {}),
+        ("TPP bernoulli", "tpp", {"seed": seed}),
+        ("TPP exact", "tpp", {"count": "exact", "seed": seed}),
+    ):
+        snn = convert_qcfs(qcfs_ann, neuron, kwargs)
+        qcfs_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
+
+    echo("")
+    echo(format_table("ReLU CNN → SpikingJelly RateCodingRecipe(mode='99.9%'), test accuracy %",
+                      relu_rows, Ts))
+    echo("")
+    echo(format_table(f"QCFS CNN (L={levels}) → QCFS conversion, test accuracy %", qcfs_rows, Ts))
+    echo(f"\nsklearn digits, {len(y_test)} test images; {time.perf_counter() - start:.0f} s")
+    return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}

@@ -1,0 +1,146 @@
+r"""Register the plugin into installed SNN frameworks, reversibly.
+
+Each adapter module exposes ``install(patcher)``, which adds or wraps framework attributes only
+through the :class:`Patcher` it is given. The patcher never overwrites a name it did not add
+itself (it warns once and leaves the name alone), marks what it wraps so a second registration
+is a no-op, and undoes everything in reverse order on :func:`unregister`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import warnings
+
+__all__ = ["ADAPTERS", "Patcher", "register", "unregister", "registered"]
+
+#: framework import name -> adapter module
+ADAPTERS = {
+    "spikingjelly": "tpp_plugin.adapters.spikingjelly",
+    "snntorch": "tpp_plugin.adapters.snntorch",
+}
+
+_MISSING = object()
+_ACTIVE: dict = {}
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _raw_attr(owner, name):
+    # classes: take the raw __dict__ entry so staticmethod/classmethod wrappers survive a restore
+    if isinstance(owner, type):
+        return vars(owner).get(name, _MISSING)
+    return getattr(owner, name, _MISSING)
+
+
+class Patcher:
+    """Records the attributes an adapter adds to or wraps on a framework, to undo them later."""
+
+    def __init__(self, framework: str):
+        self.framework = framework
+        self._records: list = []
+
+    def add(self, owner, name: str, value) -> bool:
+        """Set ``owner.name = value`` unless the name is already taken by something else.
+
+        :return: whether ``owner.name`` is now ``value``
+        """
+        current = getattr(owner, name, _MISSING)
+        if current is value:
+            return True
+        if current is not _MISSING:
+            _warn_once(
+                f"tpp_plugin: {getattr(owner, '__name__', owner)}.{name} already exists and is not "
+                "tpp_plugin's; leaving it alone"
+            )
+            return False
+        setattr(owner, name, value)
+        self._records.append((owner, name, _MISSING))
+        return True
+
+    def wrap(self, owner, name: str, make_wrapper):
+        """Replace function ``owner.name`` by ``make_wrapper(original)`` (once; idempotent).
+
+        :return: the installed wrapper
+        """
+        original = _raw_attr(owner, name)
+        if original is _MISSING:
+            raise AttributeError(f"{owner!r} has no attribute {name!r} to wrap")
+        if getattr(original, "__tpp_plugin_wrapper__", False):
+            return original
+        wrapper = make_wrapper(original)
+        functools.update_wrapper(wrapper, original)
+        wrapper.__tpp_plugin_wrapper__ = True
+        setattr(owner, name, wrapper)
+        self._records.append((owner, name, original))
+        return wrapper
+
+    def undo(self) -> None:
+        """Restore everything this patcher changed, newest first."""
+        while self._records:
+            owner, name, original = self._records.pop()
+            if original is _MISSING:
+                if hasattr(owner, name):
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def _installed(framework: str) -> bool:
+    try:
+        return importlib.util.find_spec(framework) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def register(frameworks=None) -> tuple:
+    """Register ``tpp_plugin`` into the installed frameworks (all known ones by default).
+
+    Idempotent; frameworks that are not installed are skipped silently unless named explicitly.
+    An adapter that fails to install is rolled back and reported with a warning, so
+    ``import tpp_plugin`` never fails because of a framework.
+
+    :return: the names of the frameworks now registered
+    """
+    explicit = frameworks is not None
+    names = [frameworks] if isinstance(frameworks, str) else list(frameworks or ADAPTERS)
+    for name in names:
+        if name not in ADAPTERS:
+            raise ValueError(f"unknown framework {name!r}; known: {sorted(ADAPTERS)}")
+        if name in _ACTIVE:
+            continue
+        if not _installed(name):
+            if explicit:
+                raise ImportError(f"cannot register into {name}: it is not installed")
+            continue
+        patcher = Patcher(name)
+        try:
+            importlib.import_module(ADAPTERS[name]).install(patcher)
+        except Exception as exc:  # never let a framework break `import tpp_plugin`
+            patcher.undo()
+            if explicit:
+                raise
+            _warn_once(f"tpp_plugin: could not register into {name}: {exc!r}")
+            continue
+        _ACTIVE[name] = patcher
+    return registered()
+
+
+def unregister(frameworks=None) -> None:
+    """Undo :func:`register` for the given frameworks (all by default)."""
+    names = [frameworks] if isinstance(frameworks, str) else list(frameworks or list(_ACTIVE))
+    for name in names:
+        patcher = _ACTIVE.pop(name, None)
+        if patcher is not None:
+            patcher.undo()
+
+
+def registered() -> tuple:
+    """Names of the frameworks the plugin is currently registered into."""
+    return tuple(_ACTIVE)
