@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(SJ_LEGACY)/spikingjelly/__init__.py
 	$(PY) -m pytest -m "not slow"
-	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -m "not slow" -p no:cacheprovider tests/test_spikingjelly.py tests/test_conversion.py
+	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -m "not slow" -p no:cacheprovider tests/test_spikingjelly.py tests/test_conversion.py tests/test_registry.py tests/test_readme.py
 
 test-all: test
 	$(PY) -m pytest -m slow

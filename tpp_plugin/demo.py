@@ -82,7 +82,9 @@ def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, ec
     relu_acc = ann_accuracy(relu_ann, test)
     relu_rows = {"ANN (ReLU)": [relu_acc] * len(Ts)}
     relu_nets = {
-        "SpikingJelly IF (default)": convert_relu(),
+        # neuron='if' is the converter's default neuron; naming it also makes a 0.0.0.0.14 result
+        # run in multi-step mode
+        "SpikingJelly IF (default)": convert_relu(neuron="if"),
         "TPP bernoulli": convert_relu(neuron="tpp", neuron_kwargs={"seed": seed}),
         "TPP exact": convert_relu(neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed}),
     }
