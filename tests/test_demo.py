@@ -15,6 +15,13 @@ def test_demo_reduced_run():
     assert all(0.0 <= a <= 1.0 for row in relu.values() for a in row)
 
 
+def test_snntorch_demo_reduced_run():
+    lines: list = []
+    result = run_demo(Ts=(2, 4), epochs=3, echo=lines.append, framework="snntorch")
+    assert "snnTorch" in "\n".join(lines)
+    assert result["qcfs"]["TPP exact"] == result["qcfs"]["ANN with L=T"]
+
+
 def test_format_table_layout():
     table = format_table("title", {"a": [0.5, 1.0]}, (1, 2))
     assert table.splitlines()[1].split() == ["T=1", "T=2"]

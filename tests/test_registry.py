@@ -83,6 +83,17 @@ def test_patcher_wrap_is_idempotent_and_undoable():
     assert Owner.__dict__["f"] is original and Owner().f() == 1
 
 
+def test_top_level_reset_reaches_plugin_modules():
+    import torch
+
+    from tpp_plugin.adapters.spikingjelly import TPPNode
+
+    node = TPPNode(T=4)
+    node(torch.rand(3))
+    tpp_plugin.reset(torch.nn.Sequential(node))
+    assert node.t == 0 and node.v == 0.0
+
+
 def test_unknown_framework_is_an_error():
     with pytest.raises(ValueError, match="unknown framework"):
         tpp_plugin.register("brian2")

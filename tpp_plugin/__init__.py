@@ -6,7 +6,7 @@ snnTorch); :func:`unregister` undoes it. See :mod:`tpp_plugin.functional` for th
 
 from . import functional
 from .qcfs import QCFS, qcfs_levels, replace_relu
-from .registry import register, registered, unregister
+from .registry import ADAPTERS, register, registered, unregister
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,19 @@ __all__ = [
     "register",
     "registered",
     "unregister",
+    "reset",
     "__version__",
 ]
+
+
+
+def reset(net) -> None:
+    """Reset the state of every spiking module in ``net``, for each registered framework
+    (SpikingJelly's ``reset_net``, snnTorch's ``utils.reset`` including plugin neurons)."""
+    import importlib
+
+    for framework in registered():
+        importlib.import_module(ADAPTERS[framework]).reset(net)
+
 
 register()

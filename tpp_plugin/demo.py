@@ -15,7 +15,7 @@ from . import data
 from .models import ann_accuracy, digits_cnn, train_ann
 from .qcfs import qcfs_levels
 
-__all__ = ["run_demo", "spikingjelly_accuracy", "format_table"]
+__all__ = ["run_demo", "spikingjelly_accuracy", "snntorch_accuracy", "format_table"]
 
 DEFAULT_TS = (1, 2, 4, 8, 16, 32)
 
@@ -34,6 +34,21 @@ def spikingjelly_accuracy(snn, loader, T: int) -> float:
         correct += (out.argmax(1) == y).sum().item()
         total += len(y)
     functional.reset_net(snn)
+    return correct / total
+
+
+@torch.no_grad()
+def snntorch_accuracy(snn, loader, T: int) -> float:
+    """Accuracy of a network from :func:`tpp_plugin.adapters.snntorch.convert` (sequence mode)
+    run for ``T`` steps with the image as a constant input current."""
+    from .adapters.snntorch import reset
+
+    correct = total = 0
+    for x, y in loader:
+        reset(snn)
+        out = snn(x.unsqueeze(0).expand(T, *x.shape)).mean(0)
+        correct += (out.argmax(1) == y).sum().item()
+        total += len(y)
     return correct / total
 
 
@@ -56,15 +71,7 @@ def _progress(desc):
     return lambda it: tqdm(it, desc=desc, unit="epoch", leave=False)
 
 
-def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, echo=print) -> dict:
-    """Run the SpikingJelly demo and return ``{'relu': {...}, 'qcfs': {...}}`` accuracy tables."""
-    from spikingjelly.activation_based import ann2snn
-
-    import tpp_plugin  # noqa: F401  (registers neuron='tpp' into SpikingJelly)
-
-    from .adapters.spikingjelly import IS_LEGACY, convert_qcfs
-
-    start = time.perf_counter()
+def _train_models(epochs, seed, levels):
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data.load_digits(seed=seed)
     train, test = data.loaders(x_train, y_train, x_test, y_test, seed=seed)
@@ -72,6 +79,36 @@ def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, ec
     qcfs_ann = train_ann(
         digits_cnn(qcfs_levels=levels), train, epochs, progress=_progress("QCFS CNN")
     )
+    return train, test, relu_ann, qcfs_ann
+
+
+def _qcfs_reference_rows(qcfs_ann, test, Ts, levels) -> dict:
+    rows = {f"ANN (QCFS, L={levels})": [ann_accuracy(qcfs_ann, test)] * len(Ts)}
+    with_levels = []
+    for T in Ts:
+        with qcfs_levels(qcfs_ann, T):
+            with_levels.append(ann_accuracy(qcfs_ann, test))
+    rows["ANN with L=T"] = with_levels
+    return rows
+
+
+def run_demo(
+    Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, echo=print,
+    framework: str = "spikingjelly",
+) -> dict:
+    """Run the demo and return ``{'T': Ts, 'relu': {...}, 'qcfs': {...}}`` accuracy tables."""
+    if framework == "snntorch":
+        return _run_snntorch_demo(Ts, epochs, seed, levels, echo)
+    if framework != "spikingjelly":
+        raise ValueError(f"framework must be 'spikingjelly' or 'snntorch', got {framework!r}")
+    from spikingjelly.activation_based import ann2snn
+
+    import tpp_plugin  # noqa: F401  (registers neuron='tpp' into SpikingJelly)
+
+    from .adapters.spikingjelly import IS_LEGACY, convert_qcfs
+
+    start = time.perf_counter()
+    train, test, relu_ann, qcfs_ann = _train_models(epochs, seed, levels)
 
     def convert_relu(**hook):
         if IS_LEGACY:
@@ -79,8 +116,7 @@ def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, ec
         recipe = ann2snn.RateCodingRecipe(train, mode="99.9%", **hook)
         return ann2snn.Converter(recipe).convert(relu_ann)
 
-    relu_acc = ann_accuracy(relu_ann, test)
-    relu_rows = {"ANN (ReLU)": [relu_acc] * len(Ts)}
+    relu_rows = {"ANN (ReLU)": [ann_accuracy(relu_ann, test)] * len(Ts)}
     relu_nets = {
         # neuron='if' is the converter's default neuron; naming it also makes a 0.0.0.0.14 result
         # run in multi-step mode
@@ -91,12 +127,7 @@ def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, ec
     for label, snn in relu_nets.items():
         relu_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
 
-    qcfs_rows = {f"ANN (QCFS, L={levels})": [ann_accuracy(qcfs_ann, test)] * len(Ts)}
-    with_levels = []
-    for T in Ts:
-        with qcfs_levels(qcfs_ann, T):
-            with_levels.append(ann_accuracy(qcfs_ann, test))
-    qcfs_rows["ANN with L=T"] = with_levels
+    qcfs_rows = _qcfs_reference_rows(qcfs_ann, test, Ts, levels)
     for label, neuron, kwargs in (
         ("IF (v starts at θ/2)", "if", {}),
         ("TPP bernoulli", "tpp", {"seed": seed}),
@@ -110,5 +141,37 @@ def run_demo(Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, ec
                       relu_rows, Ts))
     echo("")
     echo(format_table(f"QCFS CNN (L={levels}) → QCFS conversion, test accuracy %", qcfs_rows, Ts))
-    echo(f"\nsklearn digits, {len(y_test)} test images; {time.perf_counter() - start:.0f} s")
+    echo(f"\nsklearn digits, {len(test.dataset)} test images; "
+         f"{time.perf_counter() - start:.0f} s")
+    return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}
+
+
+def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
+    from .adapters.snntorch import convert
+
+    start = time.perf_counter()
+    train, test, relu_ann, qcfs_ann = _train_models(epochs, seed, levels)
+    neurons = (
+        ("IF (v starts at θ/2)", {"neuron": "if"}),
+        ("TPP bernoulli", {"neuron": "tpp", "seed": seed}),
+        ("TPP exact", {"neuron": "tpp", "count": "exact", "seed": seed}),
+    )
+    relu_rows = {"ANN (ReLU)": [ann_accuracy(relu_ann, test)] * len(Ts)}
+    qcfs_rows = _qcfs_reference_rows(qcfs_ann, test, Ts, levels)
+    for label, kwargs in neurons:
+        relu_rows[label] = [
+            snntorch_accuracy(convert(relu_ann, train, num_steps=T, mode="99.9%", **kwargs),
+                              test, T)
+            for T in Ts
+        ]
+        qcfs_rows[label] = [
+            snntorch_accuracy(convert(qcfs_ann, num_steps=T, **kwargs), test, T) for T in Ts
+        ]
+    echo("")
+    echo(format_table("ReLU CNN → tpp_plugin snnTorch converter (mode='99.9%'), test accuracy %",
+                      relu_rows, Ts))
+    echo("")
+    echo(format_table(f"QCFS CNN (L={levels}) → snnTorch, test accuracy %", qcfs_rows, Ts))
+    echo(f"\nsklearn digits, {len(test.dataset)} test images; "
+         f"{time.perf_counter() - start:.0f} s")
     return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}

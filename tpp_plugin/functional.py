@@ -32,6 +32,7 @@ __all__ = [
     "check_window",
     "check_threshold",
     "check_tensor",
+    "check_seed",
     "window_uniforms",
     "tpp_accumulate",
     "tpp_fire",
@@ -108,6 +109,20 @@ def check_tensor(x, name: str, min_dim: int = 0, finite: bool = True) -> torch.T
     if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
+
+
+def check_seed(seed, generator) -> None:
+    """Check a module's randomness arguments: an ``int`` seed or a ``torch.Generator``, not both.
+
+    :raises ValueError: if both are given
+    :raises TypeError: if ``seed`` is not an int or ``generator`` not a ``torch.Generator``
+    """
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
 def _check_generator(generator, device: torch.device, name: str = "generator"):

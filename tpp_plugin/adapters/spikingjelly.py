@@ -42,6 +42,7 @@ __all__ = [
     "convert_qcfs",
     "QCFSRecipe",
     "IS_LEGACY",
+    "reset",
     "install",
 ]
 
@@ -69,12 +70,7 @@ class _TPPModule(base.MemoryModule):
     def __init__(self, T, seed, generator, step_mode, backend):
         super().__init__()
         self.T = None if T is None else F.check_window(T)
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator, not both")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        F.check_seed(seed, generator)
         self.seed = seed
         self.generator = generator
         self._seeded = {}
@@ -712,6 +708,13 @@ def _wrap_legacy_converter_forward(original):
         return make_step_mode_capable(snn)
 
     return forward
+
+
+def reset(net: nn.Module) -> None:
+    """Reset every SpikingJelly ``MemoryModule`` in ``net`` (used by :func:`tpp_plugin.reset`)."""
+    for module in net.modules():
+        if isinstance(module, base.MemoryModule):
+            module.reset()
 
 
 def install(patcher) -> None:
