@@ -14,7 +14,7 @@ SNIPPETS = [(m["line"], m["code"]) for m in SNIPPET.finditer(README.read_text())
 
 def test_readme_has_snippets_for_both_lines():
     lines = {line for line, _ in SNIPPETS}
-    assert {"spikingjelly-2", "spikingjelly-0.0.0.0.14", "any"} <= lines
+    assert {"spikingjelly-2", "spikingjelly-0.0.0.0.14", "any", "snntorch"} <= lines
 
 
 @pytest.mark.parametrize("line, code", SNIPPETS, ids=[line for line, _ in SNIPPETS])
@@ -24,6 +24,12 @@ def test_snippet_runs(line, code):
         pytest.skip(f"snippet for {line}")
     namespace: dict = {}
     exec(compile(code, f"README[{line}]", "exec"), namespace)
+    if line == "snntorch":
+        from tpp_plugin.adapters.snntorch import TPP
+
+        assert any(isinstance(m, TPP) for m in namespace["snn_net"].modules())
+        assert namespace["same"] is True
+        return
     assert any(isinstance(m, TPPNode) for m in namespace["snn"].modules())
     if "same" in namespace:
         assert bool(namespace["same"].all())
