@@ -82,6 +82,16 @@ def _train_models(epochs, seed, levels):
     return train, test, relu_ann, qcfs_ann
 
 
+def _report(tables: dict, Ts, n_test: int, start: float, echo) -> dict:
+    """Print the ReLU and QCFS tables; return them as ``{'T', 'relu', 'qcfs'}``."""
+    for title, rows in tables.items():
+        echo("")
+        echo(format_table(f"{title}, test accuracy %", rows, Ts))
+    echo(f"\nsklearn digits, {n_test} test images; {time.perf_counter() - start:.0f} s")
+    relu_rows, qcfs_rows = tables.values()
+    return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}
+
+
 def _qcfs_reference_rows(qcfs_ann, test, Ts, levels) -> dict:
     rows = {f"ANN (QCFS, L={levels})": [ann_accuracy(qcfs_ann, test)] * len(Ts)}
     with_levels = []
@@ -136,14 +146,11 @@ def run_demo(
         snn = convert_qcfs(qcfs_ann, neuron, kwargs)
         qcfs_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
 
-    echo("")
-    echo(format_table("ReLU CNN → SpikingJelly RateCodingRecipe(mode='99.9%'), test accuracy %",
-                      relu_rows, Ts))
-    echo("")
-    echo(format_table(f"QCFS CNN (L={levels}) → QCFS conversion, test accuracy %", qcfs_rows, Ts))
-    echo(f"\nsklearn digits, {len(test.dataset)} test images; "
-         f"{time.perf_counter() - start:.0f} s")
-    return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}
+    tables = {
+        "ReLU CNN → SpikingJelly RateCodingRecipe(mode='99.9%')": relu_rows,
+        f"QCFS CNN (L={levels}) → QCFS conversion": qcfs_rows,
+    }
+    return _report(tables, Ts, len(test.dataset), start, echo)
 
 
 def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
@@ -167,11 +174,8 @@ def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
         qcfs_rows[label] = [
             snntorch_accuracy(convert(qcfs_ann, num_steps=T, **kwargs), test, T) for T in Ts
         ]
-    echo("")
-    echo(format_table("ReLU CNN → tpp_plugin snnTorch converter (mode='99.9%'), test accuracy %",
-                      relu_rows, Ts))
-    echo("")
-    echo(format_table(f"QCFS CNN (L={levels}) → snnTorch, test accuracy %", qcfs_rows, Ts))
-    echo(f"\nsklearn digits, {len(test.dataset)} test images; "
-         f"{time.perf_counter() - start:.0f} s")
-    return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}
+    tables = {
+        "ReLU CNN → tpp_plugin snnTorch converter (mode='99.9%')": relu_rows,
+        f"QCFS CNN (L={levels}) → snnTorch": qcfs_rows,
+    }
+    return _report(tables, Ts, len(test.dataset), start, echo)
