@@ -54,6 +54,23 @@ def _check_seed(seed, generator):
     return torch.Generator().manual_seed(int(seed)) if seed is not None else generator
 
 
+def _check_mem_argument(neuron, mem) -> None:
+    """snnTorch's rule for an explicit ``mem`` argument; a sequence always starts afresh."""
+    if mem is None:
+        return
+    if neuron.init_hidden:
+        raise TypeError("`mem` should not be passed as an argument while `init_hidden=True`")
+    if neuron.sequence:
+        raise TypeError("`mem` cannot be passed in sequence mode: every sequence starts afresh")
+
+
+def _returns(neuron, spk, mem):
+    """snnTorch's return convention: ``(spk, mem)``, or ``spk`` alone with ``init_hidden``."""
+    if neuron.output or not neuron.init_hidden:
+        return spk, mem
+    return spk
+
+
 class _Seeded:
     """Mixin: ``self.seed``/``self.generator``; a seeded generator follows the data's device."""
 
@@ -82,8 +99,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
     :math:`p_t = {\rm clamp}(V / (U_{\rm thr}(T-t+1)), 0, 1)` and subtracts
     :math:`U_{\rm thr}` when it does. The spikes land at random times; when :math:`V` is
     :math:`k U_{\rm thr}` with whole :math:`0 \le k \le T` exactly :math:`k` of them fire, and
-    in general about :math:`{\rm clamp}(V/U_{\rm thr}, 0, T)` on average (a little more for a
-    fractional :math:`V/U_{\rm thr}`; see :func:`tpp_plugin.functional.expected_count`).
+    in general about :math:`{\rm clamp}(V/U_{\rm thr}, 0, T)` on average (not exactly for a
+    fractional :math:`V/U_{\rm thr}`: see :func:`tpp_plugin.functional.expected_count`).
     With ``count='exact'`` the potential is first rounded to
     :math:`U_{\rm thr}\,{\rm clamp}(\lfloor V/U_{\rm thr} + ½\rfloor, 0, T)`: the count is then
     deterministic (a network of such neurons computes exactly the QCFS ANN with :math:`L = T`)
@@ -270,13 +287,10 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_, mem=None):
-        if self.init_hidden and mem is not None:
-            raise TypeError("`mem` should not be passed as an argument while `init_hidden=True`")
+        _check_mem_argument(self, mem)
         if self.sequence:
-            if mem is not None:
-                raise TypeError("`mem` cannot be passed in sequence mode: windows start at v_init")
-            return self._returns(*self._sequence(input_, "input_"))
-        return self._returns(*self._step_forward(input_, mem))
+            return _returns(self, *self._sequence(input_, "input_"))
+        return _returns(self, *self._step_forward(input_, mem))
 
     def forward_sequence(self, x_seq):
         r"""Run a whole sequence ``[k·num_steps, B, ...]`` (``k`` windows) in one call.
@@ -290,12 +304,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             >>> tpp.forward_sequence(torch.full((4, 1), 0.5)).sum(0)
             tensor([2.])
         """
-        return self._returns(*self._sequence(x_seq, "x_seq"))
-
-    def _returns(self, spk, mem):
-        if self.output or not self.init_hidden:
-            return spk, mem
-        return spk
+        return _returns(self, *self._sequence(x_seq, "x_seq"))
 
     def _fire(self, v):
         generator = self._generator_for(v.device)
@@ -444,11 +453,8 @@ class IF(snntorch.Leaky):
         return self._mem_out
 
     def forward(self, input_, mem=None):
-        if self.init_hidden and mem is not None:
-            raise TypeError("`mem` should not be passed as an argument while `init_hidden=True`")
+        _check_mem_argument(self, mem)
         if self.sequence:
-            if mem is not None:
-                raise TypeError("`mem` cannot be passed in sequence mode")
             F.check_tensor(input_, "input_", min_dim=2, finite=False)
             saved = self.mem, self._mem_out
             self.mem = self.mem.new_zeros(0)
@@ -459,7 +465,7 @@ class IF(snntorch.Leaky):
             spk, mem = (torch.stack(s) for s in zip(*steps))
         else:
             spk, mem = self._step_forward(input_, mem)
-        return spk if self.init_hidden and not self.output else (spk, mem)
+        return _returns(self, spk, mem)
 
     def _step_forward(self, input_, mem):
         if mem is not None:
