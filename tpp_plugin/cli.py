@@ -1,35 +1,34 @@
-r"""Command line: ``python -m tpp_plugin demo``."""
+r"""Command line: ``python -m tpp_plugin <command> ...``.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``main(args) -> int`` (the exit code); this file only wires them together.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from .demo import DEFAULT_TS
+# command -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("tpp_plugin.demo", "accuracy vs T on sklearn digits: IF vs TPP"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tpp_plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="accuracy vs T on sklearn digits: IF vs TPP")
-    demo.add_argument("--framework", choices=["spikingjelly", "snntorch"], default="spikingjelly")
-    demo.add_argument("--T", type=int, nargs="+", default=list(DEFAULT_TS), help="time steps")
-    demo.add_argument("--epochs", type=int, default=30, help="ANN training epochs")
-    demo.add_argument("--levels", type=int, default=4, help="QCFS levels L")
-    demo.add_argument("--seed", type=int, default=0)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(command)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(
-            Ts=args.T, epochs=args.epochs, seed=args.seed, levels=args.levels,
-            framework=args.framework,
-        )
-    return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -179,3 +179,21 @@ def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
         f"QCFS CNN (L={levels}) → snnTorch": qcfs_rows,
     }
     return _report(tables, Ts, len(test.dataset), start, echo)
+
+
+def add_arguments(parser) -> None:
+    """Options of ``python -m tpp_plugin demo``."""
+    parser.add_argument("--framework", choices=["spikingjelly", "snntorch"], default="spikingjelly")
+    parser.add_argument("--T", type=int, nargs="+", default=list(DEFAULT_TS), help="time steps")
+    parser.add_argument("--epochs", type=int, default=30, help="ANN training epochs")
+    parser.add_argument("--levels", type=int, default=4, help="QCFS levels L")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    """Run the demo from parsed command-line arguments."""
+    run_demo(
+        Ts=args.T, epochs=args.epochs, seed=args.seed, levels=args.levels,
+        framework=args.framework,
+    )
+    return 0
