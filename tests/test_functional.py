@@ -236,3 +236,87 @@ def test_generator_must_be_a_generator():
 def test_generator_on_wrong_device_is_reported():
     with pytest.raises(ValueError, match="generator"):
         F.tpp_fire(torch.ones(3, device="cuda"), 4, generator=torch.Generator())
+
+
+# ---------------------------------------------------------------- fast paths == references
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("T", [1, 3, 8, 300])
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+@pytest.mark.parametrize("shape", [(64,), (3, 7)])  # 3·7·T is not a multiple of 4 for odd T
+def test_fast_fire_equals_reference_bit_for_bit(dtype, T, count, shape):
+    """tpp_fire (random numbers hidden in its output buffer, one small loop over T) equals the
+    plain reference loop on window_uniforms drawn from the same seed; tpp_count equals its sum.
+    T=300 exercises products r·(T−t) beyond float32's 24-bit mantissa."""
+    v = ((torch.rand(shape, generator=torch.Generator().manual_seed(T)) * (T + 2)) - 1).to(dtype)
+    threshold = torch.linspace(0.4, 1.3, shape[-1]) if len(shape) == 2 else 0.7
+
+    def gen():
+        return torch.Generator().manual_seed(99)
+
+    fast = F.tpp_fire(v, T, threshold, count, gen())
+    u = F.window_uniforms(v.shape, T, v.device, dtype, gen())
+    assert torch.equal(fast, F.tpp_fire_reference(v, T, threshold, count, u))
+    assert torch.equal(fast, F.tpp_fire(v, T, threshold, count, uniforms=u))
+    assert torch.equal(F.tpp_count(v, T, threshold, count, gen()), fast.sum(0))
+
+
+def test_uniforms_are_16_bit_and_uniform(gen):
+    """u = r/2^16: on the grid, in [0, 1), mean 1/2 and 16 equal bins within 4 SE (binomial SE
+    of a bin fraction sqrt(p(1-p)/n), and 1/sqrt(12 n) for the mean)."""
+    u = F.window_uniforms((N,), 4, "cpu", generator=gen).flatten().double()
+    n = u.numel()
+    assert torch.equal(u * 2**16, torch.floor(u * 2**16))
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) <= 4 / math.sqrt(12 * n)
+    frac = torch.bincount((u * 16).long(), minlength=16).double() / n
+    assert torch.all((frac - 1 / 16).abs() <= 4 * math.sqrt((1 / 16) * (15 / 16) / n))
+
+
+def test_step_by_step_draws_equal_one_window_draw():
+    """On the CPU the 64-bit words of each step can be drawn separately (no [T, n] buffer)."""
+    draws = F._step_draws(5, 12, "cpu", torch.Generator().manual_seed(4))
+    steps = torch.stack([row.clone() for row in draws])  # rows share one buffer
+    whole = F._draw_bits(5 * 12, "cpu", torch.Generator().manual_seed(4)).view(5, 12)
+    assert torch.equal(steps, whole)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_fast_permutation_equals_reference_bit_for_bit(T, dtype):
+    x = (torch.randn(T, 3, 5, generator=torch.Generator().manual_seed(T)) * 10).to(dtype)
+    fast = F.permute_time(x, "neuron", generator=torch.Generator().manual_seed(8))
+    bits = F.permutation_bits(T, 15, "cpu", torch.Generator().manual_seed(8))
+    assert torch.equal(fast, F.permute_time_reference(x, bits))
+    assert torch.equal(fast.sort(0).values, x.sort(0).values)  # a permutation of each train
+
+
+@pytest.mark.parametrize("T", [8, 32])
+def test_neuron_permutation_moves_a_pair_to_uniform_positions(T, gen):
+    """Fisher–Yates without a sort: slot 0's value lands in each slot with probability 1/T, and
+    the ordered pair (slots 0, 1) in each of the T(T-1) position pairs with probability
+    1/(T(T-1)); every frequency within 4 binomial SE, sqrt(p(1-p)/N), of its probability."""
+    x = torch.zeros(T, N)
+    x[0], x[1] = 1.0, 2.0
+    y = F.permute_time(x, "neuron", generator=gen)
+    first = (y == 1).double().argmax(0)
+    second = (y == 2).double().argmax(0)
+    assert torch.all(y.sum(0) == 3)
+
+    def within_4_se(counts, p):
+        return torch.all((counts.double() / N - p).abs() <= 4 * math.sqrt(p * (1 - p) / N))
+
+    assert within_4_se(torch.bincount(first, minlength=T), 1 / T)
+    pairs = torch.bincount(first * T + second, minlength=T * T).view(T, T)
+    assert torch.all(pairs.diagonal() == 0)
+    off_diagonal = pairs[~torch.eye(T, dtype=torch.bool)]
+    assert within_4_se(off_diagonal, 1 / (T * (T - 1)))
+
+
+def test_finite_check_catches_nan_inf_and_tolerates_sum_overflow():
+    big = torch.full((4, 3), 3e38)  # finite, but the sum overflows
+    assert F.check_tensor(big, "x") is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(4, 3)
+        x[2, 1] = bad
+        with pytest.raises(ValueError, match="x"):
+            F.check_tensor(x, "x")

@@ -139,25 +139,14 @@ def test_neuron_factory_call_and_create():
 
 
 # ---------------------------------------------------------------- backends
-def test_cupy_backend_raises_clearly():
-    with pytest.raises(NotImplementedError, match="cupy"):
-        TPPNode(backend="cupy")
-    node = TPPNode()
-    assert "cupy" in node.supported_backends
-    with pytest.raises(NotImplementedError, match="cupy"):
-        node.backend = "cupy"
-    assert node.backend == "torch"
+# (the 'cupy' backend is tested in test_cupy.py)
+def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         TemporalPermutation(backend="jax")
-
-
-@pytest.mark.skipif(not hasattr(functional, "set_backend"), reason="no set_backend in this line")
-def test_set_backend_does_not_silently_fall_back():
-    net = torch.nn.Sequential(TPPNode(step_mode="m"))
-    with pytest.raises(NotImplementedError, match="cupy"):
-        functional.set_backend(net, "cupy")
-    functional.set_backend(net, "torch")
-    assert net[0].backend == "torch"
+    node = TPPNode()
+    with pytest.raises(ValueError, match="backend"):
+        node.backend = "jax"
+    assert node.backend == "torch" and node.supported_backends == ("torch", "cupy")
 
 
 # ---------------------------------------------------------------- bad input

@@ -5,19 +5,22 @@ snnTorch); :func:`unregister` undoes it. See :mod:`tpp_plugin.functional` for th
 """
 
 from . import functional
+from .count_domain import count_mode
 from .qcfs import QCFS, qcfs_levels, replace_relu
-from .registry import ADAPTERS, register, registered, unregister
+from .registry import ADAPTERS, default_neuron, register, registered, unregister
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "count_mode",
     "QCFS",
     "qcfs_levels",
     "replace_relu",
     "register",
     "registered",
     "unregister",
+    "default_neuron",
     "reset",
     "__version__",
 ]

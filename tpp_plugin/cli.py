@@ -13,6 +13,9 @@ import sys
 # command -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("tpp_plugin.demo", "accuracy vs T on sklearn digits: IF vs TPP"),
+    "bench": ("tpp_plugin.bench", "time TPPNode vs IFNode, clone and rand_like; count mode"),
+    "reproduce": ("tpp_plugin.reproduce", "the paper's experiment: accuracy vs T, IF/perm/TPP"),
+    "run": ("tpp_plugin.runner", "run an unmodified script with TPP as the converters' default"),
 }
 
 

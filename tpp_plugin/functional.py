@@ -5,6 +5,7 @@ Everything a framework adapter needs lives here, free of any SNN framework:
 * :func:`tpp_accumulate` — phase 1, sum one window of input into a membrane potential;
 * :func:`tpp_fire` — phase 2, turn a potential into ``T`` stochastically placed spikes;
 * :func:`tpp_forward` — both phases for a window ``[T, ...]``;
+* :func:`tpp_count` — the spike count alone (count-domain evaluation);
 * :func:`permute_time` — the temporal permutation ("misalignment") of spike trains;
 * :func:`qcfs` — the quantization-clip-floor-shift activation the TPP neuron converts exactly.
 
@@ -15,6 +16,14 @@ fires when ``u_t · (T − t + 1) < w`` with ``u_t ~ U[0, 1)``, i.e. with probab
 thresholds, ``w ← clamp(floor(w + ½), 0, T)``, so exactly ``w`` spikes land on a uniformly random
 ``w``-subset of the ``T`` slots. All ``T`` uniforms of a window are drawn at once, at the window
 boundary, so any caller that draws windows in the same order gets bit-identical spikes.
+
+Uniforms are 16-bit (``u = r/2¹⁶``, four from each 64-bit draw of the generator): the floor of
+the method's cost is one pass of memory traffic plus one random number per neuron and step, and
+16 bits are a quarter of a 64-bit draw. Each step's firing probability is thereby rounded up to a
+multiple of ``2⁻¹⁶`` (never more than ``2⁻¹⁶`` off; 0 and 1 stay exact, so whole potentials
+still give exact counts). The fast paths (:func:`tpp_fire`, :func:`permute_time`) are checked
+bit for bit against plain reference loops (:func:`tpp_fire_reference`,
+:func:`permute_time_reference`).
 """
 
 from __future__ import annotations
@@ -33,12 +42,17 @@ __all__ = [
     "check_threshold",
     "check_tensor",
     "check_seed",
+    "UNIFORM_BITS",
     "window_uniforms",
     "tpp_accumulate",
     "tpp_fire",
+    "tpp_fire_reference",
+    "tpp_count",
     "tpp_forward",
     "expected_count",
     "permute_time",
+    "permute_time_reference",
+    "permutation_bits",
     "qcfs",
 ]
 
@@ -106,8 +120,11 @@ def check_tensor(x, name: str, min_dim: int = 0, finite: bool = True) -> torch.T
         raise ValueError(
             f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}"
         )
-    if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    # a NaN or ±inf entry makes the sum non-finite: one read-only pass, no [x.shape] temporary;
+    # only a sum that overflows needs the element-wise check
+    if finite and x.numel() and not bool(torch.isfinite(x.sum())):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
     return x
 
 
@@ -144,20 +161,79 @@ def _random_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# the TPP neuron
+# randomness: 16-bit uniforms, four per 64-bit draw
 # ----------------------------------------------------------------------------------------------
+#: bits per uniform: u = r / 2**16 with r a random 16-bit integer
+UNIFORM_BITS = 16
+_UNIFORM_SCALE = 2.0**-UNIFORM_BITS
+
+
+def _words(numel: int) -> int:
+    return (numel + 3) // 4  # 64-bit words holding ``numel`` 16-bit draws
+
+
+def _fill_words(words: torch.Tensor, generator) -> torch.Tensor:
+    # full 64-bit range: all four 16-bit lanes of each word are uniform
+    return words.random_(-(2**63), None, generator=generator)
+
+
+def _draw_bits(numel: int, device, generator=None) -> torch.Tensor:
+    """``numel`` random 16-bit integers (``torch.uint16``, flat) from ``⌈numel/4⌉`` 64-bit draws.
+
+    This fixes how every random number of this module is drawn: the generator advances by the
+    same amount whatever consumes the bits, so equal draws give equal spikes.
+    """
+    words = torch.empty(_words(numel), dtype=torch.int64, device=device)
+    return _fill_words(words, generator).view(torch.uint16)[:numel]
+
+
+def _step_draws(T: int, n: int, device, generator):
+    """Yield the ``T`` rows ``[n]`` of :func:`_draw_bits` ``(T·n)`` one step at a time.
+
+    On the CPU the generator hands out 64-bit words one after another, so drawing the words of
+    each step separately gives the same numbers (when a step is a whole number of words) without
+    a ``[T, n]`` buffer; other devices draw the window at once.
+    """
+    if torch.device(device).type == "cpu" and n % 4 == 0:
+        words = torch.empty(n // 4, dtype=torch.int64)
+        for _ in range(T):
+            yield _fill_words(words, generator).view(torch.uint16)
+    else:
+        yield from _draw_bits(T * n, device, generator).view(T, n)
+
+
 def window_uniforms(shape, T: int, device, dtype=torch.float32, generator=None) -> torch.Tensor:
     """Draw the uniforms of one firing window, ``[T, *shape]`` in ``[0, 1)``.
 
-    This is the single place randomness is drawn for :func:`tpp_fire`; modules that stream a
-    window step by step call it once at the window boundary so that they reproduce
-    :func:`tpp_fire` bit for bit.
+    Each uniform is ``r / 2**16`` for a random 16-bit integer ``r`` (:data:`UNIFORM_BITS`; four
+    per 64-bit draw, so a window costs ``⌈T·numel/4⌉`` draws of the generator). This is the one
+    place randomness is drawn for :func:`tpp_fire`: a module that streams a window step by step
+    calls :func:`tpp_fire` (or this function) once at the window boundary and so reproduces it
+    bit for bit.
+
+    :param shape: shape of one step, ``[*shape]``
+    :param T: window length
+    :param device: device of the uniforms
+    :param dtype: dtype of the potential; the uniforms are ``float64`` for ``float64`` and
+        ``float32`` otherwise
+    :param generator: optional ``torch.Generator`` on ``device``
+    :return: uniforms, shape ``[T, *shape]``
+
+    Example::
+
+        >>> u = window_uniforms((3,), 4, 'cpu', generator=torch.Generator().manual_seed(0))
+        >>> u.shape, bool((u * 2**16 == (u * 2**16).floor()).all())
+        (torch.Size([4, 3]), True)
     """
-    return torch.rand(
-        (T, *shape), device=device, dtype=_random_dtype(dtype), generator=generator
-    )
+    T = check_window(T)
+    shape = tuple(shape)
+    bits = _draw_bits(T * math.prod(shape), device, generator)
+    return bits.to(_random_dtype(dtype)).mul_(_UNIFORM_SCALE).view(T, *shape)
 
 
+# ----------------------------------------------------------------------------------------------
+# the TPP neuron
+# ----------------------------------------------------------------------------------------------
 def tpp_accumulate(x_seq: torch.Tensor, v_init=0.0) -> torch.Tensor:
     r"""Phase 1: ``v = v_init + Σ_t x_t`` over the leading (time) dimension.
 
@@ -183,6 +259,8 @@ def expected_count(v: torch.Tensor, T: int, threshold=1.0, count: str = "bernoul
     It equals ``clamp(v/θ, 0, T)`` when ``v/θ`` is a whole number or outside ``[0, T]``; for a
     fractional ``v/θ`` the sequential rule over-fires (e.g. ``v = 0.3θ``, ``T = 8`` gives 0.59
     spikes on average), because a spike that drives ``v`` below zero cannot be taken back.
+    (With :data:`UNIFORM_BITS`-bit uniforms each step's probability is rounded up to a multiple
+    of ``2**-16``; the difference is below ``T·2**-16`` spikes.)
     """
     check_count(count)
     T = check_window(T)
@@ -197,6 +275,64 @@ def expected_count(v: torch.Tensor, T: int, threshold=1.0, count: str = "bernoul
         prob = prob - fire
         prob[1:] += fire[:-1]
     return (prob * fired_so_far).sum(0)
+
+
+def _check_fire_args(v, T, threshold, count):
+    check_tensor(v, "v")
+    return check_window(T), check_threshold(threshold), check_count(count)
+
+
+def _potential_in_thresholds(v, T, threshold, count, rdtype) -> torch.Tensor:
+    """``w = v/θ`` in the uniforms' dtype (rounded to a whole count for ``'exact'``)."""
+    w = (v / threshold).to(rdtype)
+    if w.shape != v.shape:
+        raise ValueError(
+            f"threshold of shape {tuple(threshold.shape)} must broadcast to v's shape "
+            f"{tuple(v.shape)} without enlarging it"
+        )
+    if count == "exact":
+        w = torch.floor(w + 0.5).clamp_(0, T)
+    return w
+
+
+def tpp_fire_reference(
+    v: torch.Tensor, T: int, threshold, count: str, uniforms: torch.Tensor
+) -> torch.Tensor:
+    r"""The firing rule written out plainly: the reference :func:`tpp_fire` must equal bit for bit.
+
+    ``w = v/θ`` (``clamp(floor(w + ½), 0, T)`` for ``'exact'``); for ``t = 0..T−1``:
+    ``s_t = [uniforms[t]·(T − t) < w]``, ``w ← w − s_t``.
+
+    :param v: potential ``[*shape]``
+    :param uniforms: ``[T, *shape]``, e.g. from :func:`window_uniforms`
+    :return: spikes ``[T, *shape]`` in ``v``'s dtype
+    """
+    T, threshold, count = _check_fire_args(v, T, threshold, count)
+    w = (v / threshold).to(uniforms.dtype)
+    if count == "exact":
+        w = torch.floor(w + 0.5).clamp(0, T)
+    spikes = []
+    for t in range(T):
+        fired = uniforms[t] * (T - t) < w
+        spikes.append(fired.to(v.dtype))
+        w = w - fired.to(w.dtype)
+    return torch.stack(spikes)
+
+
+def _bits_inside(spikes: torch.Tensor, numel: int):
+    """A uint16 view of the *tail* of ``spikes``' memory that can hold ``numel`` draws, or None.
+
+    Row ``t`` of the output is written only after the draws of step ``t`` were read and never
+    reaches the draws of a later step (they sit ``(E−2)·T·n`` bytes further on, ``E`` the element
+    size), so the window's random numbers need no buffer of their own.
+    """
+    if numel % 4 or spikes.element_size() < 2 or not spikes.is_contiguous():
+        return None
+    raw = spikes.view(-1).view(torch.uint8)
+    offset = raw.numel() - 2 * numel
+    if raw.data_ptr() % 8:
+        return None
+    return raw[offset:].view(torch.int64)
 
 
 def tpp_fire(
@@ -216,6 +352,11 @@ def tpp_fire(
     ``count='exact'`` the potential is first rounded to ``θ·clamp(floor(v/θ + ½), 0, T)``: the
     count is then deterministic and only the spike positions are random.
 
+    The window's random numbers are drawn once, at the start, exactly as
+    :func:`window_uniforms` draws them (16-bit uniforms, stored in the output's own memory until
+    used), and one small loop over ``T`` does the rest: the result equals
+    :func:`tpp_fire_reference` on those uniforms bit for bit.
+
     :param v: membrane potential after the accumulation phase, any shape ``[*shape]``
     :param T: number of firing steps (the window length), ``>= 1``
     :param threshold: firing threshold θ, a positive number or a tensor broadcastable to ``v``
@@ -234,35 +375,83 @@ def tpp_fire(
         >>> s.sum(0)
         tensor([0., 2., 4.])
     """
-    check_tensor(v, "v")
-    T = check_window(T)
-    threshold = check_threshold(threshold)
-    check_count(count)
+    T, threshold, count = _check_fire_args(v, T, threshold, count)
+    rdtype = _random_dtype(v.dtype)
+    spikes = torch.empty((T, *v.shape), dtype=v.dtype, device=v.device)
+    n = v.numel()
     if uniforms is None:
         _check_generator(generator, v.device)
-        uniforms = window_uniforms(v.shape, T, v.device, v.dtype, generator)
-    elif tuple(uniforms.shape) != (T, *v.shape):
-        raise ValueError(
-            f"uniforms must have shape {(T, *v.shape)}, got {tuple(uniforms.shape)}"
-        )
-
-    w = (v / threshold).to(uniforms.dtype)
-    if w.shape != v.shape:
-        raise ValueError(
-            f"threshold of shape {tuple(threshold.shape)} must broadcast to v's shape "
-            f"{tuple(v.shape)} without enlarging it"
-        )
-    if count == "exact":
-        w = torch.floor(w + 0.5).clamp_(0, T)
-    spikes = torch.empty((T, *w.shape), dtype=v.dtype, device=v.device)
+        words = _bits_inside(spikes, T * n)
+        if words is None:
+            bits = _draw_bits(T * n, v.device, generator).view(T, n)
+        else:
+            bits = _fill_words(words, generator).view(torch.uint16).view(T, n)
+        # r·((T−t)·2⁻¹⁶) rounds once, like the reference's (r·2⁻¹⁶)·(T−t): r·2⁻¹⁶ is exact
+        scales = [torch.tensor((T - t) * _UNIFORM_SCALE, dtype=rdtype) for t in range(T)]
+    else:
+        if tuple(uniforms.shape) != (T, *v.shape):
+            raise ValueError(
+                f"uniforms must have shape {(T, *v.shape)}, got {tuple(uniforms.shape)}"
+            )
+        bits, rdtype = uniforms.reshape(T, n), uniforms.dtype
+        scales = list(range(T, 0, -1))
+    w = _potential_in_thresholds(v, T, threshold, count, rdtype).view(n)
+    out = spikes.view(T, n)
     v_seq = torch.empty_like(spikes) if return_v_seq else None
+    scaled = torch.empty(n, dtype=rdtype, device=v.device)
     for t in range(T):
-        fired = uniforms[t] * (T - t) < w
-        spikes[t] = fired
-        w = w - fired.to(w.dtype)
+        torch.mul(bits[t], scales[t], out=scaled)
+        torch.lt(scaled, w, out=out[t])
+        w.sub_(out[t])
         if return_v_seq:
-            v_seq[t] = w * threshold
+            v_seq[t] = w.view(v.shape) * threshold
     return (spikes, v_seq) if return_v_seq else spikes
+
+
+def tpp_count(
+    v: torch.Tensor,
+    T: int,
+    threshold=1.0,
+    count: str = "bernoulli",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""The number of spikes :func:`tpp_fire` would fire from ``v``, without the spike train.
+
+    ``count='bernoulli'`` draws the same random numbers as :func:`tpp_fire` (so for the same
+    generator state the count equals ``tpp_fire(...).sum(0)`` bit for bit) but keeps only a running
+    count. ``count='exact'`` returns ``clamp(floor(v/θ + ½), 0, T)`` and draws nothing: its
+    count is not random. This is the neuron of count-domain evaluation
+    (:func:`tpp_plugin.count_mode`).
+
+    :param v: membrane potential, any shape ``[*shape]``
+    :param T: window length
+    :param threshold: firing threshold θ (number or tensor broadcastable to ``v``)
+    :param count: ``'bernoulli'`` or ``'exact'``
+    :param generator: optional ``torch.Generator`` on ``v``'s device
+    :return: spike counts in ``v``'s dtype, shape ``[*shape]``
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tpp_count(torch.tensor([0.0, 2.0, 9.0]), 4, generator=g)
+        tensor([0., 2., 4.])
+    """
+    T, threshold, count = _check_fire_args(v, T, threshold, count)
+    rdtype = _random_dtype(v.dtype)
+    w = _potential_in_thresholds(v, T, threshold, count, rdtype)
+    if count == "exact":
+        return w.to(v.dtype)
+    _check_generator(generator, v.device)
+    n = v.numel()
+    steps = _step_draws(T, n, v.device, generator)
+    w = w.view(n)
+    w0 = w.clone()
+    scaled = torch.empty(n, dtype=rdtype, device=v.device)
+    for t in range(T):
+        torch.mul(next(steps), torch.tensor((T - t) * _UNIFORM_SCALE, dtype=rdtype), out=scaled)
+        w.sub_(torch.lt(scaled, w, out=scaled))
+    # every step subtracted exactly 0 or 1 up to a rounding far below ½: the count is w0 − w_T
+    return w0.sub_(w).round_().view(v.shape).to(v.dtype)
 
 
 def tpp_forward(
@@ -294,10 +483,75 @@ def tpp_forward(
 # ----------------------------------------------------------------------------------------------
 # temporal permutation
 # ----------------------------------------------------------------------------------------------
+def _swap_indices(bits: torch.Tensor, i: int, out_f: torch.Tensor, out_j: torch.Tensor):
+    """Fisher–Yates step ``i``: ``j = floor(r·(i+1) / 2¹⁶)``, uniform on ``0..i`` up to a relative
+    error below ``(i+1)/2¹⁶`` (``r·(i+1)`` is exact in the float dtype chosen by the caller)."""
+    torch.mul(bits, torch.tensor((i + 1) * _UNIFORM_SCALE, dtype=out_f.dtype), out=out_f)
+    return out_j.copy_(out_f)  # truncation == floor for j >= 0
+
+
+def _index_dtype(T: int) -> torch.dtype:
+    return torch.float32 if T <= 256 else torch.float64  # r·T < 2²⁴: exact in float32
+
+
+def permute_time_reference(x_seq: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    r"""Neuron-scope permutation written out plainly (one neuron at a time), for tests.
+
+    Fisher–Yates from the back: for ``i = T−1, …, 1`` draw ``j = floor(r_i·(i+1)/2¹⁶)`` and swap
+    slots ``i`` and ``j``.
+
+    :param x_seq: ``[T, *shape]``
+    :param bits: the 16-bit draws, ``[T−1, numel]`` (row ``k`` serves ``i = T−1−k``)
+    :return: the permuted sequence
+    """
+    T = x_seq.shape[0]
+    flat = x_seq.reshape(T, -1).clone()
+    for col in range(flat.shape[1]):
+        for k, i in enumerate(range(T - 1, 0, -1)):
+            j = int(bits[k, col].item()) * (i + 1) >> UNIFORM_BITS
+            flat[i, col], flat[j, col] = flat[j, col].clone(), flat[i, col].clone()
+    return flat.view(x_seq.shape)
+
+
+def permutation_bits(T: int, numel: int, device, generator=None) -> torch.Tensor:
+    """The draws of a neuron-scope :func:`permute_time`, ``[T−1, numel]`` 16-bit integers, in the
+    order it draws them (one ``⌈numel/4⌉``-word draw per swap step), for
+    :func:`permute_time_reference`."""
+    rows = [_draw_bits(numel, device, generator) for _ in range(T - 1)]
+    return torch.stack(rows) if rows else torch.empty((0, numel), dtype=torch.uint16)
+
+
+def _permute_neurons(x_seq: torch.Tensor, generator) -> torch.Tensor:
+    """Independent Fisher–Yates shuffle of every neuron's train, in O(T) passes and no sort."""
+    T = x_seq.shape[0]
+    out = x_seq.clone(memory_format=torch.contiguous_format)
+    flat = out.view(T, -1)
+    n = flat.shape[1]
+    if T == 1 or n == 0:
+        return out
+    words = torch.empty(_words(n), dtype=torch.int64, device=x_seq.device)
+    j_f = torch.empty(n, dtype=_index_dtype(T), device=x_seq.device)
+    j = torch.empty((1, n), dtype=torch.int64, device=x_seq.device)
+    row_i = torch.empty((1, n), dtype=x_seq.dtype, device=x_seq.device)
+    at_j = torch.empty((1, n), dtype=x_seq.dtype, device=x_seq.device)
+    for i in range(T - 1, 0, -1):  # one window's draws per step: row k of the reference's bits
+        bits = _fill_words(words, generator).view(torch.uint16)[:n]
+        _swap_indices(bits, i, j_f, j.view(n))
+        row_i.copy_(flat[i])
+        torch.gather(flat, 0, j, out=at_j)
+        flat.scatter_(0, j, row_i)
+        flat[i].copy_(at_j[0])
+    return out
+
+
 def permute_time(
     x_seq: torch.Tensor, scope: str = "neuron", generator: torch.Generator | None = None
 ) -> torch.Tensor:
     r"""Randomly rearrange spike trains along time (dim 0); every neuron keeps its count.
+
+    ``scope='neuron'`` shuffles each neuron's train with its own Fisher–Yates shuffle
+    (``T − 1`` swaps, each from a 16-bit draw: no sort, ``O(T)`` passes over the tensor); see
+    :func:`permute_time_reference`. The other scopes draw one permutation per sample or layer.
 
     :param x_seq: spike trains (or any values), shape ``[T, N, ...]`` (``[T, ...]`` for
         ``scope='neuron'``/``'layer'``)
@@ -324,14 +578,14 @@ def permute_time(
         )
     _check_generator(generator, x_seq.device)
     T = x_seq.shape[0]
+    if scope == "neuron":
+        return _permute_neurons(x_seq, generator)
     if scope == "layer":
         perm = torch.randperm(T, generator=generator, device=x_seq.device)
         return x_seq[perm]
-    key_shape = x_seq.shape if scope == "neuron" else x_seq.shape[:2]
-    keys = torch.rand(key_shape, generator=generator, device=x_seq.device)
+    keys = torch.rand(x_seq.shape[:2], generator=generator, device=x_seq.device)
     order = keys.argsort(dim=0)
-    if scope == "sample":
-        order = order.view(*key_shape, *([1] * (x_seq.dim() - 2))).expand_as(x_seq)
+    order = order.view(*order.shape, *([1] * (x_seq.dim() - 2))).expand_as(x_seq)
     return x_seq.gather(0, order)
 
 

@@ -1,36 +1,160 @@
-r"""Small reference models and a plain training loop, used by the demo and the tests."""
+r"""Reference models and a plain training loop, used by the demo, ``reproduce`` and the tests.
+
+Every model uses ``nn.ReLU`` modules (SpikingJelly's converters match exactly that type; pass
+``qcfs_levels`` to get :class:`~tpp_plugin.QCFS` instead), average pooling only (DESIGN §1 fact 4)
+and ``nn.Flatten``; all are ``nn.Sequential``, so the snnTorch converter takes them too.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .qcfs import replace_relu
+from .qcfs import QCFS, replace_relu
 
-__all__ = ["digits_cnn", "train_ann", "ann_accuracy"]
+__all__ = [
+    "digits_cnn",
+    "cnn5",
+    "mlp8",
+    "vgg",
+    "MODELS",
+    "build_model",
+    "spiking_layers",
+    "train_ann",
+    "ann_accuracy",
+]
 
 
-def digits_cnn(qcfs_levels: int | None = None, channels: int = 16) -> nn.Sequential:
-    """A 5-spiking-layer CNN for 8×8 digits (four convolutions, one hidden linear layer).
+def digits_cnn(
+    qcfs_levels: int | None = None, channels: int = 16, image_size: int = 8, in_channels: int = 1
+) -> nn.Sequential:
+    """A 5-spiking-layer CNN (four convolutions, one hidden linear layer), 8×8 digits by default.
 
     Average pooling only, so every op between activations is affine (DESIGN §1 fact 4).
 
     :param qcfs_levels: if given, every ReLU is a :class:`~tpp_plugin.QCFS` with that many levels
     :param channels: width of the first convolution
+    :param image_size: side of the square input images (at least 4)
+    :param in_channels: input channels
+
+    Shape: ``[N, in_channels, image_size, image_size]`` → ``[N, 10]``.
+
+    Example::
+
+        >>> digits_cnn(image_size=28)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
     """
-    c = channels
+    if image_size < 4:
+        raise ValueError(f"image_size must be at least 4, got {image_size}")
+    c, side = channels, image_size // 2 // 2  # two 2×2 average poolings (floor)
     net = nn.Sequential(
-        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(),
         nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
         nn.AvgPool2d(2),
         nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(),
         nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
         nn.AvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(4 * c * 2 * 2, 64), nn.ReLU(),
+        nn.Linear(4 * c * side * side, 64), nn.ReLU(),
         nn.Linear(64, 10),
     )
     return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
+
+
+def cnn5(image_size: int = 28, qcfs_levels: int | None = None, channels: int = 16):
+    """The 5-spiking-layer CNN of :func:`digits_cnn` for ``image_size``-pixel images."""
+    return digits_cnn(qcfs_levels, channels=channels, image_size=image_size)
+
+
+def mlp8(
+    image_size: int = 28, qcfs_levels: int | None = None, width: int = 256,
+    hidden_layers: int = 8, in_channels: int = 1,
+) -> nn.Sequential:
+    """A multilayer perceptron with ``hidden_layers`` (8) spiking hidden layers of ``width`` units.
+
+    :param image_size: side of the square input images
+    :param qcfs_levels: if given, every ReLU is a :class:`~tpp_plugin.QCFS` with that many levels
+    :param width: units per hidden layer
+    :param hidden_layers: number of hidden (spiking) layers
+    :param in_channels: input channels
+
+    Shape: ``[N, in_channels, image_size, image_size]`` → ``[N, 10]``.
+
+    Example::
+
+        >>> net = mlp8(image_size=8, width=32)
+        >>> spiking_layers(net), net(torch.zeros(2, 1, 8, 8)).shape
+        (8, torch.Size([2, 10]))
+    """
+    layers: list = [nn.Flatten()]
+    features = in_channels * image_size * image_size
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    net = nn.Sequential(*layers, nn.Linear(features, 10))
+    return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
+
+
+def vgg(
+    image_size: int = 28, qcfs_levels: int | None = None, channels: int = 16,
+    in_channels: int = 1,
+) -> nn.Sequential:
+    """A VGG-style CNN with 8 spiking layers: 3×3 convolutions with batch norm in blocks of 2, 2
+    and 3, average pooling between the blocks, global average pooling, one hidden linear layer.
+
+    SpikingJelly's rate-coding converter folds each batch norm into its convolution
+    (``fuse_flag=True``); elsewhere it stays an affine layer in eval mode.
+
+    :param image_size: side of the square input images (at least 4)
+    :param qcfs_levels: if given, every ReLU is a :class:`~tpp_plugin.QCFS` with that many levels
+    :param channels: width of the first block (then 2× and 4×)
+    :param in_channels: input channels
+
+    Shape: ``[N, in_channels, image_size, image_size]`` → ``[N, 10]``.
+
+    Example::
+
+        >>> net = vgg(image_size=8, channels=4)
+        >>> spiking_layers(net), net(torch.zeros(2, 1, 8, 8)).shape
+        (8, torch.Size([2, 10]))
+    """
+    if image_size < 4:
+        raise ValueError(f"image_size must be at least 4, got {image_size}")
+    c = channels
+    plan = [c, c, "pool", 2 * c, 2 * c, "pool", 4 * c, 4 * c, 4 * c]
+    layers: list = []
+    features = in_channels
+    for item in plan:
+        if item == "pool":
+            layers.append(nn.AvgPool2d(2))
+            continue
+        layers += [
+            nn.Conv2d(features, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU(),
+        ]
+        features = item
+    layers += [
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, 128), nn.ReLU(),
+        nn.Linear(128, 10),
+    ]
+    net = nn.Sequential(*layers)
+    return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
+
+
+#: ``reproduce --model`` names → builders ``f(image_size=..., qcfs_levels=...)``
+MODELS = {"mlp8": mlp8, "cnn5": cnn5, "vgg": vgg}
+
+
+def build_model(name: str, image_size: int, qcfs_levels: int | None = None) -> nn.Sequential:
+    """One of :data:`MODELS` by name, for single-channel ``image_size``-pixel images."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](image_size=image_size, qcfs_levels=qcfs_levels)
+
+
+def spiking_layers(model: nn.Module) -> int:
+    """The number of activations (``nn.ReLU`` or QCFS) of an ANN: its spiking layers once
+    converted."""
+    return sum(isinstance(m, (nn.ReLU, QCFS)) for m in model.modules())
 
 
 def train_ann(model: nn.Module, loader, epochs: int = 30, lr: float = 2e-3, progress=None):

@@ -8,18 +8,32 @@ is a no-op, and undoes everything in reverse order on :func:`unregister`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import warnings
 
-__all__ = ["ADAPTERS", "Patcher", "register", "unregister", "registered"]
+__all__ = [
+    "ADAPTERS",
+    "NEURON_NAMES",
+    "Patcher",
+    "register",
+    "unregister",
+    "registered",
+    "default_neuron",
+    "current_default_neuron",
+    "check_neuron_name",
+]
 
 #: framework import name -> adapter module
 ADAPTERS = {
     "spikingjelly": "tpp_plugin.adapters.spikingjelly",
     "snntorch": "tpp_plugin.adapters.snntorch",
 }
+
+#: neuron names every adapter's converter hook understands
+NEURON_NAMES = ("tpp", "if")
 
 _MISSING = object()
 _ACTIVE: dict = {}
@@ -144,3 +158,62 @@ def unregister(frameworks=None) -> None:
 def registered() -> tuple:
     """Names of the frameworks the plugin is currently registered into."""
     return tuple(_ACTIVE)
+
+
+# ------------------------------------------------------------------------------------------------
+# the converters' default neuron
+# ------------------------------------------------------------------------------------------------
+_DEFAULT_NEURON: tuple | None = None  # (name, kwargs) while a default_neuron() block is active
+
+
+def check_neuron_name(neuron) -> str:
+    """Validate a neuron name (case-insensitive) and return it in lower case.
+
+    :raises ValueError: for a name that is not one of :data:`NEURON_NAMES`
+    """
+    if not isinstance(neuron, str) or neuron.lower() not in NEURON_NAMES:
+        raise ValueError(
+            f"unknown neuron {neuron!r}: tpp_plugin's converters know {', '.join(NEURON_NAMES)}"
+        )
+    return neuron.lower()
+
+
+@contextlib.contextmanager
+def default_neuron(neuron: str, **neuron_kwargs):
+    """Make ``neuron`` the default neuron of the converters inside a ``with`` block.
+
+    While the block runs, a converter called *without* ``neuron=`` (and without its own
+    ``neuron_factory=``) builds ``neuron`` with ``neuron_kwargs``, exactly as if the call had said
+    ``neuron=..., neuron_kwargs=...``: SpikingJelly 2.x ``ann2snn.RateCodingRecipe(loader)``,
+    SpikingJelly 0.0.0.0.14 ``ann2snn.Converter(loader)`` and
+    :func:`tpp_plugin.adapters.snntorch.convert`. An explicit ``neuron=`` still wins. The previous
+    default (none: each framework's own) comes back when the block ends, also on an exception.
+    The plugin must be registered (``import tpp_plugin`` does it) for SpikingJelly to see it.
+
+    :param neuron: ``'tpp'`` or ``'if'``
+    :param neuron_kwargs: the neuron's arguments, e.g. ``count='exact'``, ``seed=0``, ``T=8``
+        (SpikingJelly's single-step mode); with ``seed=s`` the ``i``-th neuron gets ``s + i``
+    :raises ValueError: for an unknown neuron name
+
+    Example::
+
+        >>> with tpp_plugin.default_neuron('tpp', seed=0):
+        ...     snn = ann2snn.Converter(ann2snn.RateCodingRecipe(loader)).convert(ann)
+    """
+    global _DEFAULT_NEURON
+    name = check_neuron_name(neuron)
+    saved = _DEFAULT_NEURON
+    _DEFAULT_NEURON = (name, dict(neuron_kwargs))
+    try:
+        yield
+    finally:
+        _DEFAULT_NEURON = saved
+
+
+def current_default_neuron() -> tuple | None:
+    """The active :func:`default_neuron` as ``(name, kwargs)`` (a fresh copy of the kwargs), or
+    ``None`` when the frameworks' own default neuron applies."""
+    if _DEFAULT_NEURON is None:
+        return None
+    name, kwargs = _DEFAULT_NEURON
+    return name, dict(kwargs)

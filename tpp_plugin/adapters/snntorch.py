@@ -33,6 +33,7 @@ from torch import nn
 from .. import functional as F
 from ..convert import calibrate_thresholds, check_calibration_mode
 from ..qcfs import QCFS
+from ..registry import current_default_neuron
 
 __all__ = [
     "TPP",
@@ -641,7 +642,7 @@ def convert(
     calibration=None,
     *,
     num_steps: int,
-    neuron: str = "tpp",
+    neuron: str | None = None,
     mode="max",
     momentum: float = 0.1,
     sequence: bool = True,
@@ -669,7 +670,9 @@ def convert(
     :param num_steps: the window length :math:`T`
     :type num_steps: int
     :param neuron: ``'tpp'`` (:class:`TPP`) or ``'if'`` (:class:`IF`: ``snn.Leaky(beta=1,
-        reset_mechanism='subtract')`` starting at :math:`θ/2`). Defaults to ``'tpp'``
+        reset_mechanism='subtract')`` starting at :math:`θ/2`). Defaults to the active
+        :func:`tpp_plugin.registry.default_neuron` (whose arguments then come first in
+        ``neuron_kwargs``), else ``'tpp'``
     :param mode: ReLU threshold statistic: ``'max'``, a percentile like ``'99.9%'``, or a
         fraction of the max. Defaults to ``'max'``
     :param momentum: moving-average momentum of the statistic across batches
@@ -702,6 +705,10 @@ def convert(
             f"{_type_name(ann)}"
         )
     num_steps = F.check_window(num_steps, "num_steps")
+    if neuron is None:
+        default = current_default_neuron()
+        neuron, default_kwargs = default if default is not None else ("tpp", {})
+        neuron_kwargs = {**default_kwargs, **neuron_kwargs}
     if neuron not in ("tpp", "if"):
         raise ValueError(f"neuron must be 'tpp' or 'if', got {neuron!r}")
     if permutation is not None:

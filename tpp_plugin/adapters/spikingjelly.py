@@ -31,6 +31,7 @@ from torch import fx, nn
 from .. import functional as F
 from ..convert import named_modules_of_type, set_submodule
 from ..qcfs import QCFS
+from ..registry import current_default_neuron
 
 __all__ = [
     "TPPNode",
@@ -74,13 +75,14 @@ class _TPPModule(base.MemoryModule):
         self.seed = seed
         self.generator = generator
         self._seeded = {}
+        self._philox = None
         self.backend = backend
         self.step_mode = step_mode
 
     # -- randomness ------------------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         """Restart this module's random stream from ``seed`` (on every device)."""
-        self.seed, self.generator, self._seeded = int(seed), None, {}
+        self.seed, self.generator, self._seeded, self._philox = int(seed), None, {}, None
 
     def _generator(self, device: torch.device):
         if self.generator is not None or self.seed is None:
@@ -89,6 +91,20 @@ class _TPPModule(base.MemoryModule):
         if key not in self._seeded:
             self._seeded[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._seeded[key]
+
+    def _philox_stream(self):
+        """The ``'cupy'`` backend's random stream: the module's own for a seed, else a fresh key
+        drawn from the generator (or torch's global generator) for every call."""
+        from ..kernels.cupy import PhiloxStream
+
+        if self.seed is not None:
+            if self._philox is None:
+                self._philox = PhiloxStream(self.seed)
+            return self._philox
+        generator = self.generator
+        device = generator.device if generator is not None else "cpu"
+        key = torch.randint(2**63 - 1, (), generator=generator, device=device)
+        return PhiloxStream(int(key))
 
     # -- backend ---------------------------------------------------------------------------------
     @property
@@ -104,10 +120,9 @@ class _TPPModule(base.MemoryModule):
         if value not in self.supported_backends:
             raise ValueError(f"backend must be one of {self.supported_backends}, got {value!r}")
         if value == "cupy":
-            raise NotImplementedError(
-                f"{type(self).__name__}: the 'cupy' backend is not implemented yet; "
-                "use backend='torch' (it runs on CUDA tensors too)"
-            )
+            from ..kernels.cupy import load_nvrtc
+
+            load_nvrtc()  # ImportError with the install command if CuPy/NVRTC is missing
         self._tpp_backend = value
 
     # -- windows ---------------------------------------------------------------------------------
@@ -164,7 +179,10 @@ class TPPNode(_TPPModule):
     :param seed: seed of this neuron's own random stream (reproducible spikes)
     :param generator: a ``torch.Generator`` to draw from instead (mutually exclusive with ``seed``)
     :param store_v_seq: in multi-step mode keep ``v_seq``, the potential after each firing step
-    :param backend: ``'torch'`` (``'cupy'`` is reserved for the fused CUDA kernel)
+    :param backend: ``'torch'`` (reference, any device) or ``'cupy'`` (one fused CUDA kernel
+        launch for all windows, :mod:`tpp_plugin.kernels.cupy`; CUDA tensors, scalar threshold;
+        its own Philox random stream, so its spikes differ from the torch backend's except for
+        the counts with ``count='exact'``; inputs are not checked for NaN/inf)
     :param surrogate_function: ignored (TPP is an inference neuron; accepted for factory
         compatibility)
     :param detach_reset: ignored (as above)
@@ -228,6 +246,13 @@ class TPPNode(_TPPModule):
         )
 
     def _fire(self, v: torch.Tensor, T: int, return_v_seq: bool = False):
+        if self.backend == "cupy":
+            from ..kernels import cupy as kernels
+
+            return kernels.tpp_window(
+                v.unsqueeze(0), T, self.v_threshold, self.count, self._philox_stream(),
+                steps_in=1, return_v_seq=return_v_seq,
+            )
         return F.tpp_fire(
             v, T, self.v_threshold, self.count, self._generator(v.device),
             return_v_seq=return_v_seq,
@@ -252,20 +277,28 @@ class TPPNode(_TPPModule):
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         T = self._window_length(x_seq)
-        F.check_tensor(x_seq, "x_seq")
         self._check_multi_step_allowed()
-        spikes = torch.empty_like(x_seq)
-        v_seq = torch.empty_like(x_seq) if self.store_v_seq else None
-        for start in range(0, x_seq.shape[0], T):
-            v = F.tpp_accumulate(x_seq[start : start + T], self.v_init)
-            fired = self._fire(v, T, return_v_seq=self.store_v_seq)
-            if self.store_v_seq:
-                spikes[start : start + T], v_seq[start : start + T] = fired
-            else:
-                spikes[start : start + T] = fired
+        if self.backend == "cupy":  # all windows in one fused launch
+            from ..kernels import cupy as kernels
+
+            fired = kernels.tpp_window(
+                x_seq, T, self.v_threshold, self.count, self._philox_stream(),
+                v_init=self.v_init, return_v_seq=self.store_v_seq,
+            )
+            if not self.store_v_seq:
+                return fired
+            spikes, self.v_seq = fired
+            return spikes
+        F.check_tensor(x_seq, "x_seq")
+        windows = [
+            self._fire(F.tpp_accumulate(x_seq[s : s + T], self.v_init), T, self.store_v_seq)
+            for s in range(0, x_seq.shape[0], T)
+        ]
         if self.store_v_seq:
-            self.v_seq = v_seq
-        return spikes
+            spikes, v_seq = zip(*windows)
+            self.v_seq = v_seq[0] if len(v_seq) == 1 else torch.cat(v_seq)
+            windows = spikes
+        return windows[0] if len(windows) == 1 else torch.cat(windows)
 
 
 class TemporalPermutation(_TPPModule):
@@ -281,7 +314,9 @@ class TemporalPermutation(_TPPModule):
     :param seed: seed of the module's own random stream
     :param generator: a ``torch.Generator`` to draw from instead
     :param step_mode: ``'s'`` (default) or ``'m'``
-    :param backend: ``'torch'``
+    :param backend: ``'torch'`` or ``'cupy'`` (a fused CUDA Fisher–Yates kernel for
+        ``scope='neuron'``, windows of up to 1024 steps; the ``'sample'``/``'layer'`` scopes are
+        a single gather and use torch ops on either backend)
 
     Shape: multi-step ``[T·k, N, *]`` → same; single-step ``[N, *]`` → same.
 
@@ -311,8 +346,23 @@ class TemporalPermutation(_TPPModule):
     def extra_repr(self) -> str:
         return f"scope={self.scope!r}, T={self.T}, step_mode={self.step_mode}"
 
-    def _permute(self, x_seq: torch.Tensor) -> torch.Tensor:
-        return F.permute_time(x_seq, self.scope, self._generator(x_seq.device))
+    def _permute(self, x_seq: torch.Tensor, T: int | None = None) -> torch.Tensor:
+        """Permute every window of ``T`` steps (default: ``x_seq`` is one window)."""
+        T = x_seq.shape[0] if T is None else T
+        if self.backend == "cupy" and self.scope == "neuron":
+            from ..kernels import cupy as kernels
+
+            return kernels.tpp_permute(x_seq, T, self._philox_stream())
+        generator = self._generator(x_seq.device)
+        if x_seq.shape[0] == T:
+            return F.permute_time(x_seq, self.scope, generator)
+        return torch.cat(
+            [
+                F.permute_time(x_seq[s : s + T], self.scope, generator)
+                for s in range(0, x_seq.shape[0], T)
+            ],
+            dim=0,
+        )
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         T = self._check_streaming(x, self.window)
@@ -329,9 +379,7 @@ class TemporalPermutation(_TPPModule):
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         T = self._window_length(x_seq)
         self._check_multi_step_allowed()
-        return torch.cat(
-            [self._permute(x_seq[s : s + T]) for s in range(0, x_seq.shape[0], T)], dim=0
-        )
+        return self._permute(x_seq, T)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,10 +718,17 @@ def make_step_mode_capable(gm: fx.GraphModule) -> fx.GraphModule:
 # registration
 # ------------------------------------------------------------------------------------------------
 def _neuron_hook_kwargs(neuron, neuron_kwargs, neuron_factory):
+    """The :class:`NeuronFactory` a converter hook installs, or ``None`` (the framework's own
+    neuron): ``neuron=``/``neuron_kwargs=`` if given, else the active
+    :func:`tpp_plugin.registry.default_neuron` unless the caller passed its own factory."""
     if neuron is None:
         if neuron_kwargs:
             raise TypeError("neuron_kwargs needs neuron= (e.g. neuron='tpp')")
-        return None
+        default = current_default_neuron()
+        if default is None or neuron_factory is not None:
+            return None
+        name, default_kwargs = default
+        return NeuronFactory(name, **default_kwargs)
     if neuron_factory is not None:
         raise TypeError("pass either neuron= or neuron_factory=, not both")
     return NeuronFactory(neuron, **dict(neuron_kwargs or {}))

@@ -1,0 +1,53 @@
+"""`python -m tpp_plugin bench` runs and prints its ratios (tiny shapes: a smoke test, not a
+timing test — timings are reported in docs/performance.md, never asserted)."""
+
+import re
+
+import pytest
+
+pytest.importorskip("spikingjelly.activation_based")
+
+from tpp_plugin import cli  # noqa: E402
+
+
+def test_bench_command_prints_ratios_and_memory(capsys):
+    assert cli.main(["bench", "--T", "2", "4", "--shape", "2", "3", "4", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and out.count("× IFNode") == 2
+    for case in ("TPPNode bernoulli", "TPPNode exact", "TemporalPermutation neuron",
+                 "IFNode (SpikingJelly)", "clone()", "rand_like()"):
+        rows = re.findall(rf"^{re.escape(case)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+                          r"\s+([\d.]+)$", out, flags=re.M)
+        assert len(rows) == 2, case  # one row per T: ms, ×IF, ×(clone+rand), MiB, ×x
+        for ms, vs_if, vs_floor, _, _ in rows:
+            assert float(ms) >= 0 and float(vs_if) > 0 and float(vs_floor) > 0
+        if case == "clone()":  # the profiler sees the output it allocates: 1× the input
+            assert all(abs(float(r[4]) - 1.0) < 1e-6 for r in rows)
+
+
+def test_bench_timing_is_interleaved_and_uses_medians():
+    from tpp_plugin.bench import time_cases
+
+    calls = []
+    cases = [(name, lambda name=name: calls.append(name)) for name in "abc"]
+    medians = time_cases(cases, repeats=3, device="cpu", warmup=1)
+    assert calls == list("abc") * 4 and set(medians) == set("abc")
+
+
+def test_cupy_bench_needs_a_cuda_device():
+    with pytest.raises(SystemExit, match="--device cuda"):
+        cli.main(["bench", "--backend", "cupy", "--T", "2", "--shape", "3", "--repeats", "1"])
+
+
+@pytest.mark.skipif(
+    not __import__("tpp_plugin.kernels.cupy", fromlist=["available"]).available(),
+    reason="needs a CUDA device and CuPy",
+)
+def test_cupy_bench_prints_ratios_to_torch_backend_and_copy(capsys):
+    args = ["bench", "--backend", "cupy", "--device", "cuda", "--T", "4", "--shape", "1000",
+            "--repeats", "2"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "× torch backend" in out and "× clone()" in out
+    row = re.search(r"^TPPNode exact\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, flags=re.M)
+    assert row and all(float(v) > 0 for v in row.groups())

@@ -1,0 +1,242 @@
+"""Count-domain evaluation (tpp_plugin.count_mode) against the full [T, N, ...] simulation.
+
+Equality tests run in float64. The full simulation adds the T step currents of a neuron one by
+one, count mode multiplies one mean current by T; the two potentials differ by rounding only,
+which in float64 (~1e-16 relative) does not move any of these potentials across a decision
+boundary, so spike counts per layer and predictions must match exactly. (In float32 a potential
+within ~1e-7 of a boundary could count one spike differently.)
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as nnF
+from torch import nn
+
+import tpp_plugin
+from tpp_plugin.count_domain import check_count_domain
+
+sj = pytest.importorskip("spikingjelly.activation_based")
+from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
+
+from tpp_plugin.adapters.spikingjelly import (  # noqa: E402
+    IS_LEGACY,
+    TemporalPermutation,
+    TPPNode,
+    insert_permutation,
+)
+
+N_IMAGES = 160
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    x_train, _, x_test, _ = digits
+    return x_train[:256], x_test[:N_IMAGES].double()
+
+
+def sj_convert(ann, calibration, **hook):
+    ann = copy.deepcopy(ann)  # the 0.0.0.0.14 converter reuses the ANN's layers
+    if IS_LEGACY:
+        loader = [(calibration, torch.zeros(len(calibration), dtype=torch.long))]
+        return ann2snn.Converter(loader, mode="99.9%", **hook)(ann)
+    recipe = ann2snn.RateCodingRecipe([calibration], mode="99.9%", **hook)
+    return ann2snn.Converter(recipe).convert(ann)
+
+
+def reseed(net):
+    for i, module in enumerate(m for m in net.modules() if isinstance(m, TPPNode)):
+        module.manual_seed(100 + i)
+
+
+def record_counts(net, neuron_type, to_counts):
+    """Forward hooks that store each TPP layer's spike counts; returns (counts, handles)."""
+    counts, handles = [], []
+    for module in net.modules():
+        if isinstance(module, neuron_type):
+            handles.append(module.register_forward_hook(
+                lambda m, args, out: counts.append(to_counts(m, out))))
+    return counts, handles
+
+
+def full_and_count_sj(snn, x, T):
+    functional.set_step_mode(snn, "m")
+    reseed(snn)
+    in_count_mode = []
+    counts, handles = record_counts(  # spike trains [T, N, ...] vs rates count/T [N, ...]
+        snn, TPPNode, lambda m, out: out * T if in_count_mode else out.sum(0))
+    with torch.no_grad():
+        full = snn(x.unsqueeze(0).expand(T, *x.shape)).mean(0)
+    functional.reset_net(snn)
+    full_counts, counts[:] = list(counts), []
+    reseed(snn)
+    in_count_mode.append(True)
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T=T):
+        fast = snn(x)
+    for h in handles:
+        h.remove()
+    return full, full_counts, fast, counts
+
+
+@pytest.mark.parametrize("T", [1, 4, 8])
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+def test_spikingjelly_count_mode_equals_full_simulation(relu_cnn, batch, T, count):
+    calibration, x = batch
+    snn = sj_convert(relu_cnn, calibration, neuron="tpp",
+                     neuron_kwargs={"count": count, "seed": 0}).double()
+    full, full_counts, fast, fast_counts = full_and_count_sj(snn, x, T)
+    assert len(full_counts) == len(fast_counts) == 5
+    for a, b in zip(full_counts, fast_counts):
+        assert torch.equal(a, b)
+    assert torch.equal(full.argmax(1), fast.argmax(1))
+    assert torch.allclose(full, fast, rtol=0, atol=1e-9)
+    assert all(m.step_mode == "m" for m in snn.modules() if isinstance(m, TPPNode))
+    assert "forward" not in vars(next(m for m in snn.modules() if isinstance(m, TPPNode)))
+
+
+def test_exact_count_mode_predictions_do_not_depend_on_the_seed(relu_cnn, batch):
+    calibration, x = batch
+    snn = sj_convert(relu_cnn, calibration, neuron="tpp",
+                     neuron_kwargs={"count": "exact", "seed": 0}).double()
+    functional.set_step_mode(snn, "m")
+    with torch.no_grad():
+        full = snn(x.unsqueeze(0).expand(4, *x.shape)).mean(0)
+    functional.reset_net(snn)
+    with torch.no_grad(), tpp_plugin.count_mode(snn, 4):  # no reseeding: exact draws nothing
+        assert torch.equal(full.argmax(1), snn(x).argmax(1))
+
+
+def test_permutation_after_tpp_is_allowed(relu_cnn, batch):
+    calibration, x = batch
+    snn = sj_convert(relu_cnn, calibration, neuron="tpp",
+                     neuron_kwargs={"count": "bernoulli", "seed": 0}).double()
+    insert_permutation(snn, seed=7)
+    assert any(isinstance(m, TemporalPermutation) for m in snn.modules())
+    full, full_counts, fast, fast_counts = full_and_count_sj(snn, x, 4)
+    assert all(torch.equal(a, b) for a, b in zip(full_counts, fast_counts))
+    assert torch.equal(full.argmax(1), fast.argmax(1))
+
+
+def test_if_network_is_refused_naming_the_neuron(relu_cnn, batch):
+    snn = sj_convert(relu_cnn, batch[0], neuron="if")
+    named_if = r"module '[^']+' \(spikingjelly\.[a-z_.]*IFNode\) is a spiking"
+    with pytest.raises(ValueError, match=named_if):
+        with tpp_plugin.count_mode(snn, 4):
+            pass
+
+
+def max_pool_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 10),
+    ).eval()
+
+
+def test_max_pool_network_is_refused_naming_the_module(batch):
+    snn = sj_convert(max_pool_cnn(), batch[0], neuron="tpp", neuron_kwargs={"seed": 0})
+    with pytest.raises(ValueError, match=r"module '2(\.0)?' .*MaxPool2d.*not affine"):
+        with tpp_plugin.count_mode(snn, 4):
+            pass
+    functional.set_step_mode(snn, "m")  # nothing was patched: the net still runs
+    assert snn(batch[1][:2].float().unsqueeze(0).expand(4, 2, 1, 8, 8)).shape == (4, 2, 10)
+
+
+class FunctionalOps(nn.Module):
+    """Non-affine ops written as function calls in forward (fx call_function / call_method)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.conv, self.tpp, self.op = nn.Conv2d(1, 2, 3, padding=1), TPPNode(seed=0), op
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        s = self.tpp(self.conv(x))
+        if self.op == "max_pool":
+            s = nnF.max_pool2d(s, 2)
+        elif self.op == "relu_method":
+            s = s.relu()[..., ::2, ::2]
+        elif self.op == "square":
+            s = (s * s)[..., ::2, ::2]
+        else:
+            s = nnF.avg_pool2d(s * 2.0, 2) + 1.0
+        return self.fc(torch.flatten(s, 1))
+
+
+@pytest.mark.parametrize("op, node", [("max_pool", "max_pool2d"), ("relu_method", "relu"),
+                                      ("square", "mul")])
+def test_non_affine_graph_nodes_are_refused(op, node):
+    with pytest.raises(ValueError, match=rf"graph node .*{node}.*not affine"):
+        check_count_domain(FunctionalOps(op))
+
+
+def test_affine_graph_nodes_pass_and_count_mode_runs():
+    net = FunctionalOps("affine").double()
+    assert [name for name, _ in check_count_domain(net)] == ["tpp"]
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad(), tpp_plugin.count_mode(net, T=4):
+        assert net(x).shape == (5, 3)
+
+
+def test_T_is_required_when_layers_do_not_fix_it(relu_cnn, batch):
+    snn = sj_convert(relu_cnn, batch[0], neuron="tpp")
+    with pytest.raises(ValueError, match="pass T="):
+        with tpp_plugin.count_mode(snn):
+            pass
+
+
+# ------------------------------------------------------------------------------------ snnTorch
+snt = pytest.importorskip("tpp_plugin.adapters.snntorch")
+
+
+def snn_counts(m, out):
+    return (out != 0).sum(0).to(out.dtype)
+
+
+@pytest.mark.parametrize("T", [1, 4, 8])
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+def test_snntorch_count_mode_equals_full_simulation(relu_cnn, batch, T, count):
+    calibration, x = batch
+    net = snt.convert(relu_cnn, [calibration], num_steps=T, mode="99.9%", count=count,
+                      seed=0).double()
+
+    def reseed_snn():
+        for m in net.modules():
+            if isinstance(m, snt.TPP):
+                m.generator = torch.Generator().manual_seed(m.seed)
+
+    counts, handles = record_counts(net, snt.TPP, snn_counts)
+    reseed_snn()
+    with torch.no_grad():
+        full = net(x.unsqueeze(0).expand(T, *x.shape)).mean(0)
+    full_counts, counts[:] = list(counts), []
+    for h in handles:
+        h.remove()
+    counts, handles = record_counts(
+        net, snt.TPP, lambda m, out: torch.round(out / m.graded_spikes_factor * T))
+    reseed_snn()
+    with torch.no_grad(), tpp_plugin.count_mode(net):  # T from the layers' num_steps
+        fast = net(x)
+    for h in handles:
+        h.remove()
+    assert len(full_counts) == len(counts) == 5
+    assert all(torch.equal(a, b) for a, b in zip(full_counts, counts))
+    assert torch.equal(full.argmax(1), fast.argmax(1))
+    assert torch.allclose(full, fast, rtol=0, atol=1e-9)
+
+
+def test_snntorch_refusals(relu_cnn, batch):
+    calibration, _ = batch
+    if_net = snt.convert(relu_cnn, [calibration], num_steps=4, neuron="if")
+    with pytest.raises(ValueError, match=r"module '1'.*IF"):
+        check_count_domain(if_net)
+    with pytest.warns(UserWarning, match="max pooling"):
+        pooled = snt.convert(max_pool_cnn(), [calibration], num_steps=4, seed=0)
+    with pytest.raises(ValueError, match=r"module '2.module'.*MaxPool2d"):
+        check_count_domain(pooled)
+    tpp_net = snt.convert(relu_cnn, [calibration], num_steps=4, seed=0)
+    with pytest.raises(ValueError, match="window 4, but T=8"):
+        with tpp_plugin.count_mode(tpp_net, T=8):
+            pass

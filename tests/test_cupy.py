@@ -1,0 +1,305 @@
+"""The 'cupy' backend (tpp_plugin/kernels/cupy.py) of TPPNode and TemporalPermutation.
+
+CPU part (runs in CI): the kernel source compiles with NVRTC without a GPU for every kernel the
+backend can launch, the Philox reference below matches Random123's published known answers, and
+the backend refuses what it cannot run with a clear message.
+
+GPU part (skipped without CUDA + CuPy): the kernels against the torch backend (exact counts neuron
+for neuron), the firing statistics, the permutation, reproducibility and a converted network.
+Statistical checks use fixed seeds and a tolerance of 4 standard errors, as stated in each test.
+"""
+
+import copy
+import sys
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional  # noqa: E402,I001
+
+import tpp_plugin  # noqa: F401  (registers into SpikingJelly)
+from tpp_plugin import functional as F
+from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode, convert_qcfs
+from tpp_plugin.kernels import cupy as kernels
+
+
+def _nvrtc_or_none():
+    try:
+        kernels.load_nvrtc()
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+NVRTC_MISSING = _nvrtc_or_none()
+needs_nvrtc = pytest.mark.skipif(
+    NVRTC_MISSING is not None, reason=f"CuPy/NVRTC not loadable: {NVRTC_MISSING}"
+)
+needs_gpu = pytest.mark.skipif(
+    not kernels.available(), reason="needs a CUDA device and CuPy (run on a GPU machine)"
+)
+
+MASK = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Reference Philox4x32-10 in plain Python (Salmon et al., SC 2011)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_ in range(10):
+        if round_:
+            k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK, (p0 >> 32) ^ c3 ^ k1, p0 & MASK
+    return c0, c1, c2, c3
+
+
+# ================================================================ CPU: always
+def test_philox_reference_matches_random123_known_answers():
+    assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert philox4x32_10((MASK,) * 4, (MASK, MASK)) == (
+        0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD,
+    )
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "compute_75"])
+def test_every_kernel_compiles_with_nvrtc_without_a_gpu(arch):
+    image = kernels.compile_kernels(arch)
+    assert len(image) > 0
+    names = kernels.kernel_names()
+    # 4 dtypes of the window kernel, 4 element sizes x 8 capacities of the permutation, Philox
+    assert len(names) == 4 + 4 * 8 + 1
+    for name in names:
+        assert name.encode() in image, f"{name} missing from the {arch} image"
+
+
+@needs_nvrtc
+def test_compile_error_reports_nvrtc_log(monkeypatch):
+    monkeypatch.setattr(kernels, "kernel_source", lambda: "this is not CUDA")
+    with pytest.raises(RuntimeError, match="NVRTC failed"):
+        kernels.compile_kernels("sm_90")
+
+
+def test_missing_cupy_names_the_wheel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", None)
+    kernels.load_nvrtc.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
+            TPPNode(backend="cupy")
+        assert not kernels.available()
+    finally:
+        kernels.load_nvrtc.cache_clear()
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("module", [TPPNode, TemporalPermutation])
+def test_cpu_tensor_is_refused_with_advice(module):
+    node = module(step_mode="m", backend="cupy", seed=0)
+    with pytest.raises(ValueError, match="CUDA tensors.*backend='torch'"):
+        node(torch.rand(4, 2, 3))
+
+
+@needs_nvrtc
+def test_unsupported_dtype_and_tensor_threshold_are_refused():
+    stream = kernels.PhiloxStream(0)
+    with pytest.raises(TypeError, match="supports"):
+        kernels.tpp_window(torch.ones(4, 3, dtype=torch.int32), 4, 1.0, "exact", stream)
+    with pytest.raises(TypeError, match="scalar threshold"):
+        kernels.tpp_window(torch.ones(4, 3), 4, torch.ones(3), "exact", stream)
+    with pytest.raises(ValueError, match="up to 1024"):
+        kernels.tpp_permute(torch.ones(1025, 3), 1025, stream)
+
+
+@needs_nvrtc
+@pytest.mark.skipif(not hasattr(functional, "set_backend"), reason="no set_backend in this line")
+def test_set_backend_switches_tpp_modules():
+    net = torch.nn.Sequential(TPPNode(step_mode="m"), TemporalPermutation(step_mode="m"))
+    functional.set_backend(net, "cupy")
+    assert net[0].backend == "cupy" and net[1].backend == "cupy"
+    functional.set_backend(net, "torch")
+    assert net[0].backend == "torch"
+
+
+def test_philox_stream_hands_out_consecutive_windows():
+    stream = kernels.PhiloxStream(2**40 + 5)
+    assert stream.take(3) == (5, 2**8, 0)
+    assert stream.take(1) == (5, 2**8, 3)
+
+
+# ================================================================ GPU
+DEVICE = "cuda"
+
+
+def stream_steps(module, x_seq, T):
+    """Feed x_seq step by step, then T zero steps; drop the first window (the delay)."""
+    outs = [module(x) for x in x_seq] + [module(torch.zeros_like(x_seq[0])) for _ in range(T)]
+    return torch.stack(outs)[T:]
+
+
+@needs_gpu
+def test_philox_kernel_matches_reference():
+    seed = 0x0123456789ABCDEF
+    words = kernels.philox4x32(64, window=7, draw=2, seed=seed).cpu().tolist()
+    for i, row in enumerate(words):
+        assert tuple(row) == philox4x32_10((i, 0, 7, 2), (seed & MASK, seed >> 32))
+    zero = kernels.philox4x32(1, window=0, draw=0, seed=0).cpu().tolist()[0]
+    assert tuple(zero) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 4, 8, 32])
+def test_exact_counts_equal_torch_backend_for_every_neuron(dtype, T):
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    x_seq = (torch.rand(2 * T, 64, 513, generator=g, device=DEVICE) * 1.6 - 0.3).to(dtype)
+    kwargs = dict(v_threshold=0.7, count="exact", T=T, step_mode="m", seed=1)
+    torch_spikes = TPPNode(backend="torch", **kwargs)(x_seq)
+    cupy_spikes = TPPNode(backend="cupy", **kwargs)(x_seq)
+    assert cupy_spikes.dtype == dtype and cupy_spikes.shape == x_seq.shape
+    for w in range(2):
+        window = slice(w * T, (w + 1) * T)
+        assert torch.equal(cupy_spikes[window].sum(0), torch_spikes[window].sum(0))
+    assert set(cupy_spikes.unique().tolist()) <= {0.0, 1.0}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_mean_count_within_4_standard_errors(dtype):
+    T, theta, n = 8, 0.5, 20_000
+    w = torch.tensor([0.0, 0.3, 1.0, 2.5, 4.0, 6.2, 7.7, 8.0, 9.0, -1.0], dtype=torch.float64)
+    v = (w * theta).repeat_interleave(n).to(dtype).to(DEVICE)
+    spikes = kernels.tpp_window(v[None], T, theta, "bernoulli", kernels.PhiloxStream(7), steps_in=1)
+    counts = spikes.sum(0).double().view(len(w), n).cpu()
+    expected = F.expected_count(w * theta, T, theta)
+    # whole numbers of thresholds in [0, T] (and outside) fire deterministically (DESIGN fact 1)
+    assert torch.allclose(expected[w == w.round()], w[w == w.round()].clamp(0, T))
+    se = counts.std(1) / n**0.5
+    assert ((counts.mean(1) - expected).abs() <= 4 * se + 1e-12).all(), (counts.mean(1), expected)
+
+
+@needs_gpu
+def test_positions_uniform_within_4_standard_errors():
+    T, k, n = 8, 3, 40_000
+    v = torch.full((1, n), float(k), device=DEVICE)
+    spikes = kernels.tpp_window(v, T, 1.0, "exact", kernels.PhiloxStream(11), steps_in=1)
+    assert (spikes.sum(0) == k).all()
+    p = k / T
+    freq = spikes.mean(1).cpu()
+    se = (p * (1 - p) / n) ** 0.5
+    assert ((freq - p).abs() <= 4 * se).all(), freq
+
+
+@needs_gpu
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+def test_same_seed_same_spikes_and_streaming_equals_multi_step(count):
+    T = 4
+    x_seq = torch.rand(3 * T, 8, 100, device=DEVICE)
+    multi = TPPNode(count=count, T=T, step_mode="m", seed=5, backend="cupy")
+    first = multi(x_seq)
+    functional.reset_net(multi)
+    assert torch.equal(TPPNode(count=count, T=T, step_mode="m", seed=5, backend="cupy")(x_seq),
+                       first)
+    other = TPPNode(count=count, T=T, step_mode="m", seed=6, backend="cupy")(x_seq)
+    assert not torch.equal(other, first)
+    streamed = stream_steps(TPPNode(count=count, T=T, seed=5, backend="cupy"), x_seq, T)
+    assert torch.equal(streamed, first)
+
+
+@needs_gpu
+def test_store_v_seq_ends_at_the_torch_backend_residual():
+    T = 8
+    x_seq = torch.rand(T, 4, 300, device=DEVICE, dtype=torch.float64)
+    kwargs = dict(count="exact", step_mode="m", store_v_seq=True, v_threshold=0.5)
+    node_c, node_t = TPPNode(backend="cupy", seed=0, **kwargs), TPPNode(seed=0, **kwargs)
+    node_c(x_seq), node_t(x_seq)
+    assert torch.allclose(node_c.v_seq[-1], node_t.v_seq[-1])
+    assert (node_c.v_seq.diff(dim=0) <= 0).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 8, 40])
+def test_permutation_keeps_every_value_and_is_uniform(dtype, T):
+    n = 40_000
+    x_seq = torch.arange(T, device=DEVICE).to(dtype)[:, None].expand(T, n).contiguous()
+    out = kernels.tpp_permute(x_seq, T, kernels.PhiloxStream(3))  # any dtype, by element size
+    assert out.dtype == dtype
+    assert torch.equal(out.sort(0).values, x_seq)  # every neuron keeps its values
+    if T > 1:
+        # P(slot t holds the value from slot j) = 1/T for every (t, j)
+        freq = torch.stack([(out == j).double().mean(1) for j in range(T)]).cpu()
+        p, se = 1 / T, ((1 / T) * (1 - 1 / T) / n) ** 0.5
+        assert ((freq - p).abs() <= 4 * se).all()
+
+
+@needs_gpu
+def test_permutation_streaming_equals_multi_step():
+    T = 4
+    x_seq = (torch.rand(3 * T, 5, 7, device=DEVICE) < 0.5).float()
+    multi = TemporalPermutation(T=T, step_mode="m", seed=2, backend="cupy")(x_seq)
+    streamed = stream_steps(TemporalPermutation(T=T, seed=2, backend="cupy"), x_seq, T)
+    assert torch.equal(streamed, multi)
+    assert torch.equal(multi.view(3, T, 5, 7).sum(1), x_seq.view(3, T, 5, 7).sum(1))
+
+
+def _predict(snn, x, T, backend, seed):
+    for i, m in enumerate(m for m in snn.modules() if isinstance(m, TPPNode)):
+        m.backend = backend
+        m.manual_seed(seed + i)
+    functional.reset_net(snn)
+    with torch.no_grad():
+        return snn(x.unsqueeze(0).expand(T, *x.shape)).mean(0).argmax(1)
+
+
+@needs_gpu
+@pytest.mark.parametrize("T", [2, 4, 8])
+def test_converted_network_exact_same_predictions_as_torch_backend(qcfs_cnn, digits, T):
+    from tpp_plugin.qcfs import qcfs_levels
+
+    # float64: in float32 cuDNN's default TF32 convolutions round the ANN and the SNN differently
+    x = digits[2].to(DEVICE, torch.float64)
+    ann = copy.deepcopy(qcfs_cnn).to(DEVICE, torch.float64).eval()
+    snn = convert_qcfs(ann, "tpp", {"count": "exact"}).to(DEVICE, torch.float64)
+    functional.set_step_mode(snn, "m")
+    with torch.no_grad(), qcfs_levels(ann, T):
+        ann_preds = ann(x).argmax(1)
+    torch_preds = _predict(snn, x, T, "torch", seed=0)
+    cupy_preds = _predict(snn, x, T, "cupy", seed=0)
+    assert torch.equal(cupy_preds, torch_preds)
+    assert torch.equal(cupy_preds, ann_preds)  # the exact-count oracle, on the GPU
+
+
+@needs_gpu
+def test_converted_network_bernoulli_same_accuracy_as_torch_backend(qcfs_cnn, digits):
+    T, seeds = 4, 5
+    x, y = digits[2].to(DEVICE), digits[3].to(DEVICE)
+    snn = convert_qcfs(copy.deepcopy(qcfs_cnn).to(DEVICE), "tpp", {"count": "bernoulli"})
+    functional.set_step_mode(snn, "m")
+    accuracy = {
+        backend: sum(
+            (_predict(snn, x, T, backend, seed=10 * s) == y).double().mean().item()
+            for s in range(seeds)
+        ) / seeds
+        for backend in ("torch", "cupy")
+    }
+    # each image is right or wrong at random: Var(accuracy) <= 1/(4n) per run, so the SE of the
+    # difference of two means over `seeds` runs is at most sqrt(2 / (4 n seeds))
+    se = (2 / (4 * len(y) * seeds)) ** 0.5
+    assert abs(accuracy["cupy"] - accuracy["torch"]) <= 4 * se, accuracy
+
+
+@needs_gpu
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+def test_count_mode_on_the_cupy_backend_equals_its_full_simulation(qcfs_cnn, digits, count):
+    # float64 so that T·mean and the step-by-step sum land on the same side of every decision
+    T = 4
+    x = digits[2][:256].to(DEVICE, torch.float64)
+    snn = convert_qcfs(copy.deepcopy(qcfs_cnn), "tpp", {"count": count}).to(DEVICE).double()
+    functional.set_step_mode(snn, "m")
+    full = _predict(snn, x, T, "cupy", seed=0)
+    for i, m in enumerate(m for m in snn.modules() if isinstance(m, TPPNode)):
+        m.manual_seed(i)
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T=T):
+        fast = snn(x).argmax(1)
+    assert torch.equal(fast, full)

@@ -1,0 +1,375 @@
+r"""Count-domain evaluation of converted TPP networks (DESIGN §1 fact 4).
+
+Between two TPP layers every affine op (conv, linear, BN in eval mode, average pooling, flatten,
+add, a constant scale) sees only the *sum* of its input over the window, and an affine map ``A``
+commutes with the time-mean: ``mean_t A(x_t) = A(mean_t x_t)`` (the bias included). A TPP
+neuron needs nothing but its window sum ``Σ_t x_t = T·mean_t x_t``. So a converted TPP network
+can run on time-means instead of ``[T, N, ...]`` spike trains: one ANN-sized pass instead of
+``T``, each TPP neuron turning ``T·m`` into its spike count (:func:`functional.tpp_count`) and
+passing on ``count/T``. This fails across max-pooling, ReLU, IF neurons and other non-affine
+ops on spikes, which :func:`count_mode` detects and refuses.
+
+What is guaranteed. Bernoulli TPP neurons draw exactly the random numbers of the full
+simulation, so for the same seeds the spike counts are the same — up to floating-point rounding
+of the potential: the full simulation adds ``T`` step currents one by one, count mode multiplies
+one mean current by ``T``. A neuron whose potential lies within that rounding error (about
+``1e-7`` relative in float32, ``1e-16`` in float64) of a decision boundary can count one spike
+differently. ``count='exact'`` neurons draw nothing in count mode (their count is not random),
+so predictions match for any seed, with the same rounding caveat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+
+import torch
+from torch import fx, nn
+
+from . import functional as F
+
+__all__ = ["count_mode", "check_count_domain"]
+
+_AFFINE_TYPES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d,
+)
+# affine in eval mode only (batch statistics / random masks in training mode)
+_EVAL_AFFINE_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+)
+_AFFINE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.add, torch.sub,
+    torch.neg, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.sum,
+    torch.mean, torch.nn.functional.linear, torch.nn.functional.conv1d,
+    torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.nn.functional.avg_pool1d,
+    torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d,
+    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool3d, torch.nn.functional.pad, operator.add, operator.sub,
+    operator.neg, operator.pos, operator.getitem, getattr,
+}
+_AFFINE_METHODS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze",
+    "contiguous", "size", "dim", "add", "sub", "neg", "sum", "mean", "to", "float", "double",
+    "half", "type_as", "expand", "expand_as", "clone",
+}
+# linear in each operand: affine when at most one operand (the numerator) carries spikes
+_PRODUCTS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+                      torch.nn.functional.dropout2d, torch.nn.functional.dropout3d}
+
+
+# ------------------------------------------------------------------------------------------------
+# the module types of the installed frameworks
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _types() -> dict:
+    """Plugin and framework classes by role, for whichever frameworks are importable."""
+    t = {"tpp": (), "perm": (), "neuron": (), "affine": (), "chain": (nn.Sequential,),
+         "time_flatten": (), "step_module": (), "snn_tpp": ()}
+    try:
+        from spikingjelly.activation_based import base, layer
+        from spikingjelly.activation_based.ann2snn.modules import VoltageScaler
+
+        from .adapters import spikingjelly as sj
+
+        t["tpp"] += (sj.TPPNode,)
+        t["perm"] += (sj.TemporalPermutation,)
+        t["step_module"] += (base.StepModule,)
+        t["neuron"] += (base.MemoryModule,)  # IF and every other stateful SpikingJelly module
+        t["affine"] += (VoltageScaler, sj._StepFlatten)
+        t["chain"] += tuple(
+            getattr(layer, name) for name in ("StepModeContainer", "SeqToANNContainer",
+                                              "MultiStepContainer") if hasattr(layer, name)
+        )
+    except ImportError:
+        pass
+    try:
+        import snntorch
+
+        from .adapters import snntorch as snt
+
+        t["tpp"] += (snt.TPP,)
+        t["snn_tpp"] += (snt.TPP,)
+        t["perm"] += (snt.TemporalPermutation,)
+        t["neuron"] += (snntorch.SpikingNeuron,)
+        t["time_flatten"] += (snt.TimeFlatten,)
+    except ImportError:
+        pass
+    return t
+
+
+def _kind(module: nn.Module) -> str:
+    t = _types()
+    if isinstance(module, t["tpp"]):
+        return "tpp"
+    if isinstance(module, t["perm"]):
+        return "perm"
+    if isinstance(module, t["neuron"]):
+        return "neuron"
+    if isinstance(module, _AFFINE_TYPES + t["affine"]):
+        return "affine"
+    if isinstance(module, _EVAL_AFFINE_TYPES):
+        return "nonaffine" if module.training else "affine"
+    if isinstance(module, t["chain"] + t["time_flatten"]):
+        return "chain"
+    return "nonaffine"
+
+
+def _type_name(obj) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the check: which modules and graph nodes act on spikes, and are they affine
+# ------------------------------------------------------------------------------------------------
+def _refuse(what: str, why: str):
+    raise ValueError(
+        f"count_mode: {what} {why}; count-domain evaluation needs affine ops (conv, linear, "
+        "BatchNorm in eval mode, average pooling, flatten, add) between and after TPP layers "
+        "(DESIGN fact 4): run the full [T, N, ...] simulation instead"
+    )
+
+
+def _walk_module(module: nn.Module, name: str, on_spikes: bool, found: list) -> bool:
+    """Check ``module`` fed by spikes (``on_spikes``) or by the input; return whether its output
+    carries spikes. TPP neurons and permutations are appended to ``found``."""
+    label = f"module {name or '<root>'!r} ({_type_name(module)})"
+    kind = _kind(module)
+    if kind == "tpp":
+        found.append((name, module))
+        return True
+    if kind == "perm":
+        found.append((name, module))
+        return on_spikes
+    if kind == "neuron":
+        _refuse(label, "is a spiking or stateful module other than a TPP neuron: its output "
+                       "is not a function of its input's window sum")
+    if kind == "affine":
+        return on_spikes
+    if kind == "chain":
+        for child_name, child in module.named_children():
+            on_spikes = _walk_module(child, f"{name}.{child_name}" if name else child_name,
+                                     on_spikes, found)
+        return on_spikes
+    inner = [m for m in module.modules() if m is not module and _kind(m) in ("tpp", "neuron")]
+    if inner:
+        _refuse(label, "contains spiking layers inside a forward count_mode cannot see into "
+                       "(pass an fx.GraphModule or an nn.Sequential)")
+    if on_spikes:
+        _refuse(label, "is not affine and acts on spikes")
+    return False
+
+
+def _call_is_affine(node: fx.Node, carries) -> bool:
+    target = node.target
+    if target in _PRODUCTS:
+        args = list(node.args) + list(node.kwargs.values())
+        spiking = [carries(a) for a in args]
+        if target in (operator.truediv, torch.div, "div"):
+            return not any(spiking[1:])
+        return sum(spiking) <= 1
+    if target in _DROPOUT_FUNCTIONS:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return training is False
+    if node.op == "call_method":
+        return target in _AFFINE_METHODS
+    return target in _AFFINE_FUNCTIONS
+
+
+def _walk_graph(gm: nn.Module, graph: fx.Graph, found: list) -> None:
+    spiking: dict = {}
+
+    def carries(arg) -> bool:
+        nodes = []
+        fx.node.map_arg(arg, nodes.append)
+        return any(spiking.get(n, False) for n in nodes)
+
+    for node in graph.nodes:
+        on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            spiking[node] = _walk_module(module, node.target, on_spikes, found)
+        elif node.op in ("call_function", "call_method"):
+            if _call_is_affine(node, carries):
+                spiking[node] = on_spikes
+            elif on_spikes:
+                target = node.target if isinstance(node.target, str) else getattr(
+                    node.target, "__name__", str(node.target))
+                _refuse(f"graph node {node.name!r} ({node.op} {target})",
+                        "is not affine and acts on spikes")
+            else:
+                spiking[node] = False
+        else:
+            spiking[node] = False
+
+
+class _LeafTracer(fx.Tracer):
+    """Trace a custom ``forward`` down to known modules (neurons, layers, containers)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _kind(m) != "nonaffine" or super().is_leaf_module(m, qualname)
+
+
+def check_count_domain(net: nn.Module) -> list:
+    """Check that ``net`` can be evaluated in the count domain; return its TPP neurons and
+    permutation layers as ``[(name, module), ...]``.
+
+    Accepts SpikingJelly converted networks (``fx.GraphModule``: ``call_module``,
+    ``call_function`` and ``call_method`` nodes are all checked), ``nn.Sequential`` networks
+    (the snnTorch converter's, :class:`~tpp_plugin.adapters.snntorch.TimeFlatten` included) and
+    other modules whose ``forward`` ``torch.fx`` can trace.
+
+    :raises ValueError: naming the first module or graph node that is a non-TPP spiking neuron
+        (anywhere) or a non-affine op fed by spikes (max-pool, ReLU, a product of two spike
+        tensors, BatchNorm or dropout in training mode, an unknown module, ...). Ops applied to
+        the input before the first TPP layer are not restricted.
+    """
+    found: list = []
+    if isinstance(net, fx.GraphModule):
+        _walk_graph(net, net.graph, found)
+    elif _kind(net) != "nonaffine":
+        _walk_module(net, "", False, found)
+    else:
+        try:
+            graph = _LeafTracer().trace(net)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means "cannot check"
+            raise ValueError(
+                f"count_mode: cannot trace {_type_name(net)} with torch.fx ({error}); pass an "
+                "fx.GraphModule (SpikingJelly's converters) or an nn.Sequential"
+            ) from error
+        _walk_graph(net, graph, found)
+    if not any(_kind(m) == "tpp" for _, m in found):
+        raise ValueError("count_mode: the network has no TPP neuron")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# the count-mode forwards
+# ------------------------------------------------------------------------------------------------
+def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+    F.check_tensor(x, "x")
+    return x * T + v_init
+
+
+def _sj_tpp(node, T: int, x: torch.Tensor) -> torch.Tensor:
+    v = _window_potential(x, T, node.v_init)
+    if node.backend == "cupy":  # the kernel's own random stream, as in the full simulation
+        return node._fire(v, T).sum(0) / T
+    counts = F.tpp_count(v, T, node.v_threshold, node.count, node._generator(v.device))
+    return counts / T
+
+
+def _snn_tpp(neuron, T: int, input_: torch.Tensor, mem=None):
+    from .adapters.snntorch import _returns
+
+    v = _window_potential(input_, T, neuron.v_init)
+    generator = neuron._generator_for(v.device)
+    counts = F.tpp_count(v, T, neuron.threshold, neuron.count, generator)
+    return _returns(neuron, counts / T * neuron.graded_spikes_factor, v)
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+def _time_flatten(wrapper, x):
+    return wrapper.module(x)
+
+
+def _window_of(module):
+    return getattr(module, "num_steps", None) or getattr(module, "T", None)
+
+
+def _infer_T(found) -> int:
+    windows = {_window_of(m) for _, m in found if _kind(m) == "tpp"} - {None}
+    if len(windows) != 1:
+        why = f"the TPP layers' windows differ: {sorted(windows)}" if windows else (
+            "the TPP layers do not fix one (T=None)")
+        raise ValueError(f"count_mode: pass T= ({why})")
+    return windows.pop()
+
+
+@contextlib.contextmanager
+def count_mode(net: nn.Module, T: int | None = None):
+    r"""Evaluate a converted TPP network on window means instead of spike trains.
+
+    Inside the context, ``net(x)`` takes one step's input ``x`` of shape ``[N, ...]`` (the
+    image, for direct encoding; the time-mean of the input sequence otherwise, if the ops before
+    the first TPP layer are affine) and returns what ``net(x_seq).mean(0)`` returns for the
+    constant sequence ``x_seq = x.expand(T, *x.shape)`` — the time-mean of the output — at the
+    cost of one ANN pass plus, per bernoulli TPP neuron, ``T`` cheap steps. Each TPP neuron
+    receives the mean current ``m``, forms ``v = T·m + v_init``, draws the random numbers the full
+    simulation would (bernoulli; ``'exact'`` draws none), and outputs ``count/T`` (times its
+    output scale). Temporal permutations are the identity on counts and draw nothing. All
+    modules are restored on exit (SpikingJelly step modes included); neuron state is not used.
+
+    Works for SpikingJelly converted networks (2.x and 0.0.0.0.14; ``fx.GraphModule``) and for
+    the snnTorch converter's ``nn.Sequential`` (sequence or time-loop).
+
+    Guarantee: for the same seeds the same spike counts and predictions as the full simulation,
+    up to floating-point rounding of each potential (``T·m`` here, ``Σ_t x_t`` there), which can
+    flip a count only for a potential within rounding error of a decision boundary (see
+    :mod:`tpp_plugin.count_domain`); in float64 that does not happen in practice.
+
+    :param net: converted network with TPP neurons
+    :param T: window length; defaults to the TPP layers' own ``T``/``num_steps`` if they agree
+    :raises ValueError: if the network has a non-TPP spiking neuron, or a non-affine op (max-pool,
+        ReLU, ...) acting on spikes, naming that module or graph node; if ``T`` contradicts a
+        layer's window
+    :return: a context manager yielding ``net``
+
+    Example::
+
+        import tpp_plugin
+        T = 8
+        with torch.no_grad(), tpp_plugin.count_mode(snn, T=T):
+            out = snn(images)                                  # [N, classes], one pass
+        # the same as: snn(images.expand(T, *images.shape)).mean(0) in multi-step mode
+    """
+    found = check_count_domain(net)
+    T = _infer_T(found) if T is None else F.check_window(T)
+    for name, module in found:
+        window = _window_of(module)
+        if _kind(module) == "tpp" and window is not None and window != T:
+            raise ValueError(
+                f"count_mode: TPP layer {name!r} has window {window}, but T={T}: count mode "
+                "evaluates one window"
+            )
+    types = _types()
+    patches = []  # (module, forward it had in its __dict__ or None)
+
+    def patch(module, forward):
+        patches.append((module, module.__dict__.get("forward")))
+        module.__dict__["forward"] = forward  # an instance attribute shadows the class's forward
+
+    for _, module in found:
+        if _kind(module) == "perm":
+            patch(module, _identity)
+        elif isinstance(module, types["snn_tpp"]):
+            patch(module, functools.partial(_snn_tpp, module, T))
+        else:
+            patch(module, functools.partial(_sj_tpp, module, T))
+    modes = []
+    for module in net.modules():
+        if isinstance(module, types["time_flatten"]):
+            patch(module, functools.partial(_time_flatten, module))
+        if isinstance(module, types["step_module"]):
+            modes.append((module, module.step_mode))
+            module.step_mode = "s"
+    try:
+        yield net
+    finally:
+        for module, forward in reversed(patches):
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
+        for module, mode in modes:
+            module.step_mode = mode

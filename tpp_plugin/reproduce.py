@@ -1,0 +1,696 @@
+r"""``python -m tpp_plugin reproduce``: the paper's experiment, accuracy against time steps ``T``.
+
+For each (model, ANN type) it trains the ANN once (or loads it from ``--checkpoint``), converts
+it through the chosen framework's adapter, and evaluates on the test set, for every ``T``:
+
+* the ANN; for QCFS ANNs also the ANN with its levels set to ``L = T``;
+* IF starting at ``v = 0`` (SpikingJelly's default neuron; for ReLU ANNs the network SpikingJelly's
+  own ``RateCodingRecipe`` builds, unmodified);
+* IF starting at ``θ/2``;
+* IF (θ/2) followed by a temporal permutation, for each scope (``neuron``, ``sample``, ``layer``);
+* TPP with ``count='bernoulli'`` (the paper's rule) and ``count='exact'``.
+
+All spiking variants of one ANN share its thresholds: the ANN is converted once (ReLU: by
+SpikingJelly's ``RateCodingRecipe`` / 0.0.0.0.14 ``Converter``; QCFS: threshold ``λ``) and the
+other variants are built from that network with :func:`~tpp_plugin.adapters.spikingjelly.
+swap_neurons` / :func:`~tpp_plugin.adapters.spikingjelly.insert_permutation`. Networks run in
+multi-step mode (each layer processes the whole ``[T, N, ...]`` window at once), with the image as
+a constant input current. ``--seeds N`` repeats the *stochastic* variants (permutation, TPP) with
+N seeds — the ANN is trained once, with ``--train-seed`` — and reports mean ± std; deterministic
+variants are run once.
+
+A per-layer diagnostic records, for every spiking layer, the share of neurons (over images) whose
+spike count differs from ``clamp(round(Σ_t x_t / θ), 0, T)`` — the count the ANN activation
+asks for — split into over-firing and under-firing: the mechanism the paper is about.
+
+Output: tables on the terminal, and per configuration ``OUT/<name>.json`` and ``OUT/<name>.png``
+(accuracy vs ``T`` on a log-2 axis, and the diagnostic), each written as soon as that
+configuration finishes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch import nn
+
+from . import data
+from . import functional as F
+from .models import MODELS, build_model, spiking_layers, train_ann
+from .qcfs import qcfs_levels
+
+__all__ = [
+    "DEFAULT_TS",
+    "SCOPES",
+    "VARIANTS",
+    "TensorBatches",
+    "FiringDiagnostic",
+    "run_config",
+    "run",
+    "format_accuracy_table",
+    "format_diagnostic_table",
+    "plot_result",
+    "add_arguments",
+    "main",
+]
+
+SCHEMA = "tpp_plugin.reproduce/1"
+DEFAULT_TS = (1, 2, 4, 8, 16, 32, 64)
+SCOPES = ("neuron", "sample", "layer")
+
+#: variant key -> (label, stochastic)
+VARIANTS = {
+    "if_v0": ("IF, v starts at 0 (SJ default)", False),
+    "if_half": ("IF, v starts at θ/2", False),
+    **{f"perm_{s}": (f"IF θ/2 + permutation ({s})", True) for s in SCOPES},
+    "tpp_bernoulli": ("TPP bernoulli", True),
+    "tpp_exact": ("TPP exact", True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# data and training
+# ------------------------------------------------------------------------------------------------
+class TensorBatches:
+    """Mini-batches of tensors that already sit on the device (no ``DataLoader`` workers).
+
+    Iterating yields ``(x, y)`` batches; with ``shuffle=True`` every pass draws a new order from
+    its own generator (seeded, so runs repeat).
+
+    :param x: inputs ``[N, ...]``
+    :param y: labels ``[N]``
+    :param batch_size: batch size
+    :param shuffle: reshuffle on every pass
+    :param seed: seed of the shuffling
+
+    Example::
+
+        >>> batches = TensorBatches(torch.zeros(10, 3), torch.zeros(10), 4)
+        >>> [len(y) for _, y in batches]
+        [4, 4, 2]
+    """
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool = False, seed: int = 0):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, int(batch_size), shuffle
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self._generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                sl = slice(start, start + self.batch_size)
+                yield self.x[sl], self.y[sl]
+            else:
+                idx = order[start : start + self.batch_size].to(self.x.device)
+                yield self.x[idx], self.y[idx]
+
+
+def load_dataset(dataset: str, data_dir=None, subset=None, resize=None, seed: int = 0):
+    """``(x_train, y_train, x_test, y_test)`` of ``'digits'`` or ``'fashion-mnist'``.
+
+    :param subset: ``None`` (all), ``[n_train]`` or ``[n_train, n_test]`` (class-stratified;
+        ``n_test`` defaults to ``n_train // 6``, Fashion-MNIST's ratio)
+    :param resize: downscale images to ``resize × resize`` (area averaging)
+    """
+    if dataset == "digits":
+        x_train, y_train, x_test, y_test = data.load_digits(seed=seed)
+    elif dataset == "fashion-mnist":
+        x_train, y_train, x_test, y_test = data.load_fashion_mnist(data_dir)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose digits or fashion-mnist")
+    if subset:
+        n_train = subset[0]
+        n_test = subset[1] if len(subset) > 1 else max(1, n_train // 6)
+        x_train, y_train = data.subset(x_train, y_train, n_train, seed)
+        x_test, y_test = data.subset(x_test, y_test, n_test, seed + 1)
+    return data.resize(x_train, resize), y_train, data.resize(x_test, resize), y_test
+
+
+def _progress(desc, total=None, unit="it"):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return lambda it: it
+    # disable=None: no bar when stderr is not a terminal (logs stay readable)
+    return lambda it: tqdm(it, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
+                           disable=None)
+
+
+def _checkpoint_path(args, model: str, ann: str, image_size: int) -> str | None:
+    if not args.checkpoint:
+        return None
+    levels = f"-L{args.L}" if ann == "qcfs" else ""
+    name = f"{args.dataset}-{model}-{ann}{levels}-{image_size}px-seed{args.train_seed}.pt"
+    return os.path.join(args.checkpoint, name)
+
+
+def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple[nn.Module, dict]:
+    """Train the ANN (or load it from ``--checkpoint``); return it in eval mode and a record."""
+    image_size = x_train.shape[-1]
+    torch.manual_seed(args.train_seed)
+    net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
+    path = _checkpoint_path(args, model, ann, image_size)
+    if path and os.path.isfile(path):
+        net.load_state_dict(torch.load(path, map_location=device))
+        echo(f"loaded {path}")
+        return net.eval(), {"checkpoint": path, "trained": False, "seconds": 0.0}
+    start = time.perf_counter()
+    batches = TensorBatches(x_train, y_train, args.train_batch_size, True, args.train_seed)
+    epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
+    train_ann(net, batches, epochs, lr=args.lr, progress=_progress(f"train {model} {ann}",
+                                                                   unit="epoch"))
+    seconds = time.perf_counter() - start
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        torch.save(net.state_dict(), path)
+    return net.eval(), {"checkpoint": path, "trained": True, "epochs": epochs, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-layer firing diagnostic
+# ------------------------------------------------------------------------------------------------
+class FiringDiagnostic:
+    """Count, per spiking layer, neurons firing more or fewer spikes than the ANN asks for.
+
+    Forward hooks on the spiking neurons of a network run in multi-step (sequence) mode see the
+    input currents ``x`` ``[T, N, ...]`` and the spikes ``[T, N, ...]`` of each window. A neuron is
+    *over-firing* if its count exceeds ``clamp(round(Σ_t x_t / θ), 0, T)`` (round half up, the
+    QCFS rule; the sum is taken in time order, as the neurons do), *under-firing* if it falls short.
+
+    :param net: the spiking network
+    :param neuron_types: module types to watch (one hook each, in ``named_modules`` order)
+    :param threshold: ``f(module) -> θ`` (number or tensor broadcastable to a step)
+    :param spike_scale: ``f(module) -> s``: the module outputs ``s·spike`` (snnTorch's graded
+        spikes), default 1
+
+    Use as a context manager (hooks are removed on exit); :meth:`summary` gives the totals.
+
+    Example::
+
+        >>> with FiringDiagnostic(snn, (IFNode, TPPNode), lambda m: m.v_threshold) as diag:
+        ...     snn(x_seq)
+        >>> diag.summary()[0]['over']      # share of over-firing neurons in the first layer
+    """
+
+    def __init__(self, net: nn.Module, neuron_types, threshold, spike_scale=None):
+        self.layers = [name for name, m in net.named_modules() if isinstance(m, neuron_types)]
+        modules = [m for m in net.modules() if isinstance(m, neuron_types)]
+        self.threshold, self.spike_scale = threshold, spike_scale or (lambda m: 1.0)
+        self.totals = [[0, 0, 0] for _ in modules]  # neurons seen, over, under
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, i):
+        def hook(module, inputs, output):
+            x_seq = inputs[0]
+            spikes = output[0] if isinstance(output, tuple) else output
+            if x_seq.dim() < 2 or spikes.shape != x_seq.shape:
+                return  # single-step call: nothing to compare
+            T = x_seq.shape[0]
+            theta = self.threshold(module)
+            wanted = torch.clamp(torch.floor(F.tpp_accumulate(x_seq) / theta + 0.5), 0, T)
+            count = torch.round(spikes.sum(0) / self.spike_scale(module))
+            totals = self.totals[i]
+            totals[0] += count.numel()
+            totals[1] += int((count > wanted).sum())
+            totals[2] += int((count < wanted).sum())
+
+        return hook
+
+    def summary(self) -> list[dict]:
+        """``[{'layer', 'neurons', 'over', 'under'}]``: shares of the (image, neuron) pairs seen."""
+        return [
+            {"layer": name, "neurons": n, "over": over / max(n, 1), "under": under / max(n, 1)}
+            for name, (n, over, under) in zip(self.layers, self.totals)
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# frameworks: build the variants, run them
+# ------------------------------------------------------------------------------------------------
+def _eval_batch_size(args, T: int) -> int:
+    return max(1, min(args.batch_size, args.batch_steps // T))
+
+
+def _reseed(net: nn.Module, base: int) -> None:
+    # every random module gets its own seed, independent of what ran before
+    for i, m in enumerate(m for m in net.modules() if hasattr(m, "manual_seed")):
+        m.manual_seed(base + i)
+
+
+def _variant_seed(seed: int, T: int) -> int:
+    return seed * 1_000_003 + T * 1_009
+
+
+class _SpikingJelly:
+    """Variants through the SpikingJelly adapter (2.x and 0.0.0.0.14)."""
+
+    name = "spikingjelly"
+
+    def __init__(self, args, ann, ann_type, calibration, device):
+        from spikingjelly.activation_based import ann2snn, neuron
+
+        import tpp_plugin  # noqa: F401  (registers the hooks)
+
+        from .adapters import spikingjelly as sj
+
+        self.sj, self.device = sj, device
+        self.neuron_types = (neuron.IFNode, sj.TPPNode)
+        if ann_type == "qcfs":
+            v0 = sj.convert_qcfs(ann, "if", {"v_init": 0.0})
+            self.conversion = "tpp_plugin convert_qcfs (threshold = λ)"
+        elif sj.IS_LEGACY:
+            # the plain 0.0.0.0.14 result runs single-step only: neuron='if' builds the same IFNode
+            # (v = 0) and makes the graph multi-step capable
+            mode = "Max" if args.mode == "max" else args.mode
+            v0 = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
+                copy.deepcopy(ann))
+            self.conversion = f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
+        else:
+            mode = "Max" if args.mode == "max" else args.mode
+            recipe = ann2snn.RateCodingRecipe(calibration, mode=mode)
+            v0 = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
+            self.conversion = f"spikingjelly RateCodingRecipe(mode={mode!r})"
+        v0 = v0.to(device).eval()
+        half = sj.swap_neurons(copy.deepcopy(v0), "if", v_init=0.5)
+        self.nets = {"if_v0": v0, "if_half": half}
+        for scope in SCOPES:
+            self.nets[f"perm_{scope}"] = sj.insert_permutation(copy.deepcopy(half), scope, seed=0)
+        for count in ("bernoulli", "exact"):
+            self.nets[f"tpp_{count}"] = sj.swap_neurons(
+                copy.deepcopy(half), "tpp", count=count, seed=0)
+
+    @torch.no_grad()
+    def evaluate(self, key, T, seed, x, y, batch_size):
+        from spikingjelly.activation_based import functional
+
+        net = self.nets[key]
+        _reseed(net, _variant_seed(seed, T))
+        functional.set_step_mode(net, "m")
+        preds = []
+        with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag:
+            for start in range(0, len(y), batch_size):
+                xb = x[start : start + batch_size]
+                functional.reset_net(net)
+                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
+        functional.reset_net(net)
+        return torch.cat(preds), diag.summary()
+
+
+class _SnnTorch:
+    """Variants through the plugin's snnTorch converter (sequence mode). snnTorch has no
+    converter of its own, so there is no 'framework default' IF: the plugin's IF starts at θ/2."""
+
+    name = "snntorch"
+
+    def __init__(self, args, ann, ann_type, calibration, device):
+        from .adapters import snntorch as st
+
+        self.st, self.ann = st, ann
+        self.calibration = calibration if ann_type == "relu" else None
+        self.mode = args.mode
+        self.neuron_types = (st.TPP, st.IF)
+        self.nets = {k: None for k in VARIANTS if k != "if_v0"}
+        self.conversion = (f"tpp_plugin snnTorch convert(mode={args.mode!r})"
+                           if ann_type == "relu" else "tpp_plugin snnTorch convert (threshold = λ)")
+
+    @torch.no_grad()
+    def evaluate(self, key, T, seed, x, y, batch_size):
+        kwargs = {"neuron": "if"}
+        if key.startswith("perm_"):
+            kwargs["permutation"] = key[len("perm_"):]
+        elif key.startswith("tpp_"):
+            kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
+        if key != "if_half":
+            kwargs["seed"] = _variant_seed(seed, T)
+        net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
+        preds = []
+        with FiringDiagnostic(net, self.neuron_types, lambda m: m.threshold,
+                              lambda m: m.graded_spikes_factor) as diag:
+            for start in range(0, len(y), batch_size):
+                xb = x[start : start + batch_size]
+                self.st.reset(net)
+                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
+        return torch.cat(preds), diag.summary()
+
+
+FRAMEWORKS = {"spikingjelly": _SpikingJelly, "snntorch": _SnnTorch}
+
+
+# ------------------------------------------------------------------------------------------------
+# one configuration
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _predict(ann, x, batch_size):
+    return torch.cat([ann(x[s : s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
+
+
+def _accuracy(preds, y) -> float:
+    return (preds == y).float().mean().item()
+
+
+def _mean_std(values) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std(unbiased=False).item() if len(values) > 1 else 0.0)
+
+
+def config_name(args, model: str, ann: str) -> str:
+    """File stem of one configuration's outputs, e.g. ``fashion-mnist-cnn5-relu-p99.9``."""
+    if ann == "qcfs":
+        detail = f"L{args.L}"
+    else:
+        detail = "p" + args.mode[:-1] if args.mode.endswith("%") else args.mode
+    size = f"-{args.resize}px" if args.resize else ""
+    fw = "" if args.framework == "spikingjelly" else f"-{args.framework}"
+    return f"{args.dataset}{size}-{model}-{ann}-{detail}{fw}"
+
+
+def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> dict:
+    """Train/load, convert and evaluate one (model, ANN type); return the JSON-ready result."""
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test = dataset
+    Ts = list(args.T)
+    ann, ann_record = get_ann(args, model, ann_type, x_train, y_train, device, echo)
+    ann_preds = _predict(ann, x_test, args.batch_size)
+    result = {
+        "schema": SCHEMA,
+        "name": config_name(args, model, ann_type),
+        "config": {
+            "dataset": args.dataset, "model": model, "ann": ann_type,
+            "spiking_layers": spiking_layers(ann), "image_size": int(x_test.shape[-1]),
+            "L": args.L if ann_type == "qcfs" else None,
+            "mode": args.mode if ann_type == "relu" else None,
+            "T": Ts, "seeds": args.seeds, "train_seed": args.train_seed,
+            "framework": args.framework, "device": str(device),
+            "n_train": len(y_train), "n_test": len(y_test),
+            "calibration_images": args.calib_images if ann_type == "relu" else 0,
+        },
+        "ann": {"accuracy": _accuracy(ann_preds, y_test), **ann_record},
+        "variants": {},
+    }
+    with_levels = {}
+    if ann_type == "qcfs":
+        for T in Ts:
+            with qcfs_levels(ann, T):
+                with_levels[T] = _predict(ann, x_test, args.batch_size)
+        result["ann"]["accuracy_L_eq_T"] = [_accuracy(with_levels[T], y_test) for T in Ts]
+
+    n_calib = min(args.calib_images, len(y_train))
+    calibration = [
+        (x_train[s : min(s + 256, n_calib)], y_train[s : min(s + 256, n_calib)])
+        for s in range(0, n_calib, 256)
+    ]
+    fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
+    result["config"]["conversion"] = fw.conversion
+    keys = [k for k in VARIANTS if k in fw.nets]
+    jobs = [(k, s, T) for k in keys for s in range(args.seeds if VARIANTS[k][1] else 1)
+            for T in Ts]
+    per = {k: {} for k in keys}
+    agreement = {T: [] for T in Ts}
+    for key, seed, T in _progress(f"{model} {ann_type} SNN", len(jobs), "run")(jobs):
+        preds, diag = fw.evaluate(key, T, seed, x_test, y_test, _eval_batch_size(args, T))
+        per[key][(seed, T)] = (_accuracy(preds, y_test), diag)
+        if key == "tpp_exact" and ann_type == "qcfs":
+            agreement[T].append(_accuracy(preds, with_levels[T]))
+    for key in keys:
+        seeds = sorted({s for s, _ in per[key]})
+        acc = [[per[key][(s, T)][0] for T in Ts] for s in seeds]
+        stats = [_mean_std([row[i] for row in acc]) for i in range(len(Ts))]
+        layers = per[key][(seeds[0], Ts[0])][1]
+        diagnostic = [
+            {
+                "layer": layer["layer"], "neurons_per_run": layer["neurons"],
+                "over": [_mean_std([per[key][(s, T)][1][j]["over"] for s in seeds])[0]
+                         for T in Ts],
+                "under": [_mean_std([per[key][(s, T)][1][j]["under"] for s in seeds])[0]
+                          for T in Ts],
+            }
+            for j, layer in enumerate(layers)
+        ]
+        label, stochastic = VARIANTS[key]
+        result["variants"][key] = {
+            "label": label, "stochastic": stochastic, "seeds": seeds, "per_seed": acc,
+            "mean": [m for m, _ in stats], "std": [s for _, s in stats], "diagnostic": diagnostic,
+        }
+    if ann_type == "qcfs":
+        agree = [min(agreement[T]) for T in Ts]
+        result["oracle"] = {
+            "claim": "exact-count TPP predicts like the QCFS ANN with L=T, image for image",
+            "agreement_min_over_seeds": agree,
+            "holds": all(a == 1.0 for a in agree),
+        }
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------------
+def _rows(result) -> dict:
+    """``{label: [(mean, std), ...]}`` in display order, the ANN rows first."""
+    Ts = result["config"]["T"]
+    ann = result["ann"]
+    L = result["config"]["L"]
+    rows = {(f"ANN (QCFS, L={L})" if L else "ANN (ReLU)"): [(ann["accuracy"], 0.0)] * len(Ts)}
+    if "accuracy_L_eq_T" in ann:
+        rows["ANN with L=T"] = [(a, 0.0) for a in ann["accuracy_L_eq_T"]]
+    for v in result["variants"].values():
+        rows[v["label"]] = list(zip(v["mean"], v["std"]))
+    return rows
+
+
+def format_accuracy_table(result) -> str:
+    """Accuracy (%) per variant and ``T``, ``mean±std`` over seeds for stochastic variants."""
+    cfg = result["config"]
+    Ts = cfg["T"]
+    rows = _rows(result)
+    width = max(len(k) for k in rows) + 2
+    head = f"{'':<{width}}" + "".join(f"{f'T={T}':>11}" for T in Ts)
+    seeds = f"mean±std over {cfg['seeds']} seed(s)" if cfg["seeds"] > 1 else "1 seed"
+    title = (f"{cfg['dataset']} {cfg['model']} ({cfg['spiking_layers']} spiking layers), "
+             f"{cfg['ann']} → {cfg.get('conversion', cfg['framework'])}; test accuracy %, "
+             f"{seeds}")
+    lines = [title, head, "-" * len(head)]
+    for label, cells in rows.items():
+        text = "".join(
+            (f"{100 * m:.1f}±{100 * s:.1f}" if s else f"{100 * m:.1f}").rjust(11)
+            for m, s in cells
+        )
+        lines.append(f"{label:<{width}}{text}")
+    if "oracle" in result:
+        o = result["oracle"]
+        agreement = ", ".join(f"{100 * a:.2f}%" for a in o["agreement_min_over_seeds"])
+        lines.append(f"TPP exact == ANN with L=T image for image: {o['holds']} "
+                     f"(agreement per T: {agreement})")
+    return "\n".join(lines)
+
+
+def format_diagnostic_table(result, T: int) -> str:
+    """Per-layer share (%) of over-/under-firing neurons at one ``T``, as ``over/under``."""
+    Ts = result["config"]["T"]
+    i = Ts.index(T)
+    variants = list(result["variants"].values())
+    n_layers = len(variants[0]["diagnostic"])
+    width = max(len(v["label"]) for v in variants) + 2
+    head = f"{'':<{width}}" + "".join(f"{f'layer {j + 1}':>12}" for j in range(n_layers))
+    lines = [f"spike count vs round(Σx/θ) at T={T}: % of neurons over-firing/under-firing",
+             head, "-" * len(head)]
+    for v in variants:
+        cells = "".join(
+            f"{100 * d['over'][i]:.1f}/{100 * d['under'][i]:.1f}".rjust(12)
+            for d in v["diagnostic"]
+        )
+        lines.append(f"{v['label']:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def plot_result(result, path: str, diag_T: int) -> None:
+    """Accuracy vs ``T`` (log-2 axis, error bars = std over seeds) and the per-layer diagnostic
+    at ``diag_T``, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    Ts = cfg["T"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for label, cells in _rows(result).items():
+        means = [100 * m for m, _ in cells]
+        stds = [100 * s for _, s in cells]
+        style = {"linestyle": "--", "color": "black" if label.startswith("ANN (") else "gray"} \
+            if label.startswith("ANN") else {"marker": "o", "markersize": 3}
+        ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(Ts, [str(T) for T in Ts])
+    ax.set_xlabel("time steps T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{cfg['dataset']} {cfg['model']} {cfg['ann']}"
+                 + (f" L={cfg['L']}" if cfg["L"] else f" mode={cfg['mode']}"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    i = Ts.index(diag_T)
+    for v in result["variants"].values():
+        layers = range(1, len(v["diagnostic"]) + 1)
+        line, = ax2.plot(layers, [100 * d["under"][i] for d in v["diagnostic"]], marker="v",
+                         label=v["label"])
+        ax2.plot(layers, [100 * d["over"][i] for d in v["diagnostic"]], marker="^",
+                 linestyle=":", color=line.get_color())
+    ax2.set_xticks(list(layers))
+    ax2.set_xlabel("spiking layer")
+    ax2.set_ylabel("% of neurons (▼ under-firing, ^ over-firing)")
+    ax2.set_title(f"count ≠ round(Σx/θ) at T={diag_T}", fontsize=10)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _diag_T(args) -> int:
+    return args.diag_T if args.diag_T in args.T else (4 if 4 in args.T else min(args.T))
+
+
+def run(args, echo=print) -> list[dict]:
+    """Run every requested (model, ANN type) and write its JSON and PNG; return the results."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        # full fp32 everywhere: TF32 rounding would make the SNN and the ANN round activations
+        # near a level boundary differently, and break the exact-count oracle
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test = load_dataset(
+        args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)
+    dataset = tuple(t.to(device) for t in (x_train, y_train, x_test, y_test))
+    echo(f"{args.dataset}: {len(y_train)} train / {len(y_test)} test images "
+         f"{tuple(x_test.shape[1:])}, device {device}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    results = []
+    for model in args.model:
+        for ann_type in args.ann:
+            result = run_config(args, model, ann_type, dataset, device, echo)
+            result["environment"] = _environment()
+            results.append(result)
+            echo("")
+            echo(format_accuracy_table(result))
+            echo("")
+            echo(format_diagnostic_table(result, _diag_T(args)))
+            echo(f"({result['seconds']:.0f} s)")
+            if args.out:
+                stem = os.path.join(args.out, result["name"])
+                with open(stem + ".json", "w") as f:
+                    json.dump(result, f, indent=1)
+                written = [stem + ".json"]
+                if not args.no_plot:
+                    plot_result(result, stem + ".png", _diag_T(args))
+                    written.append(stem + ".png")
+                echo("wrote " + ", ".join(written))
+    echo(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def _environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("spikingjelly", "snntorch"):
+        module = sys.modules.get(name)
+        if module is not None:
+            env[name] = getattr(module, "__version__", "?")
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    """Options of ``python -m tpp_plugin reproduce``."""
+    parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
+    parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
+                        help="folder with the Fashion-MNIST *-ubyte.gz files")
+    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["cnn5"],
+                        help="mlp8: 8 hidden layers; cnn5: 5 spiking layers; vgg: 8 spiking "
+                        "layers (one or more)")
+    parser.add_argument("--ann", nargs="+", choices=["relu", "qcfs"], default=["relu"],
+                        help="ReLU ANN (threshold calibration) or QCFS ANN (one or more)")
+    parser.add_argument("--L", type=int, default=4, help="QCFS levels")
+    parser.add_argument("--mode", default="99.9%",
+                        help="ReLU threshold calibration: max or a percentile like 99.9%%")
+    parser.add_argument("--T", type=int, nargs="+", default=list(DEFAULT_TS), help="time steps")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds of the stochastic variants (permutation, TPP)")
+    parser.add_argument("--train-seed", type=int, default=0, help="seed of ANN training")
+    parser.add_argument("--framework", choices=list(FRAMEWORKS), default="spikingjelly")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="ANN training epochs (default: 30 on digits, 8 on Fashion-MNIST)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--train-batch-size", type=int, default=None,
+                        help="default: 64 on digits, 256 on Fashion-MNIST")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="evaluation images per forward (default: 4096 on cuda, 1024 on cpu)")
+    parser.add_argument("--batch-steps", type=int, default=None,
+                        help="cap on images × T per forward (default: 65536 on cuda, 8192 on "
+                        "cpu)")
+    parser.add_argument("--calib-images", type=int, default=2048,
+                        help="training images used to calibrate ReLU thresholds (batches of 256)")
+    parser.add_argument("--subset", type=int, nargs="+", default=None, metavar="N",
+                        help="N_TRAIN [N_TEST]: class-stratified subsets for quick runs")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="downscale images to this side (e.g. 14, like the prototype)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="folder for trained ANNs: loaded if present, else trained and saved")
+    parser.add_argument("--out", default=None, help="folder for the JSON and PNG files")
+    parser.add_argument("--diag-T", type=int, default=4, help="T of the printed diagnostic")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def _fill_defaults(args) -> None:
+    from .convert import check_calibration_mode
+
+    args.mode = check_calibration_mode(args.mode)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.train_batch_size is None:
+        args.train_batch_size = 64 if args.dataset == "digits" else 256
+    if args.batch_size is None:
+        args.batch_size = 4096 if cuda else 1024
+    if args.batch_steps is None:
+        args.batch_steps = 65536 if cuda else 8192
+    for name in ("seeds", "L", "batch_size", "batch_steps", "train_batch_size", "calib_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.T) < 1:
+        raise ValueError("--T values must be >= 1")
+
+
+def main(args) -> int:
+    """Run the reproduction from parsed command-line arguments."""
+    try:
+        _fill_defaults(args)
+        run(args)
+    except FileNotFoundError as exc:  # Fashion-MNIST not installed: the message says how
+        print(f"python -m tpp_plugin reproduce: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
