@@ -320,3 +320,18 @@ def test_finite_check_catches_nan_inf_and_tolerates_sum_overflow():
         x[2, 1] = bad
         with pytest.raises(ValueError, match="x"):
             F.check_tensor(x, "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_spike_trains_are_permuted_as_exact_count_firing(dtype):
+    """A 0/1 train is redrawn as its count on a uniform subset: for a seed, exactly what
+    tpp_fire(count, exact) fires (uniformity of positions: test_neuron_scope_positions_uniform)."""
+    x = (torch.rand(8, 40, 3, generator=torch.Generator().manual_seed(1)) < 0.3).to(dtype)
+    fast = F.permute_time(x, "neuron", generator=torch.Generator().manual_seed(4))
+    fired = F.tpp_fire(x.sum(0), 8, 1.0, "exact", torch.Generator().manual_seed(4))
+    assert fast.dtype == dtype and torch.equal(fast, fired)
+    assert torch.equal(fast.sum(0), x.sum(0)) and not torch.equal(fast, x)
+    # one non-binary value anywhere: the whole tensor takes the Fisher-Yates path
+    x[0, 0, 0] = 0.5
+    fy = F.permute_time(x, "neuron", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(fy.sort(0).values, x.sort(0).values)

@@ -6,7 +6,8 @@ chosen backend: the plugin's :class:`~tpp_plugin.adapters.spikingjelly.TPPNode` 
 values) and :class:`~tpp_plugin.adapters.spikingjelly.TemporalPermutation` in multi-step mode,
 SpikingJelly's ``IFNode`` in multi-step mode (soft reset, as in converted networks), and two
 floors: ``x.clone()`` (one pass of memory traffic) and ``torch.rand_like(x)`` (one random number
-per neuron and step). It prints medians, the ratio to ``IFNode`` and to ``clone + rand_like``,
+per neuron and step); the permutation layer gets a 0/1 spike train of ``x``'s shape (what it
+receives in a network). It prints medians, the ratio to ``IFNode`` and to ``clone + rand_like``,
 and the peak memory each call allocates (its output included).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the call; on
@@ -41,6 +42,11 @@ __all__ = ["BACKENDS", "torch_cases", "time_cases", "peak_memory", "add_argument
 IF_CASE, CLONE_CASE, RAND_CASE = "IFNode (SpikingJelly)", "clone()", "rand_like()"
 
 
+def _spike_train(x: torch.Tensor) -> torch.Tensor:
+    """0/1 spikes with a firing rate of about one half: what a permutation layer receives."""
+    return (x > x.mean()).to(x.dtype)
+
+
 def torch_cases(x: torch.Tensor, T: int, device) -> list:
     """The torch backend's timed cases: ``[(name, callable)]``, each callable runs one call."""
     from spikingjelly.activation_based import functional, neuron
@@ -48,19 +54,21 @@ def torch_cases(x: torch.Tensor, T: int, device) -> list:
     import tpp_plugin  # noqa: F401  (registers the plugin)
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
-    def multi_step(module):
+    def multi_step(module, inputs=x):
         module = module.to(device)
 
         def run():
             functional.reset_net(module)
-            return module(x)
+            return module(inputs)
 
         return run
 
+    spikes = _spike_train(x)
     return [
         ("TPPNode bernoulli", multi_step(TPPNode(step_mode="m", seed=0))),
         ("TPPNode exact", multi_step(TPPNode(count="exact", step_mode="m", seed=0))),
-        ("TemporalPermutation neuron", multi_step(TemporalPermutation(step_mode="m", seed=0))),
+        ("TemporalPermutation neuron",
+         multi_step(TemporalPermutation(step_mode="m", seed=0), spikes)),
         (IF_CASE, multi_step(neuron.IFNode(v_reset=None, step_mode="m"))),
         (CLONE_CASE, x.clone),
         (RAND_CASE, lambda: torch.rand_like(x)),
@@ -77,8 +85,11 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
     import tpp_plugin  # noqa: F401  (registers the plugin)
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
-    def multi_step(module):
-        return lambda: module.to(device)(x)
+    def multi_step(module, inputs=x):
+        module = module.to(device)
+        return lambda: module(inputs)
+
+    spikes = _spike_train(x)
 
     modules = {
         "TPPNode bernoulli": lambda backend: TPPNode(step_mode="m", seed=0, backend=backend),
@@ -89,8 +100,14 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
             step_mode="m", seed=0, backend=backend
         ),
     }
-    cases = [(name, multi_step(make("cupy"))) for name, make in modules.items()]
-    cases += [(name + TORCH_SUFFIX, multi_step(make("torch"))) for name, make in modules.items()]
+    def inputs(name):
+        return spikes if name.startswith("TemporalPermutation") else x
+
+    cases = [(name, multi_step(make("cupy"), inputs(name))) for name, make in modules.items()]
+    cases += [
+        (name + TORCH_SUFFIX, multi_step(make("torch"), inputs(name)))
+        for name, make in modules.items()
+    ]
     return cases + [(CLONE_CASE, x.clone)]
 
 

@@ -544,14 +544,22 @@ def _permute_neurons(x_seq: torch.Tensor, generator) -> torch.Tensor:
     return out
 
 
+def _is_spike_train(x_seq: torch.Tensor) -> bool:
+    """``True`` if every value is 0 or 1 (what spiking neurons emit)."""
+    return x_seq.is_floating_point() and not bool(((x_seq != 0) & (x_seq != 1)).any())
+
+
 def permute_time(
     x_seq: torch.Tensor, scope: str = "neuron", generator: torch.Generator | None = None
 ) -> torch.Tensor:
     r"""Randomly rearrange spike trains along time (dim 0); every neuron keeps its count.
 
-    ``scope='neuron'`` shuffles each neuron's train with its own Fisher–Yates shuffle
-    (``T − 1`` swaps, each from a 16-bit draw: no sort, ``O(T)`` passes over the tensor); see
-    :func:`permute_time_reference`. The other scopes draw one permutation per sample or layer.
+    ``scope='neuron'`` shuffles each neuron's train independently, in ``O(T)`` passes and no
+    sort. A 0/1 spike train is redrawn as its count of spikes on a uniformly random subset of the
+    ``T`` slots (:func:`tpp_fire` with ``count='exact'`` on the counts: the same distribution as a
+    uniform shuffle); other values get a Fisher–Yates shuffle (``T − 1`` swaps, each from a
+    16-bit draw; see :func:`permute_time_reference`). The other scopes draw one permutation per
+    sample or layer.
 
     :param x_seq: spike trains (or any values), shape ``[T, N, ...]`` (``[T, ...]`` for
         ``scope='neuron'``/``'layer'``)
@@ -579,6 +587,10 @@ def permute_time(
     _check_generator(generator, x_seq.device)
     T = x_seq.shape[0]
     if scope == "neuron":
+        if _is_spike_train(x_seq):
+            # a uniformly shuffled 0/1 train is its k spikes on a uniform k-subset of the T slots:
+            # exactly what an exact-count TPP neuron fires from k, in three ops per step
+            return tpp_fire(x_seq.sum(0), T, 1.0, "exact", generator)
         return _permute_neurons(x_seq, generator)
     if scope == "layer":
         perm = torch.randperm(T, generator=generator, device=x_seq.device)
