@@ -42,6 +42,17 @@ __all__ = ["BACKENDS", "torch_cases", "time_cases", "peak_memory", "add_argument
 IF_CASE, CLONE_CASE, RAND_CASE = "IFNode (SpikingJelly)", "clone()", "rand_like()"
 
 
+def _multi_step_call(module, inputs: torch.Tensor):
+    """One timed call: reset the module's state, then run ``inputs`` through it."""
+    from spikingjelly.activation_based import functional
+
+    def run():
+        functional.reset_net(module)
+        return module(inputs)
+
+    return run
+
+
 def _spike_train(x: torch.Tensor) -> torch.Tensor:
     """0/1 spikes with a firing rate of about one half: what a permutation layer receives."""
     return (x > x.mean()).to(x.dtype)
@@ -49,19 +60,13 @@ def _spike_train(x: torch.Tensor) -> torch.Tensor:
 
 def torch_cases(x: torch.Tensor, T: int, device) -> list:
     """The torch backend's timed cases: ``[(name, callable)]``, each callable runs one call."""
-    from spikingjelly.activation_based import functional, neuron
+    from spikingjelly.activation_based import neuron
 
     import tpp_plugin  # noqa: F401  (registers the plugin)
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
     def multi_step(module, inputs=x):
-        module = module.to(device)
-
-        def run():
-            functional.reset_net(module)
-            return module(inputs)
-
-        return run
+        return _multi_step_call(module.to(device), inputs)
 
     spikes = _spike_train(x)
     return [
@@ -86,8 +91,7 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
     def multi_step(module, inputs=x):
-        module = module.to(device)
-        return lambda: module(inputs)
+        return _multi_step_call(module.to(device), inputs)
 
     spikes = _spike_train(x)
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 from . import data
-from .models import ann_accuracy, digits_cnn, train_ann
+from .models import ann_accuracy, digits_cnn, progress_bar, train_ann
 from .qcfs import qcfs_levels
 
 __all__ = ["run_demo", "spikingjelly_accuracy", "snntorch_accuracy", "format_table"]
@@ -63,22 +63,13 @@ def format_table(title: str, rows: dict, Ts) -> str:
     return "\n".join(lines)
 
 
-def _progress(desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return lambda it: tqdm(it, desc=desc, unit="epoch", leave=False)
-
-
 def _train_models(epochs, seed, levels):
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data.load_digits(seed=seed)
     train, test = data.loaders(x_train, y_train, x_test, y_test, seed=seed)
-    relu_ann = train_ann(digits_cnn(), train, epochs, progress=_progress("ReLU CNN"))
-    qcfs_ann = train_ann(
-        digits_cnn(qcfs_levels=levels), train, epochs, progress=_progress("QCFS CNN")
-    )
+    relu_bar, qcfs_bar = (progress_bar(f"{name} CNN", unit="epoch") for name in ("ReLU", "QCFS"))
+    relu_ann = train_ann(digits_cnn(), train, epochs, progress=relu_bar)
+    qcfs_ann = train_ann(digits_cnn(qcfs_levels=levels), train, epochs, progress=qcfs_bar)
     return train, test, relu_ann, qcfs_ann
 
 

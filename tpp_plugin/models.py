@@ -7,6 +7,8 @@ and ``nn.Flatten``; all are ``nn.Sequential``, so the snnTorch converter takes t
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ __all__ = [
     "build_model",
     "spiking_layers",
     "train_ann",
+    "progress_bar",
     "ann_accuracy",
 ]
 
@@ -155,6 +158,17 @@ def spiking_layers(model: nn.Module) -> int:
     """The number of activations (``nn.ReLU`` or QCFS) of an ANN: its spiking layers once
     converted."""
     return sum(isinstance(m, (nn.ReLU, QCFS)) for m in model.modules())
+
+
+def progress_bar(desc: str, total: int | None = None, unit: str = "it"):
+    """A ``tqdm`` wrapper for an iterable (no bar when stderr is not a terminal, so logs stay
+    readable; the iterable itself when tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the demo and reproduce
+        return lambda it: it
+    return lambda it: tqdm(it, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
+                           disable=None)
 
 
 def train_ann(model: nn.Module, loader, epochs: int = 30, lr: float = 2e-3, progress=None):

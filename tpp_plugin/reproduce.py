@@ -43,7 +43,7 @@ from torch import nn
 
 from . import data
 from . import functional as F
-from .models import MODELS, build_model, spiking_layers, train_ann
+from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
 from .qcfs import qcfs_levels
 
 __all__ = [
@@ -137,16 +137,6 @@ def load_dataset(dataset: str, data_dir=None, subset=None, resize=None, seed: in
     return data.resize(x_train, resize), y_train, data.resize(x_test, resize), y_test
 
 
-def _progress(desc, total=None, unit="it"):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return lambda it: it
-    # disable=None: no bar when stderr is not a terminal (logs stay readable)
-    return lambda it: tqdm(it, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
-                           disable=None)
-
-
 def _checkpoint_path(args, model: str, ann: str, image_size: int) -> str | None:
     if not args.checkpoint:
         return None
@@ -168,8 +158,8 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     start = time.perf_counter()
     batches = TensorBatches(x_train, y_train, args.train_batch_size, True, args.train_seed)
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
-    train_ann(net, batches, epochs, lr=args.lr, progress=_progress(f"train {model} {ann}",
-                                                                   unit="epoch"))
+    bar = progress_bar(f"train {model} {ann}", unit="epoch")
+    train_ann(net, batches, epochs, lr=args.lr, progress=bar)
     seconds = time.perf_counter() - start
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -428,7 +418,7 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             for T in Ts]
     per = {k: {} for k in keys}
     agreement = {T: [] for T in Ts}
-    for key, seed, T in _progress(f"{model} {ann_type} SNN", len(jobs), "run")(jobs):
+    for key, seed, T in progress_bar(f"{model} {ann_type} SNN", len(jobs), "run")(jobs):
         preds, diag = fw.evaluate(key, T, seed, x_test, y_test, _eval_batch_size(args, T))
         per[key][(seed, T)] = (_accuracy(preds, y_test), diag)
         if key == "tpp_exact" and ann_type == "qcfs":
@@ -574,11 +564,19 @@ def _diag_T(args) -> int:
 def run(args, echo=print) -> list[dict]:
     """Run every requested (model, ANN type) and write its JSON and PNG; return the results."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        # full fp32 everywhere: TF32 rounding would make the SNN and the ANN round activations
-        # near a level boundary differently, and break the exact-count oracle
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    if device.type != "cuda":
+        return _run(args, device, echo)
+    # full fp32 everywhere: TF32 rounding would make the SNN and the ANN round activations near a
+    # level boundary differently, and break the exact-count oracle (restored afterwards)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _run(args, device, echo)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _run(args, device: torch.device, echo) -> list[dict]:
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_dataset(
         args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)

@@ -33,7 +33,7 @@ from torch import nn
 from .. import functional as F
 from ..convert import calibrate_thresholds, check_calibration_mode
 from ..qcfs import QCFS
-from ..registry import current_default_neuron
+from ..registry import NEURON_NAMES, current_default_neuron
 
 __all__ = [
     "TPP",
@@ -709,7 +709,7 @@ def convert(
         default = current_default_neuron()
         neuron, default_kwargs = default if default is not None else ("tpp", {})
         neuron_kwargs = {**default_kwargs, **neuron_kwargs}
-    if neuron not in ("tpp", "if"):
+    if neuron not in NEURON_NAMES:
         raise ValueError(f"neuron must be 'tpp' or 'if', got {neuron!r}")
     if permutation is not None:
         F.check_scope(permutation)

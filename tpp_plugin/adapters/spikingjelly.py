@@ -31,7 +31,7 @@ from torch import fx, nn
 from .. import functional as F
 from ..convert import named_modules_of_type, set_submodule
 from ..qcfs import QCFS
-from ..registry import current_default_neuron
+from ..registry import NEURON_NAMES, current_default_neuron
 
 __all__ = [
     "TPPNode",
@@ -62,6 +62,11 @@ def _check_v_init(v_init) -> float:
     if not math.isfinite(v_init):
         raise ValueError(f"v_init must be finite, got {v_init}")
     return float(v_init)
+
+
+def _join_windows(parts) -> torch.Tensor:
+    """Concatenate per-window outputs along time (a single window is returned as is, uncopied)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _TPPModule(base.MemoryModule):
@@ -295,10 +300,9 @@ class TPPNode(_TPPModule):
             for s in range(0, x_seq.shape[0], T)
         ]
         if self.store_v_seq:
-            spikes, v_seq = zip(*windows)
-            self.v_seq = v_seq[0] if len(v_seq) == 1 else torch.cat(v_seq)
-            windows = spikes
-        return windows[0] if len(windows) == 1 else torch.cat(windows)
+            windows, v_seq = zip(*windows)
+            self.v_seq = _join_windows(v_seq)
+        return _join_windows(windows)
 
 
 class TemporalPermutation(_TPPModule):
@@ -354,14 +358,11 @@ class TemporalPermutation(_TPPModule):
 
             return kernels.tpp_permute(x_seq, T, self._philox_stream())
         generator = self._generator(x_seq.device)
-        if x_seq.shape[0] == T:
-            return F.permute_time(x_seq, self.scope, generator)
-        return torch.cat(
+        return _join_windows(
             [
                 F.permute_time(x_seq[s : s + T], self.scope, generator)
                 for s in range(0, x_seq.shape[0], T)
-            ],
-            dim=0,
+            ]
         )
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,20 +386,17 @@ class TemporalPermutation(_TPPModule):
 # ------------------------------------------------------------------------------------------------
 # building and swapping neurons
 # ------------------------------------------------------------------------------------------------
-_NEURON_NAMES = ("tpp", "if")
-
-
 def _neuron_kind(neuron) -> str | type:
     if isinstance(neuron, str):
         key = neuron.lower()
-        if key not in _NEURON_NAMES:
+        if key not in NEURON_NAMES:
             raise ValueError(
-                f"neuron must be one of {_NEURON_NAMES} or a neuron class, got {neuron!r}"
+                f"neuron must be one of {NEURON_NAMES} or a neuron class, got {neuron!r}"
             )
         return key
     if isinstance(neuron, type) and issubclass(neuron, nn.Module):
         return neuron
-    raise TypeError(f"neuron must be a name {_NEURON_NAMES} or an nn.Module class, got {neuron!r}")
+    raise TypeError(f"neuron must be a name {NEURON_NAMES} or an nn.Module class, got {neuron!r}")
 
 
 def make_neuron(neuron="tpp", v_threshold: float = 1.0, **kwargs) -> nn.Module:
