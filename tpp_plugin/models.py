@@ -1,8 +1,10 @@
 r"""Reference models and a plain training loop, used by the demo, ``reproduce`` and the tests.
 
 Every model uses ``nn.ReLU`` modules (SpikingJelly's converters match exactly that type; pass
-``qcfs_levels`` to get :class:`~tpp_plugin.QCFS` instead), average pooling only (DESIGN §1 fact 4)
-and ``nn.Flatten``; all are ``nn.Sequential``, so the snnTorch converter takes them too.
+``qcfs_levels`` to get :class:`~tpp_plugin.QCFS` instead). ``mlp8``, ``cnn5`` and ``vgg`` are
+``nn.Sequential`` with average pooling only (every op between activations affine);
+``cnn5_maxpool`` puts ``ReLU → MaxPool2d`` pairs in, and ``resnet`` is a torchvision-style
+residual network (``BasicBlock`` with one ``ReLU(inplace=True)`` used twice per block).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .qcfs import QCFS, replace_relu
 
@@ -19,6 +21,9 @@ __all__ = [
     "cnn5",
     "mlp8",
     "vgg",
+    "cnn5_maxpool",
+    "BasicBlock",
+    "resnet",
     "MODELS",
     "build_model",
     "spiking_layers",
@@ -143,11 +148,116 @@ def vgg(
     return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
 
 
+def cnn5_maxpool(
+    image_size: int = 28, qcfs_levels: int | None = None, channels: int = 16,
+    in_channels: int = 1,
+) -> nn.Sequential:
+    """:func:`cnn5` with ``ReLU → MaxPool2d(2)`` instead of average pooling (5 spiking layers).
+
+    Shape: ``[N, in_channels, image_size, image_size]`` → ``[N, 10]``.
+
+    Example::
+
+        >>> cnn5_maxpool(image_size=8)(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+    if image_size < 4:
+        raise ValueError(f"image_size must be at least 4, got {image_size}")
+    c, side = channels, image_size // 2 // 2
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * c * side * side, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+    return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``, with
+    one ``ReLU(inplace=True)`` module called twice, and a 1×1 convolution + batch norm shortcut
+    when the shape changes."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class _ResNet(nn.Module):
+    def __init__(self, channels: int, in_channels: int, blocks, num_classes: int = 10):
+        super().__init__()
+        c = channels
+        self.conv1 = nn.Conv2d(in_channels, c, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        stages, in_planes = [], c
+        for i, n in enumerate(blocks):
+            planes = c * 2**i
+            stage = [BasicBlock(in_planes, planes, 1 if i == 0 else 2)]
+            stage += [BasicBlock(planes, planes) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*stage))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.dropout(x))
+
+
+def resnet(
+    image_size: int = 28, qcfs_levels: int | None = None, channels: int = 16,
+    in_channels: int = 1, blocks=(2, 1, 1),
+) -> nn.Module:
+    """A small torchvision-style ResNet: a 3×3 stem, three stages of :class:`BasicBlock` (widths
+    ``c, 2c, 4c``, strides 1, 2, 2), global average pooling, dropout, ``torch.flatten`` and a
+    linear classifier — 9 spiking layers with the default ``blocks=(2, 1, 1)``.
+
+    Shape: ``[N, in_channels, image_size, image_size]`` → ``[N, 10]``.
+
+    Example::
+
+        >>> net = resnet(image_size=8, channels=4)
+        >>> spiking_layers(net), net(torch.zeros(2, 1, 8, 8)).shape
+        (9, torch.Size([2, 10]))
+    """
+    if image_size < 4:
+        raise ValueError(f"image_size must be at least 4, got {image_size}")
+    net = _ResNet(channels, in_channels, blocks)
+    return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
+
+
 #: ``reproduce --model`` names → builders ``f(image_size=..., qcfs_levels=...)``
-MODELS = {"mlp8": mlp8, "cnn5": cnn5, "vgg": vgg}
+MODELS = {"mlp8": mlp8, "cnn5": cnn5, "vgg": vgg, "cnn5_maxpool": cnn5_maxpool, "resnet": resnet}
 
 
-def build_model(name: str, image_size: int, qcfs_levels: int | None = None) -> nn.Sequential:
+def build_model(name: str, image_size: int, qcfs_levels: int | None = None) -> nn.Module:
     """One of :data:`MODELS` by name, for single-channel ``image_size``-pixel images."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
@@ -155,9 +265,17 @@ def build_model(name: str, image_size: int, qcfs_levels: int | None = None) -> n
 
 
 def spiking_layers(model: nn.Module) -> int:
-    """The number of activations (``nn.ReLU`` or QCFS) of an ANN: its spiking layers once
-    converted."""
-    return sum(isinstance(m, (nn.ReLU, QCFS)) for m in model.modules())
+    """The number of activation *calls* (``nn.ReLU`` or QCFS) in the ``torch.fx`` graph of an ANN:
+    its spiking layers once converted (a module called twice, as in torchvision's
+    ``BasicBlock``, counts twice)."""
+    activations = {name for name, m in model.named_modules() if isinstance(m, (nn.ReLU, QCFS))}
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, QCFS) or super().is_leaf_module(m, qualname)
+
+    graph = Tracer().trace(model)
+    return sum(node.op == "call_module" and node.target in activations for node in graph.nodes)
 
 
 def progress_bar(desc: str, total: int | None = None, unit: str = "it"):
