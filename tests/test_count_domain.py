@@ -135,13 +135,29 @@ def max_pool_cnn():
     ).eval()
 
 
-def test_max_pool_network_is_refused_naming_the_module(batch):
-    snn = sj_convert(max_pool_cnn(), batch[0], neuron="tpp", neuron_kwargs={"seed": 0})
-    with pytest.raises(ValueError, match=r"module '2(\.0)?' .*MaxPool2d.*not affine"):
+def test_converted_max_pool_network_runs_in_count_mode(batch):
+    """The converter moves ReLU → MaxPool into the TPP neuron (pooling window potentials), which
+    count mode supports: exact counts equal the full simulation."""
+    snn = sj_convert(max_pool_cnn(), batch[0], neuron="tpp",
+                     neuron_kwargs={"seed": 0, "count": "exact"})
+    assert any(isinstance(m, TPPNode) and m.pool is not None for m in snn.modules())
+    x = batch[1][:16].float()
+    functional.set_step_mode(snn, "m")
+    with torch.no_grad():
+        full = snn(x.unsqueeze(0).expand(4, *x.shape)).mean(0)
+        functional.reset_net(snn)
         with tpp_plugin.count_mode(snn, 4):
+            counted = snn(x)
+    assert torch.allclose(counted, full, atol=1e-5)
+
+
+def test_max_pool_on_spikes_is_refused_naming_the_module():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), TPPNode(step_mode="m", seed=0),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+    with pytest.raises(ValueError, match=r"module '2' .*MaxPool2d.*not affine"):
+        with tpp_plugin.count_mode(net, 4):
             pass
-    functional.set_step_mode(snn, "m")  # nothing was patched: the net still runs
-    assert snn(batch[1][:2].float().unsqueeze(0).expand(4, 2, 1, 8, 8)).shape == (4, 2, 10)
+    assert all("forward" not in m.__dict__ for m in net)  # nothing was patched
 
 
 class FunctionalOps(nn.Module):

@@ -202,7 +202,8 @@ def test_same_seed_same_spikes_and_streaming_equals_multi_step(count):
                        first)
     other = TPPNode(count=count, T=T, step_mode="m", seed=6, backend="cupy")(x_seq)
     assert not torch.equal(other, first)
-    streamed = stream_steps(TPPNode(count=count, T=T, seed=5, backend="cupy"), x_seq, T)
+    streamed = stream_steps(
+        TPPNode(count=count, T=T, seed=5, backend="cupy", streaming="delayed"), x_seq, T)
     assert torch.equal(streamed, first)
 
 
@@ -238,7 +239,8 @@ def test_permutation_streaming_equals_multi_step():
     T = 4
     x_seq = (torch.rand(3 * T, 5, 7, device=DEVICE) < 0.5).float()
     multi = TemporalPermutation(T=T, step_mode="m", seed=2, backend="cupy")(x_seq)
-    streamed = stream_steps(TemporalPermutation(T=T, seed=2, backend="cupy"), x_seq, T)
+    streamed = stream_steps(
+        TemporalPermutation(T=T, seed=2, backend="cupy", streaming="delayed"), x_seq, T)
     assert torch.equal(streamed, multi)
     assert torch.equal(multi.view(3, T, 5, 7).sum(1), x_seq.view(3, T, 5, 7).sum(1))
 

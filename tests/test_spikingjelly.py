@@ -41,7 +41,7 @@ def test_single_step_is_default_like_every_spikingjelly_neuron():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streaming_equals_multi_step_bit_for_bit(T, count, dtype):
     x_seq = torch.rand(2 * T, 3, 5, dtype=dtype) * 1.5
-    single = TPPNode(count=count, T=T, seed=11)
+    single = TPPNode(count=count, T=T, seed=11, streaming="delayed")
     multi = TPPNode(count=count, T=T, seed=11, step_mode="m")
     out_m = multi(x_seq)
     assert out_m.dtype == dtype and out_m.shape == x_seq.shape
@@ -50,7 +50,7 @@ def test_streaming_equals_multi_step_bit_for_bit(T, count, dtype):
 
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_streaming_delays_output_by_one_window(T):
-    node = TPPNode(T=T, count="exact")
+    node = TPPNode(T=T, count="exact", streaming="delayed")
     outs = torch.stack([node(torch.full((4,), 1.0)) for _ in range(2 * T)])
     assert torch.all(outs[:T] == 0)
     assert torch.all(outs[T:].sum(0) == T)  # Σx = T·θ -> T spikes in the next window
@@ -90,7 +90,8 @@ def test_generator_argument_is_used():
 
 
 def test_reset_net_clears_state():
-    net = torch.nn.Sequential(TPPNode(T=4), TemporalPermutation(T=4))
+    net = torch.nn.Sequential(TPPNode(T=4, streaming="delayed"),
+                              TemporalPermutation(T=4, streaming="delayed"))
     for _ in range(6):
         net(torch.rand(2, 3))
     node, perm = net
@@ -101,7 +102,8 @@ def test_reset_net_clears_state():
 
 
 def test_set_step_mode_both_ways():
-    net = torch.nn.Sequential(TPPNode(T=4, count="exact"), TemporalPermutation(T=4))
+    net = torch.nn.Sequential(TPPNode(T=4, count="exact", streaming="delayed"),
+                              TemporalPermutation(T=4, streaming="delayed"))
     functional.set_step_mode(net, "m")
     assert all(m.step_mode == "m" for m in net)
     out_m = net(torch.full((4, 2, 3), 0.5))
@@ -175,7 +177,7 @@ def test_sequence_length_must_be_multiple_of_T(module):
     ],
 )
 def test_bad_single_step_input_leaves_state_unchanged(bad, exc, name):
-    node = TPPNode(T=4, seed=0)
+    node = TPPNode(T=4, seed=0, streaming="delayed")
     node(torch.full((3,), 0.2))
     node(torch.full((3,), 0.3))
     v, t = node.v.clone(), node.t
@@ -211,7 +213,7 @@ def test_bad_constructor_arguments(kwargs, exc, name):
 
 
 def test_mid_window_multi_step_call_is_refused():
-    node = TPPNode(T=4)
+    node = TPPNode(T=4, streaming="delayed")
     node(torch.rand(3))
     node.step_mode = "m"
     with pytest.raises(RuntimeError, match="reset_net"):
@@ -225,7 +227,7 @@ def test_permutation_streaming_equals_multi_step_and_preserves_counts(scope):
     x_seq = (torch.rand(2 * T, 3, 5) < 0.5).float()
     multi = TemporalPermutation(scope, T=T, seed=2, step_mode="m")(x_seq)
     assert torch.equal(multi[:T].sum(0), x_seq[:T].sum(0))
-    single = stream(TemporalPermutation(scope, T=T, seed=2), x_seq, T)
+    single = stream(TemporalPermutation(scope, T=T, seed=2, streaming="delayed"), x_seq, T)
     assert torch.equal(single, multi)
 
 

@@ -71,7 +71,7 @@ _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d
 def _types() -> dict:
     """Plugin and framework classes by role, for whichever frameworks are importable."""
     t = {"tpp": (), "perm": (), "neuron": (), "affine": (), "chain": (nn.Sequential,),
-         "time_flatten": (), "step_module": (), "snn_tpp": ()}
+         "time_flatten": (), "step_module": (), "snn_tpp": (), "sync": (), "eval_affine": ()}
     try:
         from spikingjelly.activation_based import base, layer
         from spikingjelly.activation_based.ann2snn.modules import VoltageScaler
@@ -82,7 +82,10 @@ def _types() -> dict:
         t["perm"] += (sj.TemporalPermutation,)
         t["step_module"] += (base.StepModule,)
         t["neuron"] += (base.MemoryModule,)  # IF and every other stateful SpikingJelly module
-        t["affine"] += (VoltageScaler, sj._StepFlatten)
+        t["affine"] += (VoltageScaler, sj._StepFlatten) + _sj_affine_types()
+        t["sync"] += (sj.WindowSynchronizer,)
+        t["eval_affine"] += tuple(getattr(layer, name) for name in (
+            "Dropout", "Dropout2d") if hasattr(layer, name))
         t["chain"] += tuple(
             getattr(layer, name) for name in ("StepModeContainer", "SeqToANNContainer",
                                               "MultiStepContainer") if hasattr(layer, name)
@@ -104,12 +107,31 @@ def _types() -> dict:
     return t
 
 
+def _sj_affine_types() -> tuple:
+    """SpikingJelly 2.x conversion modules that are affine: channel-wise scalers and the
+    step-mode tensor ops (flatten, reshape, mean, cat, ...) of its step-mode graph adapter."""
+    found = ()
+    try:
+        from spikingjelly.activation_based.ann2snn import modules
+
+        if hasattr(modules, "ChannelVoltageScaler"):
+            found += (modules.ChannelVoltageScaler,)
+        from spikingjelly.activation_based.ann2snn.recipes import step_mode_adapters
+
+        found += (step_mode_adapters._StepModeTensorOp,)
+    except (ImportError, AttributeError):
+        pass
+    return found
+
+
 def _kind(module: nn.Module) -> str:
     t = _types()
     if isinstance(module, t["tpp"]):
         return "tpp"
     if isinstance(module, t["perm"]):
         return "perm"
+    if isinstance(module, t["eval_affine"]):  # SpikingJelly's dropout layers (MemoryModules)
+        return "nonaffine" if module.training else "affine"
     if isinstance(module, t["neuron"]):
         return "neuron"
     if isinstance(module, _AFFINE_TYPES + t["affine"]):
@@ -259,7 +281,7 @@ def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
 
 
 def _sj_tpp(node, T: int, x: torch.Tensor) -> torch.Tensor:
-    v = _window_potential(x, T, node.v_init)
+    v = node._pooled(_window_potential(x, T, node.v_init))
     if node.backend == "cupy":  # the kernel's own random stream, as in the full simulation
         return node._fire(v, T).sum(0) / T
     counts = F.tpp_count(v, T, node.v_threshold, node.count, node._generator(v.device))
@@ -362,7 +384,8 @@ def count_mode(net: nn.Module, T: int | None = None):
             patch(module, functools.partial(_time_flatten, module))
         if isinstance(module, types["step_module"]):
             modes.append((module, module.step_mode))
-            module.step_mode = "s"
+            # a window-synchronous network's driver steps aside: count mode is one pass
+            module.step_mode = "m" if isinstance(module, types["sync"]) else "s"
     try:
         yield net
     finally:

@@ -18,6 +18,7 @@ After ``import tpp_plugin``::
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -31,7 +32,7 @@ from torch import fx, nn
 from .. import functional as F
 from ..convert import named_modules_of_type, set_submodule
 from ..qcfs import QCFS
-from ..registry import NEURON_NAMES, current_default_neuron
+from ..registry import NEURON_NAMES, _warn_once, current_default_neuron
 
 __all__ = [
     "TPPNode",
@@ -42,6 +43,11 @@ __all__ = [
     "insert_permutation",
     "convert_qcfs",
     "QCFSRecipe",
+    "WindowSynchronizer",
+    "window_synchronous",
+    "absorb_max_pools",
+    "steps_needed",
+    "STREAMING_MODES",
     "IS_LEGACY",
     "reset",
     "install",
@@ -51,9 +57,27 @@ __all__ = [
 IS_LEGACY = not hasattr(ann2snn, "RateCodingRecipe")
 
 _SINGLE_STEP_NEEDS_T = (
-    "{cls} in single-step mode needs the window length: pass T=... (streaming, one window of "
-    "delay), or call functional.set_step_mode(net, 'm') and feed [T, N, ...] sequences"
+    "{cls} in single-step mode needs the window length: pass T=... (the number of single-step "
+    "calls per window, e.g. the T of your evaluation loop), or call "
+    "functional.set_step_mode(net, 'm') and feed [T, N, ...] sequences"
 )
+_CHANGED_INPUT = (
+    "{what}: the input of single-step call {step}/{T} differs from the first call of this "
+    "window{shape}. In single-step mode a TPP network computes each window of T steps at its "
+    "first call, which needs the same input at every step of the window (rate coding, as in "
+    "SpikingJelly's ann2snn examples). Call functional.reset_net(net) before a new batch; for "
+    "input that changes over time feed [T, N, ...] in multi-step mode "
+    "(functional.set_step_mode(net, 'm')), or stream causally with streaming='delayed' "
+    "(one window of delay per TPP layer; docs/design.md, 'Window semantics')"
+)
+#: single-step behaviours of :class:`TPPNode` and :class:`TemporalPermutation`
+STREAMING_MODES = ("synchronous", "delayed")
+
+
+def _check_streaming_mode(streaming) -> str:
+    if streaming not in STREAMING_MODES:
+        raise ValueError(f"streaming must be one of {STREAMING_MODES}, got {streaming!r}")
+    return streaming
 
 
 def _check_v_init(v_init) -> float:
@@ -73,9 +97,10 @@ class _TPPModule(base.MemoryModule):
     """Window bookkeeping, randomness and backend shared by :class:`TPPNode` and
     :class:`TemporalPermutation`."""
 
-    def __init__(self, T, seed, generator, step_mode, backend):
+    def __init__(self, T, seed, generator, step_mode, backend, streaming="synchronous"):
         super().__init__()
         self.T = None if T is None else F.check_window(T)
+        self.streaming = _check_streaming_mode(streaming)
         F.check_seed(seed, generator)
         self.seed = seed
         self.generator = generator
@@ -83,6 +108,10 @@ class _TPPModule(base.MemoryModule):
         self._philox = None
         self.backend = backend
         self.step_mode = step_mode
+        self.register_memory("t", 0)
+        self.register_memory("spike_buffer", None)
+        self.register_memory("window_input", None)
+        self.register_memory("stream_shape", None)
 
     # -- randomness ------------------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
@@ -141,16 +170,40 @@ class _TPPModule(base.MemoryModule):
             )
         return T
 
-    def _check_streaming(self, x: torch.Tensor, pending) -> int:
+    def _check_streaming(self, x: torch.Tensor) -> int:
+        """Validate one single-step input; return the window length."""
         if self.T is None:
             raise ValueError(_SINGLE_STEP_NEEDS_T.format(cls=type(self).__name__))
         F.check_tensor(x, "x", min_dim=1, finite=False)
-        if pending is not None and pending.shape[1:] != x.shape:
+        mid_stream = self.t != 0 or self.spike_buffer is not None
+        if self.streaming == "delayed" and mid_stream and self.stream_shape != tuple(x.shape):
             raise ValueError(
-                f"x has shape {tuple(x.shape)} but this window started with shape "
-                f"{tuple(pending.shape[1:])}; call functional.reset_net(net) between batches"
+                f"x has shape {tuple(x.shape)} but this stream started with shape "
+                f"{self.stream_shape} (a delayed stream still owes the previous window's "
+                "output); call functional.reset_net(net) between batches"
             )
+        self.stream_shape = tuple(x.shape)
         return self.T
+
+    def _synchronous_step(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """Window-synchronous single step: the whole window is computed at its first call from
+        ``x`` repeated ``T`` times (exactly the multi-step result); later calls of the window
+        check that ``x`` is unchanged and return the next step."""
+        if self.t == 0:
+            F.check_tensor(x, "x")
+            self.spike_buffer = self.multi_step_forward(x.unsqueeze(0).expand(T, *x.shape))
+            self.window_input = x.clone()
+        elif not torch.equal(x, self.window_input):
+            shape = (f" (shape {tuple(x.shape)}, the window started with "
+                     f"{tuple(self.window_input.shape)})"
+                     if x.shape != self.window_input.shape else "")
+            raise ValueError(_CHANGED_INPUT.format(
+                what=type(self).__name__, step=self.t + 1, T=T, shape=shape))
+        out = self.spike_buffer[self.t]
+        self.t = (self.t + 1) % T
+        if self.t == 0:
+            self.spike_buffer = self.window_input = None
+        return out
 
     def _check_multi_step_allowed(self):
         if self.t != 0:
@@ -180,7 +233,12 @@ class TPPNode(_TPPModule):
     :param count: ``'bernoulli'`` (default) or ``'exact'``
     :param T: window length. Required in single-step mode; in multi-step mode the sequence length
         must be a multiple of it (default: the whole sequence is one window)
-    :param step_mode: ``'s'`` (streaming, default like every SpikingJelly neuron) or ``'m'``
+    :param step_mode: ``'s'`` (single-step, default like every SpikingJelly neuron) or ``'m'``
+    :param streaming: single-step behaviour: ``'synchronous'`` (default) or ``'delayed'`` (below)
+    :param pool: a pooling module applied to the window potential before firing, e.g.
+        ``nn.MaxPool2d(2)``: the converters put a ``ReLU → MaxPool`` pair here, so an exact-count
+        network computes the ANN's max-pool exactly (the max of window sums, which IF neurons
+        can only approximate)
     :param seed: seed of this neuron's own random stream (reproducible spikes)
     :param generator: a ``torch.Generator`` to draw from instead (mutually exclusive with ``seed``)
     :param store_v_seq: in multi-step mode keep ``v_seq``, the potential after each firing step
@@ -188,19 +246,27 @@ class TPPNode(_TPPModule):
         launch for all windows, :mod:`tpp_plugin.kernels.cupy`; CUDA tensors, scalar threshold;
         its own Philox random stream, so its spikes differ from the torch backend's except for
         the counts with ``count='exact'``; inputs are not checked for NaN/inf)
-    :param surrogate_function: ignored (TPP is an inference neuron; accepted for factory
-        compatibility)
-    :param detach_reset: ignored (as above)
+    :param surrogate_function: must be ``None``: TPP is an inference neuron without a surrogate
+        gradient (accepted as a keyword for SpikingJelly's neuron factories)
+    :param detach_reset: must be ``False`` (as above)
 
     * **Multi-step** ``[T·k, N, *]`` → ``[T·k, N, *]``: each window of ``T`` steps is
       accumulated, then fired; output steps line up with input steps.
-    * **Single-step** ``[N, *]`` → ``[N, *]``: streaming. Calls ``1..T`` accumulate and return
-      zeros; calls ``T+1..2T`` return the first window's spikes while accumulating the next. A net
-      with ``L`` TPP layers needs ``(L + 1)·T`` steps (:func:`steps_needed`). For the same seed
-      the streamed spikes equal the multi-step spikes bit for bit.
+    * **Single-step, synchronous** (default) ``[N, *]`` → ``[N, *]``: the input is taken as
+      constant within a window of ``T`` calls (rate coding): the first call computes the window
+      from ``x`` repeated ``T`` times and returns its step 1, calls ``2..T`` check that ``x`` is
+      unchanged (else ``ValueError``) and return steps ``2..T`` — exactly the multi-step output,
+      with no delay. A converted network gets the same behaviour as a whole
+      (:func:`window_synchronous`).
+    * **Single-step, delayed** (``streaming='delayed'``): causal streaming for input that changes.
+      Calls ``1..T`` accumulate and return zeros; calls ``T+1..2T`` return the first window's
+      spikes while accumulating the next. A net with ``L`` TPP layers on its longest path needs
+      ``(L + 1)·T`` steps (:func:`steps_needed`). For the same seed the streamed spikes equal the
+      multi-step spikes bit for bit.
 
     State (reset by ``functional.reset_net``): ``v`` — the potential of the window being
-    integrated; ``t`` — steps integrated so far; ``spike_buffer`` — the fired window being emitted.
+    integrated; ``t`` — steps of the window so far; ``spike_buffer`` — the fired window being
+    emitted; ``window_input`` — the synchronous window's input.
 
     Example::
 
@@ -227,28 +293,44 @@ class TPPNode(_TPPModule):
         backend: str = "torch",
         surrogate_function=None,
         detach_reset: bool = False,
+        streaming: str = "synchronous",
+        pool: nn.Module | None = None,
     ):
         if v_reset is not None:
             raise ValueError(
                 f"TPPNode only has a soft reset (v ← v − θ); v_reset must be None, got {v_reset!r}"
             )
-        super().__init__(T, seed, generator, step_mode, backend)
+        if surrogate_function is not None or detach_reset:
+            raise ValueError(
+                "TPPNode is an inference neuron: it has no surrogate gradient, so "
+                "surrogate_function must be None and detach_reset False (train the ANN, e.g. "
+                "with tpp_plugin.QCFS activations, then convert)"
+            )
+        if pool is not None and (
+                not isinstance(pool, nn.Module) or isinstance(pool, base.StepModule)):
+            raise TypeError(
+                f"pool must be a plain torch module such as nn.MaxPool2d(2), got {pool!r}"
+            )
+        super().__init__(T, seed, generator, step_mode, backend, streaming)
+        self.pool = pool
         self.v_threshold = F.check_threshold(v_threshold, "v_threshold")
         self.v_reset = None
         self.v_init = _check_v_init(v_init)
         self.count = F.check_count(count)
         self.store_v_seq = bool(store_v_seq)
         self.register_memory("v", self.v_init)
-        self.register_memory("t", 0)
-        self.register_memory("spike_buffer", None)
         if self.store_v_seq:
             self.register_memory("v_seq", None)
 
     def extra_repr(self) -> str:
+        streaming = "" if self.streaming == "synchronous" else f", streaming={self.streaming!r}"
         return (
             f"v_threshold={self.v_threshold}, v_init={self.v_init}, count={self.count!r}, "
-            f"T={self.T}, step_mode={self.step_mode}, backend={self.backend}"
+            f"T={self.T}, step_mode={self.step_mode}, backend={self.backend}{streaming}"
         )
+
+    def _pooled(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.pool is None else self.pool(v)
 
     def _fire(self, v: torch.Tensor, T: int, return_v_seq: bool = False):
         if self.backend == "cupy":
@@ -264,17 +346,17 @@ class TPPNode(_TPPModule):
         )
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = self._check_streaming(x, self.spike_buffer)
+        T = self._check_streaming(x)
+        if self.streaming == "synchronous":
+            return self._synchronous_step(x, T)
         F.check_tensor(x, "x")
-        if isinstance(self.v, torch.Tensor) and self.v.shape != x.shape:
-            raise ValueError(
-                f"x has shape {tuple(x.shape)} but this window started with shape "
-                f"{tuple(self.v.shape)}; call functional.reset_net(net) between batches"
-            )
-        out = self.spike_buffer[self.t] if self.spike_buffer is not None else torch.zeros_like(x)
+        if self.spike_buffer is not None:
+            out = self.spike_buffer[self.t]
+        else:
+            out = torch.zeros_like(self._pooled(x))
         v = self.v + x
         if self.t + 1 == T:
-            self.spike_buffer = self._fire(v, T)
+            self.spike_buffer = self._fire(self._pooled(v), T)
             self.v, self.t = self.v_init, 0
         else:
             self.v, self.t = v, self.t + 1
@@ -283,7 +365,7 @@ class TPPNode(_TPPModule):
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         T = self._window_length(x_seq)
         self._check_multi_step_allowed()
-        if self.backend == "cupy":  # all windows in one fused launch
+        if self.backend == "cupy" and self.pool is None:  # all windows in one fused launch
             from ..kernels import cupy as kernels
 
             fired = kernels.tpp_window(
@@ -296,7 +378,10 @@ class TPPNode(_TPPModule):
             return spikes
         F.check_tensor(x_seq, "x_seq")
         windows = [
-            self._fire(F.tpp_accumulate(x_seq[s : s + T], self.v_init), T, self.store_v_seq)
+            self._fire(
+                self._pooled(F.tpp_accumulate(x_seq[s : s + T], self.v_init)), T,
+                self.store_v_seq,
+            )
             for s in range(0, x_seq.shape[0], T)
         ]
         if self.store_v_seq:
@@ -313,8 +398,11 @@ class TemporalPermutation(_TPPModule):
 
     :param scope: ``'neuron'`` — an independent permutation per neuron (default); ``'sample'`` —
         one per sample; ``'layer'`` — one for the whole tensor
-    :param T: window length; required in single-step mode (the module then buffers one window and
-        emits it permuted, one window of delay, like :class:`TPPNode`)
+    :param T: window length; required in single-step mode
+    :param streaming: single-step behaviour, as for :class:`TPPNode`: ``'synchronous'``
+        (default: the input is constant within a window — then its permutation is the input
+        itself — and a changed input raises) or ``'delayed'`` (buffers one window and emits it
+        permuted, one window of delay)
     :param seed: seed of the module's own random stream
     :param generator: a ``torch.Generator`` to draw from instead
     :param step_mode: ``'s'`` (default) or ``'m'``
@@ -340,12 +428,11 @@ class TemporalPermutation(_TPPModule):
         generator: torch.Generator | None = None,
         step_mode: str = "s",
         backend: str = "torch",
+        streaming: str = "synchronous",
     ):
-        super().__init__(T, seed, generator, step_mode, backend)
+        super().__init__(T, seed, generator, step_mode, backend, streaming)
         self.scope = F.check_scope(scope)
-        self.register_memory("t", 0)
         self.register_memory("window", None)
-        self.register_memory("spike_buffer", None)
 
     def extra_repr(self) -> str:
         return f"scope={self.scope!r}, T={self.T}, step_mode={self.step_mode}"
@@ -366,7 +453,9 @@ class TemporalPermutation(_TPPModule):
         )
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = self._check_streaming(x, self.window)
+        T = self._check_streaming(x)
+        if self.streaming == "synchronous":
+            return self._synchronous_step(x, T)
         out = self.spike_buffer[self.t] if self.spike_buffer is not None else torch.zeros_like(x)
         window = self.window if self.window is not None else x.new_empty((T, *x.shape))
         window[self.t] = x
@@ -452,7 +541,16 @@ class NeuronFactory:
         return f"NeuronFactory({self.neuron!r}, v_threshold={self.v_threshold}, **{self.kwargs})"
 
 
-_SPIKING_TYPES = (sj_neuron.IFNode, TPPNode)
+#: SpikingJelly neurons the converters build, which :func:`swap_neurons` replaces
+_IF_TYPES = (sj_neuron.IFNode,) + (
+    (sj_neuron.HalfThresholdIFNode,) if hasattr(sj_neuron, "HalfThresholdIFNode") else ()
+)
+_SPIKING_TYPES = _IF_TYPES + (TPPNode,)
+
+
+def _is_half_threshold(node: nn.Module) -> bool:
+    half = getattr(sj_neuron, "HalfThresholdIFNode", None)
+    return half is not None and type(node) is half
 
 
 def _invalidate_reset_cache(net: nn.Module) -> None:
@@ -486,12 +584,29 @@ def swap_neurons(net: nn.Module, neuron="tpp", **kwargs) -> nn.Module:
         raise ValueError("net has no IFNode or TPPNode to swap")
     seed = kwargs.pop("seed", None)
     for i, (name, old) in enumerate(found):
-        node_kwargs = {"step_mode": old.step_mode, **kwargs}
-        if seed is not None:
-            node_kwargs["seed"] = seed + i
-        set_submodule(net, name, make_neuron(neuron, _threshold_of(old), **node_kwargs))
-    _invalidate_reset_cache(net)
-    return net
+        node_seed = None if seed is None else seed + i
+        set_submodule(net, name, _replacement(old, neuron, kwargs, node_seed))
+    return _finish(net)
+
+
+def _replacement(old: nn.Module, neuron, kwargs: dict, seed) -> nn.Module:
+    """The neuron that takes ``old``'s place: same threshold, step mode and max-pool; a
+    half-threshold IF stays half-threshold as ``'if'`` unless ``v_init`` is given."""
+    node_kwargs = {"step_mode": old.step_mode, **kwargs}
+    if seed is not None:
+        node_kwargs["seed"] = seed
+    kind = _neuron_kind(neuron)
+    if kind == "if" and _is_half_threshold(old):
+        node_kwargs.setdefault("v_init", 0.5)
+    pool = getattr(old, "pool", None)
+    if pool is not None:
+        if kind != "tpp":
+            raise ValueError(
+                "this TPPNode max-pools its window potential (a converted ReLU → MaxPool pair); "
+                "only a TPP neuron can take its place: convert the ANN again for IF neurons"
+            )
+        node_kwargs.setdefault("pool", pool)
+    return make_neuron(neuron, _threshold_of(old), **node_kwargs)
 
 
 def insert_permutation(
@@ -516,8 +631,328 @@ def insert_permutation(
             scope, T=T, seed=None if seed is None else seed + i, step_mode=node.step_mode
         )
         set_submodule(net, name, nn.Sequential(node, perm))
-    _invalidate_reset_cache(net)
+    return _finish(net)
+
+
+# ------------------------------------------------------------------------------------------------
+# window-synchronous single-step networks
+# ------------------------------------------------------------------------------------------------
+_SYNC_ATTR = "window_sync"
+
+
+class WindowSynchronizer(base.MemoryModule):
+    r"""The state of a window-synchronous network (see :func:`window_synchronous`).
+
+    In single-step mode the first call of each window runs the network once in multi-step mode
+    on its input repeated ``T`` times and keeps the output ``[T, N, ...]``; the next ``T − 1``
+    calls check that the input is unchanged and return the following steps. Reset by
+    ``functional.reset_net``; ``functional.set_step_mode(net, 'm')`` turns it into a
+    pass-through.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.step_mode = "s"
+        self.register_memory("t", 0)
+        self.register_memory("window_T", 0)
+        self.register_memory("window_input", None)
+        self.register_memory("window_output", None)
+
+    def extra_repr(self) -> str:
+        return f"step_mode={self.step_mode}"
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("WindowSynchronizer is driven by its network's forward, not called")
+
+    def step(self, root: nn.Module, args: tuple, kwargs: dict):
+        forward = type(root).forward  # the class's own forward: the instance's is the driver
+        if self.step_mode == "m":
+            return forward(root, *args, **kwargs)
+        if self.t == 0:
+            T = _synchronous_window(root)
+            modules = [m for m in root.modules()
+                       if isinstance(m, base.StepModule) and m is not self]
+            modes = [m.step_mode for m in modules]
+            for m in modules:
+                m.step_mode = "m"
+            try:
+                seq = tuple(a.unsqueeze(0).expand(T, *a.shape) if isinstance(a, torch.Tensor)
+                            else a for a in args)
+                self.window_output = forward(root, *seq, **kwargs)
+            finally:
+                for m, mode in zip(modules, modes):
+                    m.step_mode = mode
+            self.window_T = T
+            self.window_input = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        else:
+            T = self.window_T
+            for a, b in zip(args, self.window_input):
+                if isinstance(a, torch.Tensor) and not torch.equal(a, b):
+                    shape = (f" (shape {tuple(a.shape)}, the window started with "
+                             f"{tuple(b.shape)})" if a.shape != b.shape else "")
+                    raise ValueError(_CHANGED_INPUT.format(
+                        what="window-synchronous TPP network", step=self.t + 1, T=T,
+                        shape=shape))
+        t = self.t
+        out = torch.utils._pytree.tree_map(
+            lambda o: o[t] if isinstance(o, torch.Tensor) else o, self.window_output)
+        self.t = (t + 1) % T
+        if self.t == 0:
+            self.window_input = self.window_output = None
+        return out
+
+
+def _synchronous_forward(root: nn.Module, *args, **kwargs):
+    return _synchronizer(root).step(root, args, kwargs)
+
+
+def _synchronizer(net: nn.Module, create: bool = True):
+    """The network's :class:`WindowSynchronizer`. It lives inside the first TPP module — a
+    ``MemoryModule`` that ``reset_net``, ``set_step_mode`` and deep copies reach, and whose
+    forward ignores children (a child of the root would join an ``nn.Sequential``'s chain)."""
+    sync = next((m for m in net.modules() if isinstance(m, WindowSynchronizer)), None)
+    if sync is None and create:  # e.g. its holder was swapped out: start afresh
+        holder = next(iter(_tpp_modules(net)))
+        sync = WindowSynchronizer()
+        sync.step_mode = holder.step_mode
+        holder.add_module(_SYNC_ATTR, sync)
+        _invalidate_reset_cache(net)
+    return sync
+
+
+def _tpp_modules(net: nn.Module) -> list:
+    return [m for m in net.modules() if isinstance(m, _TPPModule)]
+
+
+def _synchronous_window(net: nn.Module) -> int:
+    windows = {m.T for m in _tpp_modules(net)}
+    if len(windows) != 1 or None in windows:
+        raise ValueError(
+            "the TPP layers of this network run in single-step mode, which needs one window "
+            f"length T for all of them (they have {sorted(windows, key=str)}): convert with "
+            "neuron_kwargs={'T': T} (T = the steps of your evaluation loop), or call "
+            "functional.set_step_mode(net, 'm') and feed [T, N, ...] sequences"
+        )
+    return windows.pop()
+
+
+def window_synchronous(net: nn.Module) -> nn.Module:
+    r"""Make a network with TPP layers window-synchronous in single-step mode (in place).
+
+    SpikingJelly's ann2snn examples evaluate a converted network step by step with the same
+    input at every step (``for t in range(T): out += net(x)``). A TPP layer fires only once it
+    has its whole window, so a network of them cannot answer causally at step ``t``; but with a
+    constant input it can compute the whole window at the first step. After this call, in
+    single-step mode, the first call of each window of ``T`` calls runs the network in
+    multi-step mode on ``x`` repeated ``T`` times; calls ``2..T`` check that the input is
+    unchanged (``ValueError`` otherwise) and return the next step of that output. So step ``t``
+    returns exactly what multi-step mode returns for step ``t`` — no delay. Multi-step mode is
+    unaffected. ``functional.reset_net`` starts a new window (and a batch-size change at a
+    window boundary just works).
+
+    The converters and :func:`swap_neurons` / :func:`insert_permutation` call this for you
+    whenever the result has TPP layers (``streaming='synchronous'``, the default). Networks
+    whose TPP layers stream with ``streaming='delayed'`` are returned unchanged.
+
+    :param net: a network with :class:`TPPNode` / :class:`TemporalPermutation` layers
+    :return: ``net``
+    :raises ValueError: if its TPP layers mix ``'synchronous'`` and ``'delayed'`` streaming
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(3, 3), TPPNode(T=4, count='exact', seed=0),
+        ...                     nn.Linear(3, 2), TPPNode(T=4, count='exact', seed=1))
+        >>> net = window_synchronous(net)
+        >>> x = torch.rand(5, 3)
+        >>> steps = torch.stack([net(x) for _ in range(4)])   # single-step loop
+        >>> functional.reset_net(net)
+        >>> functional.set_step_mode(net, 'm')
+        >>> torch.equal(steps, net(x.expand(4, 5, 3)))
+        True
+    """
+    modes = {m.streaming for m in _tpp_modules(net)}
+    if len(modes) > 1:
+        raise ValueError(
+            "the TPP layers of this network mix streaming='synchronous' and 'delayed'; "
+            "swap_neurons(net, 'tpp', streaming=...) sets one mode for all"
+        )
+    if modes != {"synchronous"}:
+        return net
+    _synchronizer(net)
+    driver = net.__dict__.get("forward")
+    if isinstance(driver, functools.partial) and driver.func is _synchronous_forward:
+        return net
+    net.forward = functools.partial(_synchronous_forward, net)
+    if isinstance(net, fx.GraphModule):  # GraphModule's deepcopy keeps only what its graph uses
+        net.meta.setdefault("_user_preserved_attributes", {})["forward"] = net.forward
     return net
+
+
+def steps_needed(net: nn.Module, T: int | None = None) -> int:
+    """Single-step calls a network needs to output one full window.
+
+    ``T`` for a window-synchronous network (the default: no delay); ``(L + 1)·T`` when its TPP
+    layers stream with ``streaming='delayed'``, ``L`` being the largest number of such layers on
+    one path from input to output (each delays by one window); the valid output is then the
+    last ``T`` calls.
+
+    :param net: a network (or a single module)
+    :param T: the window length; defaults to the TPP layers' ``T`` (which must agree)
+    :return: the number of single-step calls
+
+    Example::
+
+        >>> steps_needed(nn.Sequential(TPPNode(T=8), TPPNode(T=8)))
+        8
+        >>> steps_needed(nn.Sequential(TPPNode(T=8, streaming='delayed'),
+        ...                            TPPNode(T=8, streaming='delayed')))
+        24
+    """
+    layers = _tpp_modules(net)
+    if T is None:
+        T = _synchronous_window(net)
+    T = F.check_window(T)
+    delayed = [m for m in layers if m.streaming == "delayed"]
+    if not delayed:
+        return T
+    return (_longest_delay(net, delayed) + 1) * T
+
+
+def _longest_delay(net: nn.Module, delayed: list) -> int:
+    """The largest number of ``delayed`` modules on one path through ``net``'s fx graph (all of
+    them, for a plain chain of modules that cannot be traced)."""
+    try:
+        gm = net if isinstance(net, fx.GraphModule) else fx.symbolic_trace(net)
+    except Exception:  # not traceable: assume one chain
+        return len(delayed)
+    modules = dict(gm.named_modules())
+    delayed_ids = {id(m) for m in delayed}
+    depth: dict = {}
+    for node in gm.graph.nodes:
+        inputs = [depth.get(a, 0) for a in node.all_input_nodes]
+        d = max(inputs, default=0)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if module is not None:
+            d += sum(id(m) in delayed_ids for m in module.modules())
+        depth[node] = d
+    return max(depth.values(), default=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# max-pooling of window potentials
+# ------------------------------------------------------------------------------------------------
+_MAX_POOL_TYPES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+
+
+def _scaler_types() -> tuple:
+    from spikingjelly.activation_based.ann2snn import modules as ann2snn_modules
+
+    names = ("VoltageScaler", "ChannelVoltageScaler")
+    return tuple(getattr(ann2snn_modules, n) for n in names if hasattr(ann2snn_modules, n))
+
+
+def _unwrapped(module):
+    """The module inside a one-module step-mode container, else ``module``."""
+    if isinstance(module, nn.Sequential) and len(module) == 1:
+        return module[0]
+    return module
+
+
+def _plain_max_pool(module: nn.Module) -> nn.Module:
+    """A plain torch copy of a (possibly SpikingJelly step-mode) max-pool module."""
+    if getattr(module, "return_indices", False):
+        raise ValueError(f"a max-pool with return_indices=True cannot be converted: {module}")
+    for cls in _MAX_POOL_TYPES:
+        if isinstance(module, cls):
+            if "Adaptive" in cls.__name__:
+                return cls(module.output_size)
+            return cls(module.kernel_size, module.stride, module.padding, module.dilation,
+                       ceil_mode=module.ceil_mode)
+    raise TypeError(f"not a max-pool: {module!r}")
+
+
+def absorb_max_pools(gm: nn.Module) -> nn.Module:
+    r"""Move every max-pool next to a :class:`TPPNode` into the neuron (in place).
+
+    A TPP neuron has its whole window before it fires, so it can max-pool *window potentials*:
+    ``ReLU → MaxPool`` (as ``neuron → scaler → MaxPool``) and ``MaxPool → ReLU`` (as
+    ``MaxPool → scaler → neuron``, SpikingJelly's channel-wise recipes) both become the neuron
+    with ``pool=MaxPool``. An exact-count network then computes the ANN with max-pooling and
+    T-level rounding exactly (a monotone rounding commutes with max); IF neurons can only pool
+    per-step currents or spikes, an approximation.
+
+    :param gm: a converted network (``fx.GraphModule``; other modules are returned as they are)
+    :return: ``gm``
+    :raises ValueError: for a max-pool that acts on spikes but has no TPP neuron right before or
+        after it (one whose output feeds nothing else), naming the graph node
+    """
+    if not isinstance(gm, fx.GraphModule) or not any(
+            isinstance(m, TPPNode) for m in gm.modules()):
+        return gm
+    modules = dict(gm.named_modules())
+    scalers = _scaler_types()
+
+    def module_of(node):
+        return _unwrapped(modules.get(node.target)) if node.op == "call_module" else None
+
+    def spiking(node, seen=None) -> bool:  # does the node's value depend on a spiking neuron?
+        seen = set() if seen is None else seen
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if isinstance(module_of(arg), base.MemoryModule) or spiking(arg, seen):
+                return True
+        return False
+
+    def free_neuron(node):
+        module = module_of(node)
+        ok = isinstance(module, TPPNode) and module.pool is None and len(node.users) == 1
+        return module if ok else None
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        pool = module_of(node)
+        if not isinstance(pool, _MAX_POOL_TYPES):
+            continue
+        before = node.args[0]
+        while isinstance(module_of(before), scalers) and len(before.users) == 1:
+            before = before.args[0]
+        after = next(iter(node.users)) if len(node.users) == 1 else None
+        while after is not None and isinstance(module_of(after), scalers):
+            after = next(iter(after.users)) if len(after.users) == 1 else None
+        neuron = free_neuron(before) if isinstance(before, fx.Node) else None
+        if neuron is None and after is not None:
+            neuron = free_neuron(after) if len(node.users) == 1 else None
+        if neuron is None:
+            if spiking(node):
+                raise ValueError(
+                    f"max-pool {node.target!r} acts on spikes, and no TPP neuron sits right "
+                    "before or after it (with nothing else using its output), so it cannot pool "
+                    "window potentials: put it directly after a ReLU (ReLU → MaxPool) or use "
+                    "average pooling"
+                )
+            continue
+        neuron.pool = _plain_max_pool(pool)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        _invalidate_reset_cache(gm)
+    return gm
+
+
+def _finish(net: nn.Module) -> nn.Module:
+    """What every conversion or swap ends with: max-pools into TPP neurons, window-synchronous
+    single steps."""
+    _invalidate_reset_cache(net)
+    return window_synchronous(absorb_max_pools(net))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -597,6 +1032,8 @@ if not IS_LEGACY:
             >>> functional.set_step_mode(snn, 'm')
         """
 
+        _tpp_switchable = True  # it takes neuron= itself
+
         def __init__(self, neuron="tpp", neuron_kwargs: dict | None = None):
             self.factory = NeuronFactory(neuron, **_qcfs_default_kwargs(neuron, neuron_kwargs))
             self._thresholds: dict = {}
@@ -615,6 +1052,9 @@ if not IS_LEGACY:
                 safe_call_functions=(torch.nn.functional.dropout,),
             )
             return fx_model.to(converter.device)
+
+        def finalize(self, converter, fx_model):
+            return _finish(fx_model)
 
 else:
     QCFSRecipe = None
@@ -645,7 +1085,7 @@ def convert_qcfs(ann: nn.Module, neuron="tpp", neuron_kwargs: dict | None = None
     device = next(relu_ann.parameters(), torch.empty(0)).device
     gm = fx.symbolic_trace(relu_ann.eval())
     gm = _replace_activation_nodes(gm, thresholds, factory)
-    return make_step_mode_capable(gm).to(device)
+    return _finish(make_step_mode_capable(gm).to(device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,13 +1173,50 @@ def _neuron_hook_kwargs(neuron, neuron_kwargs, neuron_factory):
 
 
 def _wrap_recipe_init(original):
+    """``neuron=``/``neuron_kwargs=`` for a SpikingJelly 2.x recipe that builds IF neurons:
+    remembered on the recipe and applied to its result by the converter hook."""
+
     def __init__(self, *args, neuron=None, neuron_kwargs=None, **kwargs):
-        factory = _neuron_hook_kwargs(neuron, neuron_kwargs, kwargs.get("neuron_factory"))
-        if factory is not None:
-            kwargs["neuron_factory"] = factory
+        self._tpp_factory = _neuron_hook_kwargs(neuron, neuron_kwargs, kwargs.get("neuron_factory"))
         original(self, *args, **kwargs)
 
     return __init__
+
+
+def _swap_recipe_neurons(net: nn.Module, factory: NeuronFactory) -> None:
+    """Replace the IF neurons a recipe built (threshold 1 inside its scaler pair) by the
+    factory's, in graph order."""
+    kind = _neuron_kind(factory.neuron)
+    for name, old in list(named_modules_of_type(net, _IF_TYPES, exact=True)):
+        new = factory.create()
+        if kind == "if" and _is_half_threshold(old) and "v_init" not in factory.kwargs:
+            new = make_neuron("if", factory.v_threshold, **{**factory.kwargs, "v_init": 0.5})
+        new.step_mode = old.step_mode
+        set_submodule(net, name, new)
+
+
+def _wrap_converter_convert(original):
+    """SpikingJelly 2.x ``Converter.convert``: apply the recipe's ``neuron=`` (or the active
+    :func:`~tpp_plugin.registry.default_neuron`), then :func:`absorb_max_pools` and
+    :func:`window_synchronous`. A recipe the plugin cannot switch is named in a warning."""
+
+    def convert(self, ann):
+        recipe = self.recipe
+        switchable = hasattr(recipe, "_tpp_factory") or getattr(recipe, "_tpp_switchable", False)
+        default = current_default_neuron()
+        if not switchable and default is not None:
+            _warn_once(
+                f"tpp_plugin: {type(recipe).__name__} builds its own neurons and takes no "
+                f"neuron=; its result keeps them (the default neuron {default[0]!r} applies to "
+                "RateCodingRecipe, LocalThresholdBalancingRecipe and QCFSRecipe)"
+            )
+        snn = original(self, ann)
+        factory = getattr(recipe, "_tpp_factory", None)
+        if factory is not None:
+            _swap_recipe_neurons(snn, factory)
+        return _finish(snn)
+
+    return convert
 
 
 def _wrap_legacy_converter_init(original):
@@ -756,11 +1233,16 @@ def _wrap_legacy_converter_forward(original):
         factory = getattr(self, "neuron_factory", None)
         if factory is None:
             return snn
-        for name, _ in list(named_modules_of_type(snn, sj_neuron.IFNode, exact=True)):
-            set_submodule(snn, name, factory.create())
-        return make_step_mode_capable(snn)
+        _swap_recipe_neurons(snn, factory)
+        return _finish(make_step_mode_capable(snn))
 
     return forward
+
+
+#: SpikingJelly 2.x recipes that build IF neurons and get ``neuron=``/``neuron_kwargs=``
+_SWITCHABLE_RECIPES = tuple(
+    name for name in ("RateCodingRecipe", "LocalThresholdBalancingRecipe") if hasattr(ann2snn, name)
+)
 
 
 def reset(net: nn.Module) -> None:
@@ -778,5 +1260,7 @@ def install(patcher) -> None:
         patcher.wrap(ann2snn.Converter, "__init__", _wrap_legacy_converter_init)
         patcher.wrap(ann2snn.Converter, "forward", _wrap_legacy_converter_forward)
     else:
-        patcher.wrap(ann2snn.RateCodingRecipe, "__init__", _wrap_recipe_init)
+        for recipe in _SWITCHABLE_RECIPES:
+            patcher.wrap(getattr(ann2snn, recipe), "__init__", _wrap_recipe_init)
+        patcher.wrap(ann2snn.FXConverter, "convert", _wrap_converter_convert)
         patcher.add(ann2snn, "QCFSRecipe", QCFSRecipe)
