@@ -950,7 +950,9 @@ def absorb_max_pools(gm: nn.Module) -> nn.Module:
 
 def _finish(net: nn.Module) -> nn.Module:
     """What every conversion or swap ends with: max-pools into TPP neurons, window-synchronous
-    single steps."""
+    single steps (and, on 0.0.0.0.14, multi-step support, which the synchronous window uses)."""
+    if IS_LEGACY and isinstance(net, fx.GraphModule):
+        make_step_mode_capable(net)
     _invalidate_reset_cache(net)
     return window_synchronous(absorb_max_pools(net))
 
@@ -1121,8 +1123,11 @@ def make_step_mode_capable(gm: fx.GraphModule) -> fx.GraphModule:
     Nodes that cannot be made time-aware (e.g. ``x.view(x.size(0), -1)``) are reported with a
     warning: the graph still runs in single-step mode.
     """
+    wrapped = {id(inner) for outer in gm.modules() if isinstance(outer, base.StepModule)
+               for inner in outer.modules() if inner is not outer}  # idempotent
     for name, module in list(gm.named_modules()):
-        if type(module) in _STATELESS_TYPES and not isinstance(module, base.StepModule):
+        if (type(module) in _STATELESS_TYPES and not isinstance(module, base.StepModule)
+                and id(module) not in wrapped):
             set_submodule(gm, name, layer.StepModeContainer(False, module))
     unsupported = []
     for node in list(gm.graph.nodes):
