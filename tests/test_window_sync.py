@@ -161,6 +161,30 @@ def test_delayed_streaming_and_steps_needed_count_the_longest_path():
     assert not any(isinstance(m, WindowSynchronizer) for m in snn.modules())
 
 
+def test_delayed_streaming_of_a_residual_net_keeps_windows_aligned():
+    """Input that changes every window, streamed causally: the shortcut of each block passes
+    fewer TPP layers than the main path and is delayed to match, so output window j + L is
+    computed from input window j (L = 9 TPP layers on the longest path); exact counts make the
+    window sums equal the multi-step ones."""
+    T, L = 2, 9
+    snn = rate_convert(small_models()["resnet"], [torch.rand(32, 1, 8, 8)], neuron="tpp",
+                       neuron_kwargs={"T": T, "seed": 0, "count": "exact"})
+    swap_neurons(snn, "tpp", T=T, count="exact", streaming="delayed", seed=0)
+    assert sum(type(m).__name__ == "WindowDelay" for m in snn.modules()) == 4  # 4 blocks
+    windows = [torch.rand(3, 1, 8, 8) for _ in range(3)]
+    x_seq = torch.cat([w.unsqueeze(0).expand(T, *w.shape) for w in windows])
+    with torch.no_grad():
+        functional.reset_net(snn)
+        functional.set_step_mode(snn, "m")
+        multi = snn(x_seq).view(3, T, 3, 10).sum(1)
+        functional.reset_net(snn)
+        functional.set_step_mode(snn, "s")
+        zeros = torch.zeros_like(windows[0])
+        steps = [snn(x) for x in x_seq] + [snn(zeros) for _ in range(L * T)]
+    streamed = torch.stack(steps).view(3 + L, T, 3, 10).sum(1)[L:]
+    assert torch.allclose(streamed, multi, atol=1e-5)
+
+
 def test_window_synchronous_rejects_mixed_streaming():
     net = nn.Sequential(TPPNode(T=2), TPPNode(T=2, streaming="delayed"))
     with pytest.raises(ValueError, match="mix"):

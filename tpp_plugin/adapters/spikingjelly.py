@@ -46,6 +46,8 @@ __all__ = [
     "WindowSynchronizer",
     "window_synchronous",
     "absorb_max_pools",
+    "align_delays",
+    "WindowDelay",
     "steps_needed",
     "STREAMING_MODES",
     "IS_LEGACY",
@@ -776,11 +778,20 @@ def window_synchronous(net: nn.Module) -> nn.Module:
             "the TPP layers of this network mix streaming='synchronous' and 'delayed'; "
             "swap_neurons(net, 'tpp', streaming=...) sets one mode for all"
         )
-    if modes != {"synchronous"}:
+    driver = net.__dict__.get("forward")
+    installed = isinstance(driver, functools.partial) and driver.func is _synchronous_forward
+    if modes != {"synchronous"}:  # nothing to drive (any more, e.g. after a swap to 'delayed')
+        if installed:
+            del net.__dict__["forward"]
+            getattr(net, "meta", {}).get("_user_preserved_attributes", {}).pop("forward", None)
+        for name, module in list(net.named_modules()):
+            if isinstance(module, WindowSynchronizer):
+                parent, _, leaf = name.rpartition(".")
+                delattr(net.get_submodule(parent) if parent else net, leaf)
+        _invalidate_reset_cache(net)
         return net
     _synchronizer(net)
-    driver = net.__dict__.get("forward")
-    if isinstance(driver, functools.partial) and driver.func is _synchronous_forward:
+    if installed:
         return net
     net.forward = functools.partial(_synchronous_forward, net)
     if isinstance(net, fx.GraphModule):  # GraphModule's deepcopy keeps only what its graph uses
@@ -825,17 +836,94 @@ def _longest_delay(net: nn.Module, delayed: list) -> int:
         gm = net if isinstance(net, fx.GraphModule) else fx.symbolic_trace(net)
     except Exception:  # not traceable: assume one chain
         return len(delayed)
+    return max(_window_delays(gm).values(), default=0)
+
+
+def _window_delays(gm: fx.GraphModule) -> dict:
+    """Windows of delay of each graph node's output in delayed streaming: the delayed TPP
+    modules (and :class:`WindowDelay` buffers) on the longest path to it."""
     modules = dict(gm.named_modules())
-    delayed_ids = {id(m) for m in delayed}
     depth: dict = {}
     for node in gm.graph.nodes:
-        inputs = [depth.get(a, 0) for a in node.all_input_nodes]
-        d = max(inputs, default=0)
+        d = max((depth[a] for a in node.all_input_nodes), default=0)
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is not None:
-            d += sum(id(m) in delayed_ids for m in module.modules())
+            for m in module.modules():
+                if isinstance(m, _TPPModule) and m.streaming == "delayed":
+                    d += 1
+                elif isinstance(m, WindowDelay):
+                    d += m.windows
         depth[node] = d
-    return max(depth.values(), default=0)
+    return depth
+
+
+class WindowDelay(base.MemoryModule):
+    """Delays a single-step stream by ``windows`` windows of ``T`` steps (zeros until then); the
+    identity in multi-step mode, where TPP layers have no delay. :func:`align_delays` puts it
+    on the shorter branches of a delayed-streaming network."""
+
+    def __init__(self, windows: int, T: int, step_mode: str = "s"):
+        super().__init__()
+        self.windows, self.T = F.check_window(windows, "windows"), F.check_window(T)
+        self.step_mode = step_mode
+        self.register_memory("queue", None)
+
+    def extra_repr(self) -> str:
+        return f"windows={self.windows}, T={self.T}, step_mode={self.step_mode}"
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.queue = [*(self.queue or []), x]
+        if len(self.queue) > self.windows * self.T:
+            out, self.queue = self.queue[0], self.queue[1:]
+            return out
+        return torch.zeros_like(x)
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        return x_seq
+
+
+def align_delays(gm: nn.Module) -> nn.Module:
+    """Equalise the delay of every branch of a delayed-streaming network (in place).
+
+    With ``streaming='delayed'`` each TPP layer delays its stream by one window. Where branches
+    with different numbers of TPP layers meet (a residual ``add``: the shortcut passes fewer),
+    the shorter ones get a :class:`WindowDelay`, so every op combines the same window of every
+    branch. A no-op for other networks.
+
+    :param gm: a converted network (``fx.GraphModule``)
+    :return: ``gm``
+    """
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+    delayed = [m for m in _tpp_modules(gm) if m.streaming == "delayed"]
+    windows = {m.T for m in delayed}
+    if len(windows) != 1 or None in windows:  # nothing to align yet: single steps need T first
+        return gm
+    T = windows.pop()
+    depth = _window_delays(gm)
+    count = 0
+    for node in list(gm.graph.nodes):
+        inputs = node.all_input_nodes
+        if len(inputs) < 2:
+            continue
+        longest = max(depth[a] for a in inputs)
+        for arg in inputs:
+            if depth[arg] == longest:
+                continue
+            name = f"window_delay_{count}"
+            while hasattr(gm, name):
+                count += 1
+                name = f"window_delay_{count}"
+            gm.add_submodule(name, WindowDelay(longest - depth[arg], T, delayed[0].step_mode))
+            with gm.graph.inserting_before(node):
+                delay = gm.graph.call_module(name, args=(arg,))
+            node.replace_input_with(arg, delay)
+            depth[delay] = longest
+            count += 1
+    gm.graph.lint()
+    gm.recompile()
+    _invalidate_reset_cache(gm)
+    return gm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -954,7 +1042,7 @@ def _finish(net: nn.Module) -> nn.Module:
     if IS_LEGACY and isinstance(net, fx.GraphModule):
         make_step_mode_capable(net)
     _invalidate_reset_cache(net)
-    return window_synchronous(absorb_max_pools(net))
+    return window_synchronous(align_delays(absorb_max_pools(net)))
 
 
 # ------------------------------------------------------------------------------------------------
