@@ -204,11 +204,14 @@ class FiringDiagnostic:
         def hook(module, inputs, output):
             x_seq = inputs[0]
             spikes = output[0] if isinstance(output, tuple) else output
-            if x_seq.dim() < 2 or spikes.shape != x_seq.shape:
+            if x_seq.dim() < 2 or spikes.dim() != x_seq.dim() or len(spikes) != len(x_seq):
                 return  # single-step call: nothing to compare
             T = x_seq.shape[0]
             theta = self.threshold(module)
-            wanted = torch.clamp(torch.floor(F.tpp_accumulate(x_seq) / theta + 0.5), 0, T)
+            potential = F.tpp_accumulate(x_seq)
+            if getattr(module, "pool", None) is not None:  # a TPP neuron max-pools its potential
+                potential = module.pool(potential)
+            wanted = torch.clamp(torch.floor(potential / theta + 0.5), 0, T)
             count = torch.round(spikes.sum(0) / self.spike_scale(module))
             totals = self.totals[i]
             totals[0] += count.numel()
