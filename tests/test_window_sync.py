@@ -325,3 +325,25 @@ def test_unknown_recipe_keyword_is_a_clear_error():
         ann2snn.LocalThresholdBalancingRecipe([], neuron_kwargs={"seed": 0})
     with pytest.raises(ValueError, match="neuron must be one of"):
         ann2snn.LocalThresholdBalancingRecipe([], neuron="lif")
+
+
+def test_count_mode_on_a_residual_net_equals_the_full_simulation():
+    """torchvision-style resnet (shared ReLU, BN, AdaptiveAvgPool2d, Dropout, torch.flatten):
+    bernoulli TPP in count mode draws what the full simulation draws (same seeds) and predicts
+    the same, image for image (float64: no potential within rounding of a boundary)."""
+    T = 4
+    ann = small_models()["resnet"].double()
+    x = torch.rand(48, 1, 8, 8, dtype=torch.float64)
+    snn = rate_convert(ann, [x], neuron="tpp", neuron_kwargs={"seed": 0, "T": T})
+
+    def reseed():
+        for i, m in enumerate(m for m in snn.modules() if isinstance(m, TPPNode)):
+            m.manual_seed(100 + i)
+
+    reseed()
+    full = multi_step(snn, x, T).mean(0)
+    reseed()
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T):
+        fast = snn(x)
+    assert torch.equal(fast.argmax(1), full.argmax(1))
+    assert torch.allclose(fast, full, atol=1e-9)
