@@ -732,8 +732,9 @@ def _synchronous_window(net: nn.Module) -> int:
         raise ValueError(
             "the TPP layers of this network run in single-step mode, which needs one window "
             f"length T for all of them (they have {sorted(windows, key=str)}): convert with "
-            "neuron_kwargs={'T': T} (T = the steps of your evaluation loop), or call "
-            "functional.set_step_mode(net, 'm') and feed [T, N, ...] sequences"
+            "neuron_kwargs={'T': T} (T = the steps of your evaluation loop; with python -m "
+            "tpp_plugin run: --neuron-kwargs T=...), or call functional.set_step_mode(net, 'm') "
+            "and feed [T, N, ...] sequences"
         )
     return windows.pop()
 
