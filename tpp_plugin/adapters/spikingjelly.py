@@ -763,6 +763,7 @@ def window_synchronous(net: nn.Module) -> nn.Module:
 
     Example::
 
+        >>> from spikingjelly.activation_based import functional
         >>> net = nn.Sequential(nn.Linear(3, 3), TPPNode(T=4, count='exact', seed=0),
         ...                     nn.Linear(3, 2), TPPNode(T=4, count='exact', seed=1))
         >>> net = window_synchronous(net)
