@@ -72,6 +72,17 @@ def _returns(neuron, spk, mem):
     return spk
 
 
+def _refuse_surrogate(spike_grad, surrogate_disable) -> None:
+    """TPP fires at random from a whole window: there is no surrogate gradient to select."""
+    if spike_grad is not None or surrogate_disable is False:
+        what = "spike_grad" if spike_grad is not None else "surrogate_disable=False"
+        raise TypeError(
+            f"TPP does not take {what}: it is an inference neuron for converted networks, with no "
+            "surrogate gradient (its spikes are drawn at random from a whole window's potential); "
+            "train the ANN (e.g. with tpp_plugin.QCFS) and convert it, or use snn.Leaky to train"
+        )
+
+
 class _Seeded:
     """Mixin: ``self.seed``/``self.generator``; a seeded generator follows the data's device."""
 
@@ -185,6 +196,15 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         the same net in sequence mode. Defaults to 0
     :type warmup_windows: int, optional
 
+    :param pool: a pooling module applied to the *window potential* before firing, e.g.
+        ``nn.MaxPool2d(2)``: the neuron accumulates :math:`V` of the input's shape, fires from
+        ``pool(V)`` and its spikes have the pooled shape. With a max-pool this is the exact
+        spiking form of ``ReLU → MaxPool`` (rounding to whole thresholds is monotone, so it
+        commutes with the max); :func:`convert` sets it. Defaults to None
+    :type pool: torch.nn.Module, optional
+
+    :param spike_grad: refused: TPP has no surrogate gradient (nor ``surrogate_disable=False``)
+
     Inputs: \input_, mem
         - **input_** of shape `(batch, ...)` (time loop) or `(k·num_steps, batch, ...)`
           (sequence): input current, finite floating point.
@@ -193,8 +213,9 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
           within a window a different tensor replaces the potential accumulated so far.
 
     Outputs: spk, mem
-        - **spk** of the input's shape: spikes (0 or `graded_spikes_factor`). In the time loop
-          these belong to the previous window (zeros during the first).
+        - **spk** of the input's shape (pooled, with ``pool``): spikes (0 or
+          `graded_spikes_factor`). In the time loop these belong to the previous window (zeros
+          during the first).
         - **mem** of the input's shape: the potential *being accumulated* — `v_init` plus the
           current window's inputs so far, this step's included (in sequence mode, one such value
           per step). It is not the potential that produced `spk`.
@@ -223,8 +244,15 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         warmup_windows: int = 0,
+        pool: nn.Module | None = None,
+        spike_grad=None,
+        surrogate_disable=None,
     ):
         # validate everything before SpikingNeuron.__init__ registers the instance
+        _refuse_surrogate(spike_grad, surrogate_disable)
+        if pool is not None and not isinstance(pool, nn.Module):
+            raise TypeError(f"pool must be an nn.Module (e.g. nn.MaxPool2d(2)) or None, got "
+                            f"{type(pool).__name__}")
         num_steps = F.check_window(num_steps, "num_steps")
         F.check_count(count)
         threshold = F.check_threshold(threshold)
@@ -251,6 +279,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         self.seed = None if seed is None else int(seed)
         self.generator = gen
         self.warmup_windows = int(warmup_windows)
+        self.pool = pool  # pools the window potential before firing (see the class docstring)
         self.register_buffer("v_init", torch.as_tensor(v_init).detach().clone())
         self.register_buffer("mem", torch.zeros(0), persistent=False)
         self.register_buffer("pending", torch.zeros(0), persistent=False)
@@ -308,6 +337,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         return _returns(self, *self._sequence(x_seq, "x_seq"))
 
     def _fire(self, v):
+        if self.pool is not None:
+            v = self.pool(v)
         generator = self._generator_for(v.device)
         return F.tpp_fire(v, self.num_steps, self.threshold, self.count, generator)
 
@@ -321,7 +352,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 "before changing the input shape"
             )
         has_pending = self.pending.dim() > 1
-        if has_pending and self.pending.shape[1:] != shape:
+        if has_pending and self.pending.shape[1:] != self._fired_shape(shape):
             raise ValueError(
                 f"input_ has shape {tuple(shape)} but the spikes still to be emitted have shape "
                 f"{tuple(self.pending.shape[1:])}; call reset_mem() (or snntorch.utils.reset) "
@@ -337,7 +368,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             base = mem
         # phase 1, one step (the same additions, in the same order, as functional.tpp_accumulate)
         new_mem = input_ + self.v_init if step == 0 else base + input_
-        spk = self.pending[step] if has_pending else torch.zeros_like(new_mem)
+        spk = self.pending[step] if has_pending else new_mem.new_zeros(self._fired_shape(shape))
         step, window, pending = step + 1, self._window, self.pending
         if step == self.num_steps:  # window complete: draw all its random numbers, fire
             if window < self.warmup_windows:  # input not valid yet: stay silent, draw nothing
@@ -366,6 +397,12 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 mems.append(v)
             spikes.append(self._fire(v))
         return torch.cat(spikes) * self.graded_spikes_factor, torch.stack(mems)
+
+    def _fired_shape(self, shape) -> torch.Size:
+        """Shape of the spikes fired from a potential of ``shape`` (pooled if ``pool`` is set)."""
+        if self.pool is None:
+            return torch.Size(shape)
+        return self.pool(torch.empty(shape, device="meta")).shape
 
     def extra_repr(self) -> str:
         th = self.threshold
