@@ -404,3 +404,57 @@ def test_spike_grad_is_refused():
         convert(ann, [torch.rand(4, 3)], num_steps=4, spike_grad=surrogate.fast_sigmoid())
     assert snntorch.SpikingNeuron.instances == []
     TPP(num_steps=4, surrogate_disable=True)  # asking for no surrogate is fine
+
+
+# ----------------------------------------------------------------------------------------------
+# NIR export
+# ----------------------------------------------------------------------------------------------
+def test_nir_export_guard_names_the_module():
+    """The guard the plugin puts around snntorch.export_nir (tested without nir installed)."""
+    calls = []
+
+    def export(module, sample_data, *args, **kwargs):
+        calls.append(module)
+        return "graph"
+
+    def extract(module):
+        return "node"
+
+    guarded_export = adapter._wrap_export_to_nir(export)
+    guarded_extract = adapter._wrap_extract_module(extract)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Sequential(TPP(num_steps=4, init_hidden=True)))
+    with pytest.raises(TypeError, match=r"module '1\.0' \(tpp_plugin.*TPP\).*no NIR primitive"):
+        guarded_export(net, torch.zeros(1, 3))
+    with pytest.raises(TypeError, match=r"TPP.*no NIR primitive"):
+        guarded_extract(net[1][0])
+    perm = nn.Sequential(nn.Linear(3, 3), adapter.TemporalPermutation())
+    with pytest.raises(TypeError, match=r"module '1'.*TemporalPermutation"):
+        guarded_export(perm, torch.zeros(1, 3))
+    seq_if = nn.Sequential(adapter.TimeFlatten(nn.Linear(3, 3)), IF(init_hidden=True))
+    with pytest.raises(TypeError, match=r"module '0'.*TimeFlatten.*sequence=False"):
+        guarded_export(seq_if, torch.zeros(1, 3))
+    assert calls == []
+    plain = nn.Sequential(nn.Linear(3, 3), snntorch.Leaky(0.9, init_hidden=True))
+    assert guarded_export(plain, torch.zeros(1, 3)) == "graph" and calls == [plain]
+    assert guarded_extract(plain[0]) == "node"
+
+
+def test_nir_export_of_a_tpp_net_raises_a_clear_error():
+    pytest.importorskip("nir")
+    pytest.importorskip("nirtorch")
+    registry.unregister("snntorch")
+    registry.register("snntorch")  # snntorch.export_nir is importable: the plugin guards it
+    from snntorch.export_nir import export_to_nir
+
+    relu = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    net = convert(relu, [torch.rand(8, 4)], num_steps=4, sequence=False, seed=0)
+    with pytest.raises(TypeError, match=r"module '1' \(.*TPP\).*no NIR primitive"):
+        export_to_nir(net, torch.zeros(1, 4))
+    import snntorch.export_nir
+
+    registry.unregister("snntorch")  # the exporter is snnTorch's own again
+    try:
+        with pytest.raises(AttributeError):  # what it does without the plugin: a None node
+            snntorch.export_nir.export_to_nir(net, torch.zeros(1, 4))
+    finally:
+        registry.register("snntorch")
