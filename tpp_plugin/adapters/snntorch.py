@@ -9,8 +9,8 @@ Two ways to run a TPP neuron, both drawing the same random numbers for the same 
 
 * **time loop** (snnTorch's tutorial pattern), one step ``[B, ...]`` per call. The neuron needs
   a whole window before it fires, so its output is delayed by one window of ``num_steps`` steps;
-  a network with ``L`` TPP layers needs :func:`steps_needed` ``= (L+1)·num_steps`` calls, and its
-  valid output is that of the last ``num_steps`` calls.
+  a network with ``L`` TPP layers on its longest path needs :func:`steps_needed`
+  ``= (L+1)·num_steps`` calls, and its valid output is that of the last ``num_steps`` calls.
 * **sequence**, a whole ``[T, B, ...]`` input in one call (``TPP(..., sequence=True)`` or
   :meth:`TPP.forward_sequence`), without the delay.
 
