@@ -213,9 +213,10 @@ def test_relu_used_twice_in_a_sequential_gets_two_neurons():
 # ----------------------------------------------------------------------------------------------
 # count mode, time loop
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("count", ["exact", "bernoulli"])
-def test_count_mode_on_converted_resnet(trained, count):
-    ann, x, _ = trained["resnet"]
+@pytest.mark.parametrize("model, count", [("resnet", "exact"), ("resnet", "bernoulli"),
+                                          ("cnn5_maxpool", "bernoulli")])
+def test_count_mode_on_converted_resnet(trained, model, count):
+    ann, x, _ = trained[model]
     calib, x = x[:256], x[256:456]
     T = 4
     net = convert(ann, [calib], num_steps=T, count=count, seed=0)
@@ -235,6 +236,18 @@ def test_count_mode_on_converted_resnet(trained, count):
     torch.testing.assert_close(full, fast, rtol=0, atol=1e-9)
     with torch.no_grad():  # restored on exit: sequences again
         assert net(x.expand(T, *x.shape)).shape == (T, len(x), 10)
+
+
+def test_time_loop_max_pool_equals_sequence(trained):
+    ann, x, _ = trained["cnn5_maxpool"]
+    calib, x = x[:256], x[256:356]
+    T = 2
+    loop = convert(ann, [calib], num_steps=T, seed=5, sequence=False)
+    seq = convert(ann, [calib], num_steps=T, seed=5)
+    assert sum(m.pool is not None for m in loop if isinstance(m, TPP)) == 2
+    with torch.no_grad():
+        out_loop = torch.stack([loop(x) for _ in range(steps_needed(loop))])[-T:]
+        torch.testing.assert_close(out_loop, seq(x.expand(T, *x.shape)), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("count", ["bernoulli", "exact"])

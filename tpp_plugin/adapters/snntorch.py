@@ -897,7 +897,8 @@ def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> 
             raise TypeError(
                 f"convert: {_node_label(node)} is not affine and acts on spikes; between "
                 "spiking layers only affine ops (conv, linear, BatchNorm, average pooling, "
-                "flatten/view/reshape, add) convert — use nn.ReLU modules for activations"
+                "flatten/view/reshape, add) convert — use nn.ReLU modules for activations and "
+                "nn.MaxPool modules for max pooling"
             )
 
 
