@@ -169,11 +169,20 @@ def test_max_pool_becomes_tpp_pool_and_if_keeps_it(trained):
     assert len(net) == len(ann) - 2  # the two max-pools live inside neurons now
     if_net = convert(ann, [x[:256]], num_steps=2, neuron="if")
     assert sum(isinstance(m, nn.MaxPool2d) for m in if_net.modules()) == 2
-    # max-pool → activation is merged too (pool the potential, then fire)
+    # max-pool → activation is merged too (pool the potential, then fire), and both sides of
+    # one activation at once
     swapped = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
                             nn.Flatten(), nn.Linear(32, 3)).double().eval()
     net = convert(swapped, [x[:64]], num_steps=4, count="exact", seed=0)
     assert isinstance(net[1], TPP) and isinstance(net[1].pool, nn.MaxPool2d)
+    both = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    net_both = convert(both, [x[:64]], num_steps=4, count="exact", seed=0)
+    assert [type(p) for p in net_both[1].pool] == [nn.MaxPool2d, nn.MaxPool2d]
+    with torch.no_grad():
+        out = net_both(x[:64].expand(4, 64, 1, 8, 8)).mean(0)
+    ref = quantised_ann(both, x[:64], thresholds_of(net_both), 4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
     theta = thresholds_of(net)
     assert theta == pytest.approx(call_maxima(swapped, x[:64]), rel=1e-6)
     with torch.no_grad():

@@ -839,22 +839,22 @@ def _is_max_pool(node, modules) -> bool:
 
 
 def _pair_max_pools(activations, modules) -> dict:
-    """``{activation node: max-pool node}`` for every ``activation → max-pool`` (or
-    ``max-pool → activation``) pair whose middle value nothing else uses: the TPP neuron will
-    max-pool its window potential."""
+    """``{activation node: [max-pool nodes]}``: the max-pool feeding an activation (if the
+    activation is its only user) and the one the activation feeds (if it is the activation's
+    only user), in order. The TPP neuron will max-pool its window potential with them: rounding
+    to whole thresholds is monotone, so ``round(max(V)) = max(round(V))``."""
     pool_of, taken = {}, set()
     for act in activations:
+        src = act.args[0] if act.args else None
+        pre = src if (isinstance(src, fx.Node) and _is_max_pool(src, modules)
+                      and len(src.users) == 1 and src not in taken) else None
         users = list(act.users)
-        if len(users) == 1 and _is_max_pool(users[0], modules) and users[0].args[0] is act \
-                and users[0] not in taken:
-            pool_of[act] = users[0]
-        else:
-            src = act.args[0] if act.args else None
-            if isinstance(src, fx.Node) and _is_max_pool(src, modules) and len(src.users) == 1 \
-                    and src not in taken:
-                pool_of[act] = src
-        if act in pool_of:
-            taken.add(pool_of[act])
+        post = users[0] if (len(users) == 1 and _is_max_pool(users[0], modules)
+                            and users[0].args[0] is act) else None
+        pools = [p for p in (pre, post) if p is not None]
+        if pools:
+            pool_of[act] = pools
+            taken.update(pools)
     return pool_of
 
 
@@ -863,7 +863,7 @@ def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> 
     neuron, non-affine ops on spikes and (TPP) max-pools not merged into a neuron."""
     from ..count_domain import _call_is_affine  # the count-domain rule: affine in the window sum
 
-    merged = set(pool_of.values())
+    merged = {p for pools in pool_of.values() for p in pools}
     spiking: dict = {}
 
     def carries(arg) -> bool:
@@ -903,9 +903,12 @@ def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> 
 
 
 def _window_of_input(node: fx.Node, pool_of: dict) -> fx.Node:
-    """The node whose value a neuron integrates: the activation's input, or the max-pool's."""
-    pool = pool_of.get(node)
-    return pool.args[0] if pool is not None and pool.args[0] is not node else node.args[0]
+    """The node whose value a neuron integrates: the input of the max-pool before the
+    activation if it has one, else the activation's input."""
+    pools = pool_of.get(node, ())
+    if pools and pools[0].args[0] is not node:  # max-pool → activation
+        return pools[0].args[0]
+    return node.args[0]
 
 
 def convert(
@@ -1055,8 +1058,8 @@ def convert(
         theta = torch.tensor(thresholds[i], dtype=dtype, device=device)
         common = dict(threshold=theta, graded_spikes_factor=theta.clone(), init_hidden=True)
         if neuron == "tpp":
-            pool = pool_of.get(activations[i])
-            pool = copy.deepcopy(modules[pool.target]).eval() if pool is not None else None
+            pools = [_layer_copy(modules[p.target]) for p in pool_of.get(activations[i], ())]
+            pool = nn.Sequential(*pools) if len(pools) > 1 else (pools[0] if pools else None)
             # time loop: the layer behind `depth` TPP layers sees valid input from window depth+1
             cell = TPP(num_steps=num_steps, sequence=sequence, pool=pool,
                        warmup_windows=0 if sequence else depth, **common, **random_source(),
@@ -1081,7 +1084,8 @@ def _layer_copy(module: nn.Module) -> nn.Module:
 def _build_sequential(traced, activations, pool_of, make_cell, neuron, num_steps, sequence):
     """The graph of an ``nn.Sequential`` is a chain: emit an ``nn.Sequential`` again."""
     modules = dict(traced.named_modules())
-    merged, index = set(pool_of.values()), {n: i for i, n in enumerate(activations)}
+    merged = {p for pools in pool_of.values() for p in pools}
+    index = {n: i for i, n in enumerate(activations)}
     layers, depth = [], 0
     for node in traced.graph.nodes:
         if node.op != "call_module" or node in merged:
@@ -1100,7 +1104,8 @@ def _build_sequential(traced, activations, pool_of, make_cell, neuron, num_steps
 def _build_graph(traced, activations, pool_of, make_cell, neuron, num_steps, sequence):
     """Any traced model: an ``fx.GraphModule`` with the same structure (see :func:`convert`)."""
     modules = dict(traced.named_modules())
-    merged, index = set(pool_of.values()), {n: i for i, n in enumerate(activations)}
+    merged = {p for pools in pool_of.values() for p in pools}
+    index = {n: i for i, n in enumerate(activations)}
     graph, root, env = fx.Graph(), {}, {}
     depth: dict = {}  # time loop: windows of delay of each new node's value (None: constant)
     delays: dict = {}
@@ -1174,9 +1179,9 @@ def _build_graph(traced, activations, pool_of, make_cell, neuron, num_steps, seq
                              (arg,))
             depth[new] = late + (neuron == "tpp")
             env[node] = new
-            pool = pool_of.get(node)
-            if pool is not None and pool.args[0] is node:
-                env[pool] = new  # activation → max-pool: the pool's users read the neuron
+            for pool in pool_of.get(node, ()):
+                if pool.args[0] is node:
+                    env[pool] = new  # activation → max-pool: the pool's users read the neuron
         elif node.op == "call_module":
             (args, kwargs), late = late_of((node.args, node.kwargs))
             if node.target not in root:
