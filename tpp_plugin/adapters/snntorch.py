@@ -151,6 +151,10 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         seq = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0, sequence=True)
         spk_seq, mem_seq = seq(cur.expand(num_steps, 2, 3))   # same spikes, no delay
 
+        pooled = snn.TPP(num_steps=num_steps, count='exact', pool=nn.MaxPool2d(2),
+                         sequence=True, init_hidden=True)
+        pooled(torch.rand(num_steps, 1, 3, 8, 8)).shape       # [4, 1, 3, 4, 4]
+
     :param threshold: firing threshold :math:`U_{\rm thr}` (> 0); a number or a tensor
         broadcastable to the input's shape. Defaults to 1
     :type threshold: float or torch.Tensor, optional
@@ -983,14 +987,21 @@ def convert(
     Example::
 
         import snntorch.functional as SF
-        from tpp_plugin.adapters.snntorch import convert, steps_needed
-        from tpp_plugin.models import resnet
+        from tpp_plugin.adapters.snntorch import convert, reset, steps_needed
+        from tpp_plugin.models import resnet, train_ann
 
+        ann = train_ann(resnet(image_size=8), train_loader)       # residual, not Sequential
         num_steps = 4
-        snn_net = convert(ann, calibration=train_loader, num_steps=num_steps, mode='99.9%')
-        with torch.no_grad():
+        snn_net = convert(ann, calibration=[x_train[:512]], num_steps=num_steps, mode='99.9%')
+        with torch.no_grad():                                      # an fx.GraphModule
             out = snn_net(images.expand(num_steps, *images.shape))  # [T, B, classes]
         acc = SF.accuracy_rate(out, labels)
+
+        loop_net = convert(ann, [x_train[:512]], num_steps=num_steps, sequence=False)
+        reset(loop_net)
+        with torch.no_grad():                 # (9 + 1)·num_steps calls: 9 TPP layers deep
+            rec = [loop_net(images) for _ in range(steps_needed(loop_net))]
+        logits = torch.stack(rec[-num_steps:]).mean(0)
     """
     if not isinstance(ann, nn.Module):
         raise TypeError(f"convert needs an nn.Module, got {type(ann).__name__}")
