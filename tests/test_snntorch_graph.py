@@ -383,6 +383,42 @@ class Tanh(nn.Module):
         return torch.tanh(self.relu(self.fc(x)))
 
 
+class FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.relu(x))
+
+
+class Product(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        a = self.relu(self.fc(x))
+        return a * a
+
+
+class Growing(nn.Module):
+    """Calls its ReLU once more on every forward: the trace and the calibration disagree."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.n = 0
+
+    def forward(self, x):
+        self.n += 1
+        for _ in range(self.n):
+            x = self.relu(self.fc(x))
+        return x
+
+
 class Branching(nn.Module):
     def __init__(self):
         super().__init__()
@@ -402,8 +438,14 @@ def test_errors_name_what_cannot_convert():
     with pytest.raises(ValueError, match=r"max pooling '3'"):
         convert(pool_after_linear, [x], num_steps=4)
     snntorch.SpikingNeuron.init()
-    with pytest.raises(TypeError, match=r"graph node 'tanh'.*not affine"):
+    with pytest.raises(TypeError, match=r"graph node 'tanh'.*activation function"):
         convert(Tanh(), [torch.rand(8, 4)], num_steps=4)
+    with pytest.raises(TypeError, match=r"graph node 'relu'.*activation function.*nn.ReLU"):
+        convert(FunctionalReLU(), num_steps=4)  # even before any neuron: it would stay a ReLU
+    with pytest.raises(TypeError, match=r"graph node 'mul'.*not affine"):
+        convert(Product(), [torch.rand(8, 4)], num_steps=4)
+    with pytest.raises(ValueError, match=r"called .*ReLU 2 times, but its torch.fx trace 1"):
+        convert(Growing(), [torch.rand(8, 4)], num_steps=4)
     with pytest.raises(TypeError, match=r"cannot trace .*Branching"):
         convert(Branching(), num_steps=4)
     unknown = Tanh()

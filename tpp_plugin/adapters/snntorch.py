@@ -757,6 +757,11 @@ _RESERVED = (
     "threshold", "num_steps", "init_hidden", "output", "graded_spikes_factor", "sequence",
     "warmup_windows", "pool",
 )
+_FUNCTIONAL_ACTIVATIONS = {
+    torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_, nn.functional.relu6,
+    nn.functional.leaky_relu, nn.functional.gelu, nn.functional.silu, torch.sigmoid,
+    torch.tanh, "relu", "relu_", "sigmoid", "tanh",
+}
 _SUPPORTED = (
     "Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, (Adaptive)AvgPool, (Adaptive)MaxPool, Flatten, "
     "Unflatten, Identity, Dropout, and nn.ReLU / tpp_plugin.QCFS activations"
@@ -811,8 +816,10 @@ def _calibrate_calls(model: nn.Module, calibration, calls, names, mode, momentum
             s = activation_statistic(output, mode)
             stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
 
-    unique = list({id(m): m for m, _ in calls}.values())
-    handles = [m.register_forward_hook(hook) for m in unique]
+    uses: dict = {}  # module -> calls per forward (the calls of every module are all listed)
+    for m, _ in calls:
+        uses[m] = uses.get(m, 0) + 1
+    handles = [m.register_forward_hook(hook) for m in uses]
     was_training = model.training
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
@@ -820,6 +827,13 @@ def _calibrate_calls(model: nn.Module, calibration, calls, names, mode, momentum
         for batch in calibration:
             seen.clear()
             model(batch_inputs(batch).to(device))
+            for module, n in uses.items():
+                if seen.get(id(module), 0) != n:
+                    raise ValueError(
+                        f"convert: the forward called {_type_name(module)} "
+                        f"{seen.get(id(module), 0)} times, but its torch.fx trace {n} times: the "
+                        "forward must call its activations the same way for every input"
+                    )
     finally:
         for h in handles:
             h.remove()
@@ -878,6 +892,12 @@ def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> 
     for node in graph.nodes:
         on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes)
         spiking[node] = on_spikes
+        if node.target in _FUNCTIONAL_ACTIVATIONS and node.op in ("call_function", "call_method"):
+            raise TypeError(
+                f"convert: {_node_label(node)} is an activation function, which the converter "
+                "cannot turn into a neuron (it has no module to calibrate): use an nn.ReLU "
+                "module (or tpp_plugin.QCFS) in the ANN's forward"
+            )
         if node.op == "call_module":
             module = modules[node.target]
             if isinstance(module, _ACTIVATIONS):
