@@ -522,3 +522,32 @@ def test_nir_export_of_a_tpp_net_raises_a_clear_error():
             assert not hasattr(getattr(snntorch.export_nir, name), "__tpp_plugin_wrapper__")
     finally:
         registry.register("snntorch")
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision's own ResNet: shared inplace ReLUs, `out += identity`, stem ReLU → MaxPool
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_torchvision_resnet_exact_and_streamed(arch):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    ann = getattr(torchvision.models, arch)(num_classes=10).double().eval()
+    for m in ann.modules():  # running statistics away from the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(6, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    T = 2
+    net = convert(ann, [x], num_steps=T, count="exact", seed=0)
+    neurons = [m for m in net.modules() if isinstance(m, TPP)]
+    assert len(neurons) == (17 if arch == "resnet18" else 49)
+    assert sum(m.pool is not None for m in neurons) == 1  # the stem's max-pool
+    with torch.no_grad():
+        out = net(x.expand(T, *x.shape)).mean(0)
+    ref = quantised_ann(ann, x, thresholds_of(net), T)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    loop = convert(ann, [x], num_steps=T, count="exact", seed=0, sequence=False)
+    adapter.reset(loop)
+    with torch.no_grad():
+        rec = torch.stack([loop(x) for _ in range(steps_needed(loop))])
+    torch.testing.assert_close(rec[-T:].mean(0), out, rtol=0, atol=1e-9)
