@@ -789,7 +789,7 @@ def _trace(ann: nn.Module) -> fx.GraphModule:
             f"convert: cannot trace {_type_name(ann)} with torch.fx ({type(error).__name__}: "
             f"{error}); the forward must not branch on tensor values — or pass an nn.Sequential"
         ) from error
-    return fx.GraphModule(ann, graph)
+    return fx.GraphModule(ann, graph, class_name=type(ann).__name__)
 
 
 def _node_label(node: fx.Node) -> str:
@@ -1229,7 +1229,7 @@ def _build_graph(traced, activations, pool_of, make_cell, neuron, num_steps, seq
                 result = fx.node.map_arg(result, functools.partial(
                     _unfold_output, add_module, fresh("unfold_time"), _UnfoldTime(context)))
             graph.output(result)
-    net = fx.GraphModule(root, graph, class_name=f"Spiking{type(traced).__name__}")
+    net = fx.GraphModule(root, graph, class_name=f"Spiking{type(traced).__name__.lstrip('_')}")
     return net
 
 
