@@ -551,3 +551,21 @@ def test_torchvision_resnet_exact_and_streamed(arch):
     with torch.no_grad():
         rec = torch.stack([loop(x) for _ in range(steps_needed(loop))])
     torch.testing.assert_close(rec[-T:].mean(0), out, rtol=0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reproduce command on the residual and the max-pool model
+# ----------------------------------------------------------------------------------------------
+def test_reproduce_snntorch_resnet_and_cnn5_maxpool(tmp_path):
+    import json
+
+    from tpp_plugin.cli import main as cli_main
+
+    code = cli_main(["reproduce", "--framework", "snntorch", "--model", "resnet", "cnn5_maxpool",
+                     "--ann", "qcfs", "--subset", "200", "100", "--epochs", "1", "--T", "1", "2",
+                     "--seeds", "1", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    for model, layers in (("resnet", 9), ("cnn5_maxpool", 5)):
+        result = json.loads((tmp_path / f"digits-{model}-qcfs-L4-snntorch.json").read_text())
+        assert result["config"]["spiking_layers"] == layers
+        assert result["oracle"]["holds"] is True  # exact TPP == QCFS ANN with L=T, per image
