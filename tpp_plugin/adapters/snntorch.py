@@ -592,7 +592,6 @@ class TimeFlatten(nn.Module):
         return y.reshape(T, B, *y.shape[1:])
 
 
-
 class _TimeContext:
     """The number of time steps of the sequence a folded graph is running (set by its input)."""
 
