@@ -337,6 +337,24 @@ class ViewNet(nn.Module):
         return self.out(h)
 
 
+def test_sequential_of_residual_blocks_takes_the_graph_path():
+    from tpp_plugin.models import BasicBlock
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), BasicBlock(4, 4),
+                        BasicBlock(4, 8, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 3)).double().eval()
+    x = torch.rand(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    T = 4
+    net = convert(ann, [x], num_steps=T, count="exact", seed=0)
+    assert isinstance(net, fx.GraphModule)  # the adds of the blocks are kept
+    assert len(thresholds_of(net)) == 5
+    with torch.no_grad():
+        out = net(x.expand(T, *x.shape)).mean(0)
+    ref = quantised_ann(ann, x, thresholds_of(net), T)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+
+
 def test_view_reshape_dropout_identity_are_time_aware():
     torch.manual_seed(1)
     ann = ViewNet().double().eval()

@@ -963,13 +963,14 @@ def convert(
     ``count='exact'`` network computes the ANN with every activation rounded to :math:`T`
     levels, max-pools included. IF neurons keep the max-pool on spikes (an approximation).
 
-    **Structure.** An ``nn.Sequential`` (nested ones allowed) gives an ``nn.Sequential``; any
-    other model (residual adds, ``torch.flatten``, ``x.view(x.size(0), -1)``, shared modules) is
-    traced with ``torch.fx`` into an ``fx.GraphModule`` of the same structure. In sequence mode
-    the graph folds time into the batch (``[T, B, ...] → [T·B, ...]``), so every layer and
-    reshape sees one step per sample, and the neurons unfold it. In the time loop, a residual
-    branch that passes fewer TPP layers than the other is delayed by whole windows, so both
-    meet in step; :func:`steps_needed` counts the TPP layers of the longest path.
+    **Structure.** An ``nn.Sequential`` of layers (nested ones allowed) gives an
+    ``nn.Sequential``; any other model (residual adds, ``torch.flatten``,
+    ``x.view(x.size(0), -1)``, shared modules, a Sequential of custom blocks) is traced with
+    ``torch.fx`` into an ``fx.GraphModule`` of the same structure. In sequence mode the graph
+    folds time into the batch (``[T, B, ...] → [T·B, ...]``), so every layer and reshape sees
+    one step per sample, and the neurons unfold it. In the time loop, a residual branch that
+    passes fewer TPP layers than the other is delayed by whole windows, so both meet in step;
+    :func:`steps_needed` counts the TPP layers of the longest path.
 
     :param ann: the ANN, in eval mode: ``Linear``, ``Conv1d/2d/3d``, ``BatchNorm1d/2d/3d``,
         average and max pooling, ``Flatten``, ``Unflatten``, ``Identity``, ``Dropout`` modules
@@ -1102,9 +1103,24 @@ def convert(
             cells.append(TemporalPermutation(permutation, **random_source()))
         return cells
 
-    build = _build_sequential if isinstance(ann, nn.Sequential) else _build_graph
+    chain = isinstance(ann, nn.Sequential) and _is_chain(graph)
+    build = _build_sequential if chain else _build_graph
     net = build(traced, activations, pool_of, make_cell, neuron, num_steps, sequence)
     return net.eval()
+
+
+def _is_chain(graph: fx.Graph) -> bool:
+    """Whether the graph is one input through a chain of modules (a Sequential of layers, not
+    of custom blocks with their own forward)."""
+    previous = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if previous is not None:
+                return False
+        elif node.op not in ("call_module", "output") or node.all_input_nodes != [previous]:
+            return False
+        previous = node
+    return True
 
 
 def _layer_copy(module: nn.Module) -> nn.Module:
