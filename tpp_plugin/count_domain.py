@@ -292,6 +292,8 @@ def _snn_tpp(neuron, T: int, input_: torch.Tensor, mem=None):
     from .adapters.snntorch import _returns
 
     v = _window_potential(input_, T, neuron.v_init)
+    if getattr(neuron, "pool", None) is not None:  # snn.TPP(pool=...): pool the window potential
+        v = neuron.pool(v)
     generator = neuron._generator_for(v.device)
     counts = F.tpp_count(v, T, neuron.threshold, neuron.count, generator)
     return _returns(neuron, counts / T * neuron.graded_spikes_factor, v)

@@ -9,8 +9,8 @@ Two ways to run a TPP neuron, both drawing the same random numbers for the same 
 
 * **time loop** (snnTorch's tutorial pattern), one step ``[B, ...]`` per call. The neuron needs
   a whole window before it fires, so its output is delayed by one window of ``num_steps`` steps;
-  a network with ``L`` TPP layers needs :func:`steps_needed` ``= (L+1)·num_steps`` calls, and its
-  valid output is that of the last ``num_steps`` calls.
+  a network with ``L`` TPP layers on its longest path needs :func:`steps_needed`
+  ``= (L+1)·num_steps`` calls, and its valid output is that of the last ``num_steps`` calls.
 * **sequence**, a whole ``[T, B, ...]`` input in one call (``TPP(..., sequence=True)`` or
   :meth:`TPP.forward_sequence`), without the delay.
 
@@ -21,17 +21,21 @@ snnTorch's conventions.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import importlib.util
 import math
-import warnings
+import sys
+from collections import deque
 from numbers import Integral, Real
 
 import snntorch
 import snntorch.utils
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .. import functional as F
-from ..convert import calibrate_thresholds, check_calibration_mode
+from ..convert import activation_statistic, batch_inputs, check_calibration_mode
 from ..qcfs import QCFS
 from ..registry import NEURON_NAMES, current_default_neuron
 
@@ -70,6 +74,17 @@ def _returns(neuron, spk, mem):
     if neuron.output or not neuron.init_hidden:
         return spk, mem
     return spk
+
+
+def _refuse_surrogate(spike_grad, surrogate_disable) -> None:
+    """TPP fires at random from a whole window: there is no surrogate gradient to select."""
+    if spike_grad is not None or surrogate_disable is False:
+        what = "spike_grad" if spike_grad is not None else "surrogate_disable=False"
+        raise TypeError(
+            f"TPP does not take {what}: it is an inference neuron for converted networks, with no "
+            "surrogate gradient (its spikes are drawn at random from a whole window's potential); "
+            "train the ANN (e.g. with tpp_plugin.QCFS) and convert it, or use snn.Leaky to train"
+        )
 
 
 class _Seeded:
@@ -136,6 +151,10 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         seq = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0, sequence=True)
         spk_seq, mem_seq = seq(cur.expand(num_steps, 2, 3))   # same spikes, no delay
 
+        pooled = snn.TPP(num_steps=num_steps, count='exact', pool=nn.MaxPool2d(2),
+                         sequence=True, init_hidden=True)
+        pooled(torch.rand(num_steps, 1, 3, 8, 8)).shape       # [4, 1, 3, 4, 4]
+
     :param threshold: firing threshold :math:`U_{\rm thr}` (> 0); a number or a tensor
         broadcastable to the input's shape. Defaults to 1
     :type threshold: float or torch.Tensor, optional
@@ -185,6 +204,15 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         the same net in sequence mode. Defaults to 0
     :type warmup_windows: int, optional
 
+    :param pool: a pooling module applied to the *window potential* before firing, e.g.
+        ``nn.MaxPool2d(2)``: the neuron accumulates :math:`V` of the input's shape, fires from
+        ``pool(V)`` and its spikes have the pooled shape. With a max-pool this is the exact
+        spiking form of ``ReLU → MaxPool`` (rounding to whole thresholds is monotone, so it
+        commutes with the max); :func:`convert` sets it. Defaults to None
+    :type pool: torch.nn.Module, optional
+
+    :param spike_grad: refused: TPP has no surrogate gradient (nor ``surrogate_disable=False``)
+
     Inputs: \input_, mem
         - **input_** of shape `(batch, ...)` (time loop) or `(k·num_steps, batch, ...)`
           (sequence): input current, finite floating point.
@@ -193,8 +221,9 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
           within a window a different tensor replaces the potential accumulated so far.
 
     Outputs: spk, mem
-        - **spk** of the input's shape: spikes (0 or `graded_spikes_factor`). In the time loop
-          these belong to the previous window (zeros during the first).
+        - **spk** of the input's shape (pooled, with ``pool``): spikes (0 or
+          `graded_spikes_factor`). In the time loop these belong to the previous window (zeros
+          during the first).
         - **mem** of the input's shape: the potential *being accumulated* — `v_init` plus the
           current window's inputs so far, this step's included (in sequence mode, one such value
           per step). It is not the potential that produced `spk`.
@@ -223,8 +252,15 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         warmup_windows: int = 0,
+        pool: nn.Module | None = None,
+        spike_grad=None,
+        surrogate_disable=None,
     ):
         # validate everything before SpikingNeuron.__init__ registers the instance
+        _refuse_surrogate(spike_grad, surrogate_disable)
+        if pool is not None and not isinstance(pool, nn.Module):
+            raise TypeError(f"pool must be an nn.Module (e.g. nn.MaxPool2d(2)) or None, got "
+                            f"{type(pool).__name__}")
         num_steps = F.check_window(num_steps, "num_steps")
         F.check_count(count)
         threshold = F.check_threshold(threshold)
@@ -251,6 +287,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         self.seed = None if seed is None else int(seed)
         self.generator = gen
         self.warmup_windows = int(warmup_windows)
+        self.pool = pool  # pools the window potential before firing (see the class docstring)
         self.register_buffer("v_init", torch.as_tensor(v_init).detach().clone())
         self.register_buffer("mem", torch.zeros(0), persistent=False)
         self.register_buffer("pending", torch.zeros(0), persistent=False)
@@ -308,6 +345,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         return _returns(self, *self._sequence(x_seq, "x_seq"))
 
     def _fire(self, v):
+        if self.pool is not None:
+            v = self.pool(v)
         generator = self._generator_for(v.device)
         return F.tpp_fire(v, self.num_steps, self.threshold, self.count, generator)
 
@@ -321,7 +360,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 "before changing the input shape"
             )
         has_pending = self.pending.dim() > 1
-        if has_pending and self.pending.shape[1:] != shape:
+        if has_pending and self.pending.shape[1:] != self._fired_shape(shape):
             raise ValueError(
                 f"input_ has shape {tuple(shape)} but the spikes still to be emitted have shape "
                 f"{tuple(self.pending.shape[1:])}; call reset_mem() (or snntorch.utils.reset) "
@@ -337,7 +376,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             base = mem
         # phase 1, one step (the same additions, in the same order, as functional.tpp_accumulate)
         new_mem = input_ + self.v_init if step == 0 else base + input_
-        spk = self.pending[step] if has_pending else torch.zeros_like(new_mem)
+        spk = self.pending[step] if has_pending else new_mem.new_zeros(self._fired_shape(shape))
         step, window, pending = step + 1, self._window, self.pending
         if step == self.num_steps:  # window complete: draw all its random numbers, fire
             if window < self.warmup_windows:  # input not valid yet: stay silent, draw nothing
@@ -366,6 +405,12 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 mems.append(v)
             spikes.append(self._fire(v))
         return torch.cat(spikes) * self.graded_spikes_factor, torch.stack(mems)
+
+    def _fired_shape(self, shape) -> torch.Size:
+        """Shape of the spikes fired from a potential of ``shape`` (pooled if ``pool`` is set)."""
+        if self.pool is None:
+            return torch.Size(shape)
+        return self.pool(torch.empty(shape, device="meta")).shape
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -547,12 +592,84 @@ class TimeFlatten(nn.Module):
         return y.reshape(T, B, *y.shape[1:])
 
 
+class _TimeContext:
+    """The number of time steps of the sequence a folded graph is running (set by its input)."""
+
+    steps = None
+
+
+class _FoldTime(TimeFlatten):
+    r"""Graph input in sequence mode: ``[S, B, ...] → [S·B, ...]``, recording ``S`` for the
+    neurons; every layer of the graph then runs on ``S·B`` samples. In count mode (see
+    :func:`tpp_plugin.count_mode`) it is its ``module``, the identity."""
+
+    def __init__(self, context: _TimeContext):
+        super().__init__(nn.Identity())
+        self.context = context
+
+    def forward(self, x_seq):
+        F.check_tensor(x_seq, "x_seq", min_dim=2, finite=False)
+        self.context.steps = x_seq.shape[0]
+        return x_seq.flatten(0, 1)
+
+
+class _UnfoldTime(TimeFlatten):
+    r"""Graph output in sequence mode: ``[S·B, ...] → [S, B, ...]`` (identity in count mode)."""
+
+    def __init__(self, context: _TimeContext):
+        super().__init__(nn.Identity())
+        self.context = context
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.unflatten(0, (self.context.steps, -1))
+
+
+class _TimeCell(TimeFlatten):
+    r"""A neuron (and its permutation) in a folded graph: ``[S·B, ...] → [S, B, ...] → module
+    → [S·B, ...]``. In count mode it is its ``module``."""
+
+    def __init__(self, module: nn.Module, context: _TimeContext):
+        super().__init__(module)
+        self.context = context
+
+    def forward(self, x):
+        return self.module(x.unflatten(0, (self.context.steps, -1))).flatten(0, 1)
+
+
+class _WindowDelay(TimeFlatten):
+    r"""Time loop: delay a branch by ``windows`` whole windows of ``num_steps`` steps (zeros
+    until then), so that it meets a branch that passed ``windows`` more TPP layers in step. The
+    identity in count mode; cleared by :func:`reset` and ``snntorch.utils.reset``."""
+
+    def __init__(self, windows: int, num_steps: int):
+        super().__init__(nn.Identity())
+        self.windows, self.num_steps = windows, num_steps
+        self._queue: deque = deque()
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):  # sizes and shapes do not change along time
+            return x
+        self._queue.append(x)
+        if len(self._queue) > self.windows * self.num_steps:
+            return self._queue.popleft()
+        return torch.zeros_like(x)
+
+    def reset_mem(self):
+        """Forget the buffered steps."""
+        self._queue.clear()
+
+    def extra_repr(self) -> str:
+        return f"windows={self.windows}, num_steps={self.num_steps}"
+
+
 # ----------------------------------------------------------------------------------------------
 # resets, steps
 # ----------------------------------------------------------------------------------------------
 def _reset_plugin_modules(net: nn.Module) -> None:
     for module in net.modules():
-        if isinstance(module, (TPP, IF)):
+        if isinstance(module, (TPP, IF, _WindowDelay)):
             module.reset_mem()
 
 
@@ -567,7 +684,8 @@ def _wrap_reset(original):
 
 def reset(net: nn.Module) -> None:
     """``snntorch.utils.reset(net)``, plus a reset of every plugin neuron (:class:`TPP`,
-    :class:`IF`) anywhere in ``net`` — nested containers included — registered or not.
+    :class:`IF`) and branch delay anywhere in ``net`` — nested containers included — registered
+    or not.
 
     Example::
 
@@ -577,9 +695,27 @@ def reset(net: nn.Module) -> None:
     _reset_plugin_modules(net)
 
 
+def _loop_tpp(module: nn.Module) -> list:
+    return [m for m in module.modules() if isinstance(m, TPP) and not m.sequence]
+
+
+def _longest_tpp_path(net: nn.Module) -> int:
+    """Time-loop TPP layers on the longest path through ``net`` (an ``fx.GraphModule``: along
+    its graph; any other module: all of them, as in a chain)."""
+    if not isinstance(net, fx.GraphModule):
+        return len(_loop_tpp(net))
+    depth: dict = {}
+    for node in net.graph.nodes:
+        inputs = [depth[n] for n in node.all_input_nodes]
+        own = len(_loop_tpp(net.get_submodule(node.target))) if node.op == "call_module" else 0
+        depth[node] = max(inputs, default=0) + own
+    return max(depth.values(), default=0)
+
+
 def steps_needed(net: nn.Module, num_steps: int | None = None) -> int:
     """Time-loop calls a net needs to output one full window: ``(L+1)·num_steps`` for ``L``
-    TPP layers (each delays by one window); its valid output is the last ``num_steps`` calls.
+    TPP layers on its longest path (each delays by one window; a residual net's shortcuts are
+    delayed to match, see :func:`convert`); its valid output is the last ``num_steps`` calls.
 
     :param net: the network (a single neuron works too)
     :param num_steps: the window length; defaults to the TPP layers' ``num_steps`` (which must
@@ -592,15 +728,14 @@ def steps_needed(net: nn.Module, num_steps: int | None = None) -> int:
             spk_rec.append(net(x))
         spk_out = torch.stack(spk_rec[-num_steps:])
     """
-    layers = [m for m in net.modules() if isinstance(m, TPP) and not m.sequence]
     if num_steps is None:
-        windows = {m.num_steps for m in layers}
+        windows = {m.num_steps for m in _loop_tpp(net)}
         if len(windows) != 1:
             why = f"TPP windows differ: {windows}" if windows else "net has no time-loop TPP layer"
             raise ValueError(f"num_steps must be given: {why}")
         num_steps = windows.pop()
     num_steps = F.check_window(num_steps, "num_steps")
-    return (len(layers) + 1) * num_steps
+    return (_longest_tpp_path(net) + 1) * num_steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,22 +754,184 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 _ACTIVATIONS = (nn.ReLU, QCFS)
 _RESERVED = (
     "threshold", "num_steps", "init_hidden", "output", "graded_spikes_factor", "sequence",
-    "warmup_windows",
+    "warmup_windows", "pool",
 )
-
-
-def _leaves(module: nn.Module, prefix: str = ""):
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            yield from _leaves(child, path + ".")
-        else:
-            yield path, child
+_FUNCTIONAL_ACTIVATIONS = {
+    torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_, nn.functional.relu6,
+    nn.functional.leaky_relu, nn.functional.gelu, nn.functional.silu, torch.sigmoid,
+    torch.tanh, "relu", "relu_", "sigmoid", "tanh",
+}
+_SUPPORTED = (
+    "Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, (Adaptive)AvgPool, (Adaptive)MaxPool, Flatten, "
+    "Unflatten, Identity, Dropout, and nn.ReLU / tpp_plugin.QCFS activations"
+)
 
 
 def _type_name(module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Tracer(fx.Tracer):
+    """Stop at the layers the converter knows (QCFS included); trace custom modules through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        known = _LAYERS + _MAX_POOLS + _DROPOUTS + _ACTIVATIONS
+        return isinstance(m, known) or super().is_leaf_module(m, qualname)
+
+
+def _trace(ann: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(ann)
+    except Exception as error:  # noqa: BLE001 - any tracing failure: say what to do
+        raise TypeError(
+            f"convert: cannot trace {_type_name(ann)} with torch.fx ({type(error).__name__}: "
+            f"{error}); the forward must not branch on tensor values — or pass an nn.Sequential"
+        ) from error
+    return fx.GraphModule(ann, graph, class_name=type(ann).__name__)
+
+
+def _node_label(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(
+        node.target, "__qualname__", str(node.target))
+    return f"graph node {node.name!r} ({node.op} {target})"
+
+
+@torch.no_grad()
+def _calibrate_calls(model: nn.Module, calibration, calls, names, mode, momentum) -> list:
+    """One threshold per activation *call*: ``calls[i] = (module, k)`` is the ``k``-th call of
+    ``module`` in one forward (a module used twice gets two statistics), tracked over the
+    batches with SpikingJelly's moving average, as :func:`tpp_plugin.convert.calibrate_thresholds`
+    does per module."""
+    index = {(id(m), k): i for i, (m, k) in enumerate(calls)}
+    stats: list = [None] * len(calls)
+    seen: dict = {}
+
+    def hook(module, _inputs, output):
+        k = seen.get(id(module), 0)
+        seen[id(module)] = k + 1
+        i = index.get((id(module), k))
+        if i is not None:
+            s = activation_statistic(output, mode)
+            stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
+
+    uses: dict = {}  # module -> calls per forward (the calls of every module are all listed)
+    for m, _ in calls:
+        uses[m] = uses.get(m, 0) + 1
+    handles = [m.register_forward_hook(hook) for m in uses]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        for batch in calibration:
+            seen.clear()
+            model(batch_inputs(batch).to(device))
+            for module, n in uses.items():
+                if seen.get(id(module), 0) != n:
+                    raise ValueError(
+                        f"convert: the forward called {_type_name(module)} "
+                        f"{seen.get(id(module), 0)} times, but its torch.fx trace {n} times: the "
+                        "forward must call its activations the same way for every input"
+                    )
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if all(s is None for s in stats):
+        raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
+    thresholds = []
+    for name, s in zip(names, stats):
+        th = float("nan") if s is None else float(s)
+        if not th > 0:
+            raise ValueError(
+                f"convert: activation {name!r} never became positive during calibration "
+                f"(threshold {th}); use more calibration data or a different mode"
+            )
+        thresholds.append(th)
+    return thresholds
+
+
+def _is_max_pool(node, modules) -> bool:
+    return node.op == "call_module" and isinstance(modules[node.target], _MAX_POOLS)
+
+
+def _pair_max_pools(activations, modules) -> dict:
+    """``{activation node: [max-pool nodes]}``: the max-pool feeding an activation (if the
+    activation is its only user) and the one the activation feeds (if it is the activation's
+    only user), in order. The TPP neuron will max-pool its window potential with them: rounding
+    to whole thresholds is monotone, so ``round(max(V)) = max(round(V))``."""
+    pool_of, taken = {}, set()
+    for act in activations:
+        src = act.args[0] if act.args else None
+        pre = src if (isinstance(src, fx.Node) and _is_max_pool(src, modules)
+                      and len(src.users) == 1 and src not in taken) else None
+        users = list(act.users)
+        post = users[0] if (len(users) == 1 and _is_max_pool(users[0], modules)
+                            and users[0].args[0] is act) else None
+        pools = [p for p in (pre, post) if p is not None]
+        if pools:
+            pool_of[act] = pools
+            taken.update(pools)
+    return pool_of
+
+
+def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> None:
+    """Refuse what the spiking net cannot compute: unknown modules anywhere; after the first
+    neuron, non-affine ops on spikes and (TPP) max-pools not merged into a neuron."""
+    from ..count_domain import _call_is_affine  # the count-domain rule: affine in the window sum
+
+    merged = {p for pools in pool_of.values() for p in pools}
+    spiking: dict = {}
+
+    def carries(arg) -> bool:
+        found = []
+        fx.node.map_arg(arg, found.append)
+        return any(spiking.get(n, False) for n in found)
+
+    for node in graph.nodes:
+        on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes)
+        spiking[node] = on_spikes
+        if node.target in _FUNCTIONAL_ACTIVATIONS and node.op in ("call_function", "call_method"):
+            raise TypeError(
+                f"convert: {_node_label(node)} is an activation function, which the converter "
+                "cannot turn into a neuron (it has no module to calibrate): use an nn.ReLU "
+                "module (or tpp_plugin.QCFS) in the ANN's forward"
+            )
+        if node.op == "call_module":
+            module = modules[node.target]
+            if isinstance(module, _ACTIVATIONS):
+                spiking[node] = True
+            elif not isinstance(module, _LAYERS + _MAX_POOLS + _DROPOUTS):
+                raise TypeError(
+                    f"convert: cannot convert module {node.target!r} of type {_type_name(module)}"
+                    f" ({_node_label(node)}); supported: {_SUPPORTED}"
+                )
+            elif isinstance(module, _MAX_POOLS) and neuron == "tpp" and on_spikes \
+                    and node not in merged:
+                raise ValueError(
+                    f"convert: cannot rewrite max pooling {node.target!r} ({_node_label(node)}) "
+                    "for TPP neurons: a TPP neuron max-pools its window potential exactly only "
+                    "when the max-pool directly follows (or precedes) an activation whose output "
+                    "nothing else uses; max-pooling spikes would not compute the ANN's max. "
+                    "Move it next to an activation, use average pooling, or neuron='if'"
+                )
+        elif node.op in ("call_function", "call_method") and on_spikes \
+                and not _call_is_affine(node, carries):
+            raise TypeError(
+                f"convert: {_node_label(node)} is not affine and acts on spikes; between "
+                "spiking layers only affine ops (conv, linear, BatchNorm, average pooling, "
+                "flatten/view/reshape, add) convert — use nn.ReLU modules for activations and "
+                "nn.MaxPool modules for max pooling"
+            )
+
+
+def _window_of_input(node: fx.Node, pool_of: dict) -> fx.Node:
+    """The node whose value a neuron integrates: the input of the max-pool before the
+    activation if it has one, else the activation's input."""
+    pools = pool_of.get(node, ())
+    if pools and pools[0].args[0] is not node:  # max-pool → activation
+        return pools[0].args[0]
+    return node.args[0]
 
 
 def convert(
@@ -648,23 +945,39 @@ def convert(
     sequence: bool = True,
     permutation: str | None = None,
     **neuron_kwargs,
-) -> nn.Sequential:
-    r"""Convert a ReLU or QCFS ``nn.Sequential`` ANN into an snnTorch network.
+) -> nn.Module:
+    r"""Convert a ReLU or QCFS ANN into an snnTorch network.
 
-    Every activation becomes a spiking neuron with threshold :math:`θ` — the activation's
-    calibrated maximum for ``nn.ReLU`` (from ``calibration`` data), :math:`λ` for
-    :class:`tpp_plugin.QCFS` — whose spikes are scaled by :math:`θ`
+    Every *use* of an activation becomes its own spiking neuron (a module called twice, as the
+    shared ``ReLU(inplace=True)`` of a torchvision ``BasicBlock``, becomes two neurons) with
+    threshold :math:`θ` — that call's calibrated maximum for ``nn.ReLU`` (from ``calibration``
+    data), :math:`λ` for :class:`tpp_plugin.QCFS` — whose spikes are scaled by :math:`θ`
     (``graded_spikes_factor=θ``), so the next layer sees :math:`θ·s_t` and a neuron firing
     :math:`n` times in :math:`T` steps stands for the activation :math:`θn/T`. The layers between
-    activations are deep copies of the ANN's, in eval mode; dropout is dropped. Feed the image
-    as a constant input current at every step; the output layer's values summed (or averaged)
-    over the window are the logits.
+    activations are deep copies of the ANN's, in eval mode (BatchNorm uses its running
+    statistics); dropout is dropped. Feed the image as a constant input current at every step;
+    the output summed (or averaged) over the window is the logits.
 
-    :param ann: an ``nn.Sequential`` (nested ``nn.Sequential`` allowed) of ``Linear``,
-        ``Conv1d/2d/3d``, ``BatchNorm1d/2d/3d``, average pooling, ``Flatten``, ``Unflatten``,
-        ``Identity``, ``Dropout`` and max pooling (not affine on spikes: DESIGN fact 4; warned
-        for TPP), with ``nn.ReLU`` or ``QCFS`` activations
-    :type ann: torch.nn.Sequential
+    **Max pooling** next to an activation (``ReLU → MaxPool`` or ``MaxPool → ReLU``) becomes one
+    :class:`TPP` with ``pool=`` that max-pools its window potential before firing — exact: a
+    ``count='exact'`` network computes the ANN with every activation rounded to :math:`T`
+    levels, max-pools included. IF neurons keep the max-pool on spikes (an approximation).
+
+    **Structure.** An ``nn.Sequential`` of layers (nested ones allowed) gives an
+    ``nn.Sequential``; any other model (residual adds, ``torch.flatten``,
+    ``x.view(x.size(0), -1)``, shared modules, a Sequential of custom blocks) is traced with
+    ``torch.fx`` into an ``fx.GraphModule`` of the same structure. In sequence mode the graph
+    folds time into the batch (``[T, B, ...] → [T·B, ...]``), so every layer and reshape sees
+    one step per sample, and the neurons unfold it. In the time loop, a residual branch that
+    passes fewer TPP layers than the other is delayed by whole windows, so both meet in step;
+    :func:`steps_needed` counts the TPP layers of the longest path.
+
+    :param ann: the ANN, in eval mode: ``Linear``, ``Conv1d/2d/3d``, ``BatchNorm1d/2d/3d``,
+        average and max pooling, ``Flatten``, ``Unflatten``, ``Identity``, ``Dropout`` modules
+        and ``nn.ReLU`` or ``QCFS`` activations, joined by a ``nn.Sequential`` or by a
+        ``forward`` that ``torch.fx`` can trace, with affine functions (add, flatten, view,
+        reshape, ...) between spiking layers
+    :type ann: torch.nn.Module
     :param calibration: iterable of batches (tensors or ``(x, y)``) to calibrate ReLU
         thresholds; required if the ANN has any ``nn.ReLU``
     :param num_steps: the window length :math:`T`
@@ -676,34 +989,42 @@ def convert(
     :param mode: ReLU threshold statistic: ``'max'``, a percentile like ``'99.9%'``, or a
         fraction of the max. Defaults to ``'max'``
     :param momentum: moving-average momentum of the statistic across batches
-    :param sequence: If `True` (default) the net takes whole sequences ``[T, B, ...]`` (layers
-        wrapped in :class:`TimeFlatten`, neurons in sequence mode); if `False` it takes one time
-        step ``[B, ...]`` per call (snnTorch's time loop; run :func:`steps_needed` steps and
-        read the last ``num_steps``: TPP layers stay silent until their input is valid, and
-        draw the same random numbers as in sequence mode)
+    :param sequence: If `True` (default) the net takes whole sequences ``[T, B, ...]``; if
+        `False` it takes one time step ``[B, ...]`` per call (snnTorch's time loop; run
+        :func:`steps_needed` steps and read the last ``num_steps``: TPP layers stay silent until
+        their input is valid, and draw the same random numbers as in sequence mode)
     :param permutation: add a :class:`TemporalPermutation` of this scope after every neuron
         (sequence mode only). Defaults to None
     :param neuron_kwargs: more arguments of the neuron, e.g. ``count='exact'``, ``seed=0``
         (each TPP layer and permutation gets its own seed drawn from it) or ``generator``
     :return: the spiking network, in eval mode, on the ANN's device and dtype
-    :rtype: torch.nn.Sequential
+    :rtype: torch.nn.Sequential or torch.fx.GraphModule
+    :raises TypeError: naming the module or graph node that cannot be converted (an unknown
+        module, a non-affine function on spikes, a forward ``torch.fx`` cannot trace)
+    :raises ValueError: naming a max-pool that a TPP network cannot compute (not next to an
+        activation, or that activation's output used elsewhere too)
 
     Example::
 
         import snntorch.functional as SF
-        from tpp_plugin.adapters.snntorch import convert, steps_needed
+        from tpp_plugin.adapters.snntorch import convert, reset, steps_needed
+        from tpp_plugin.models import resnet, train_ann
 
+        ann = train_ann(resnet(image_size=8), train_loader)       # residual, not Sequential
         num_steps = 4
-        snn_net = convert(ann, calibration=train_loader, num_steps=num_steps, mode='99.9%')
-        with torch.no_grad():
+        snn_net = convert(ann, calibration=[x_train[:512]], num_steps=num_steps, mode='99.9%')
+        with torch.no_grad():                                      # an fx.GraphModule
             out = snn_net(images.expand(num_steps, *images.shape))  # [T, B, classes]
         acc = SF.accuracy_rate(out, labels)
+
+        loop_net = convert(ann, [x_train[:512]], num_steps=num_steps, sequence=False)
+        reset(loop_net)
+        with torch.no_grad():                 # (9 + 1)·num_steps calls: 9 TPP layers deep
+            rec = [loop_net(images) for _ in range(steps_needed(loop_net))]
+        logits = torch.stack(rec[-num_steps:]).mean(0)
     """
-    if not isinstance(ann, nn.Sequential):
-        raise TypeError(
-            f"convert needs an nn.Sequential model (nested nn.Sequential allowed), got "
-            f"{_type_name(ann)}"
-        )
+    if not isinstance(ann, nn.Module):
+        raise TypeError(f"convert needs an nn.Module, got {type(ann).__name__}")
     num_steps = F.check_window(num_steps, "num_steps")
     if neuron is None:
         default = current_default_neuron()
@@ -718,37 +1039,37 @@ def convert(
     for key in _RESERVED:
         if key in neuron_kwargs:
             raise TypeError(f"convert sets the neuron's {key!r} itself; do not pass it")
+    if neuron == "tpp":
+        _refuse_surrogate(neuron_kwargs.get("spike_grad"), neuron_kwargs.get("surrogate_disable"))
     seed = neuron_kwargs.pop("seed", None)
     generator = neuron_kwargs.pop("generator", None)
     _check_seed(seed, generator)
     mode = check_calibration_mode(mode)
 
-    leaves = list(_leaves(ann))
-    for name, module in leaves:
-        if not isinstance(module, _LAYERS + _MAX_POOLS + _DROPOUTS + _ACTIVATIONS):
-            raise TypeError(
-                f"convert: cannot convert module {name!r} of type {_type_name(module)}; supported: "
-                "Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, (Adaptive)AvgPool, (Adaptive)MaxPool, "
-                "Flatten, Unflatten, Identity, Dropout, and nn.ReLU / tpp_plugin.QCFS activations"
-            )
-        if isinstance(module, _MAX_POOLS) and neuron == "tpp":
-            warnings.warn(
-                f"convert: max pooling ({name!r}) acts on spikes, not on counts: the TPP network "
-                "no longer computes the ANN's max (DESIGN fact 4); prefer average pooling",
-                UserWarning,
-                stacklevel=2,
-            )
-    activations = [m for _, m in leaves if isinstance(m, _ACTIVATIONS)]
-    relus = [m for m in activations if isinstance(m, nn.ReLU)]
-    thresholds = {}
-    if relus:
+    traced = _trace(ann)
+    graph, modules = traced.graph, dict(traced.named_modules())
+    activations = [n for n in graph.nodes
+                   if n.op == "call_module" and isinstance(modules[n.target], _ACTIVATIONS)]
+    pool_of = _pair_max_pools(activations, modules) if neuron == "tpp" else {}
+    _check_graph(graph, modules, pool_of, neuron)
+
+    # thresholds, one per activation call
+    calls, uses = [], {}
+    for node in activations:
+        calls.append((modules[node.target], uses.get(node.target, 0)))
+        uses[node.target] = uses.get(node.target, 0) + 1
+    relu_calls = [i for i, (m, _) in enumerate(calls) if isinstance(m, nn.ReLU)]
+    thresholds = [m.threshold if isinstance(m, QCFS) else None for m, _ in calls]
+    if relu_calls:
         if calibration is None:
             raise ValueError(
                 "convert: the ANN has nn.ReLU activations, whose thresholds come from "
                 "calibration data: pass calibration=<data loader> (or train with tpp_plugin.QCFS)"
             )
-        values = calibrate_thresholds(ann, calibration, relus, mode, momentum)
-        thresholds = {id(m): th for m, th in zip(relus, values)}
+        values = _calibrate_calls(ann, calibration, [calls[i] for i in relu_calls],
+                                  [activations[i].name for i in relu_calls], mode, momentum)
+        for i, th in zip(relu_calls, values):
+            thresholds[i] = th
 
     ref = next(iter(ann.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -763,39 +1084,257 @@ def convert(
     def random_source():  # one seed per random layer, drawn from `seed`; or the shared generator
         return dict(seed=next(seeds), generator=generator)
 
-    layers, depth = [], 0
-    for _, module in leaves:
-        if isinstance(module, _DROPOUTS):
-            continue
-        if not isinstance(module, _ACTIVATIONS):
-            layer = copy.deepcopy(module).eval()
-            layers.append(TimeFlatten(layer) if sequence else layer)
-            continue
-        theta = thresholds[id(module)] if isinstance(module, nn.ReLU) else module.threshold
-        theta = torch.tensor(theta, dtype=dtype, device=device)
+    def make_cell(i: int, depth: int) -> list:
+        """The neuron of activation call ``i`` (and its permutation), ``depth`` TPP layers deep."""
+        theta = torch.tensor(thresholds[i], dtype=dtype, device=device)
         common = dict(threshold=theta, graded_spikes_factor=theta.clone(), init_hidden=True)
         if neuron == "tpp":
+            pools = [_layer_copy(modules[p.target]) for p in pool_of.get(activations[i], ())]
+            pool = nn.Sequential(*pools) if len(pools) > 1 else (pools[0] if pools else None)
             # time loop: the layer behind `depth` TPP layers sees valid input from window depth+1
-            cell = TPP(num_steps=num_steps, sequence=sequence, warmup_windows=0 if sequence
-                       else depth, **common, **random_source(), **neuron_kwargs)
-            depth += 1
+            cell = TPP(num_steps=num_steps, sequence=sequence, pool=pool,
+                       warmup_windows=0 if sequence else depth, **common, **random_source(),
+                       **neuron_kwargs)
         else:
             next(seeds)
             cell = IF(sequence=sequence, **common, **neuron_kwargs)
-        layers.append(cell.to(device=device, dtype=dtype))
+        cells = [cell.to(device=device, dtype=dtype)]
         if permutation:
-            layers.append(TemporalPermutation(permutation, **random_source()))
-    return nn.Sequential(*layers).eval()
+            cells.append(TemporalPermutation(permutation, **random_source()))
+        return cells
+
+    chain = isinstance(ann, nn.Sequential) and _is_chain(graph)
+    build = _build_sequential if chain else _build_graph
+    net = build(traced, activations, pool_of, make_cell, neuron, num_steps, sequence)
+    return net.eval()
+
+
+def _is_chain(graph: fx.Graph) -> bool:
+    """Whether the graph is one input through a chain of modules (a Sequential of layers, not
+    of custom blocks with their own forward)."""
+    previous = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if previous is not None:
+                return False
+        elif node.op not in ("call_module", "output") or node.all_input_nodes != [previous]:
+            return False
+        previous = node
+    return True
+
+
+def _layer_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).eval()
+
+
+def _build_sequential(traced, activations, pool_of, make_cell, neuron, num_steps, sequence):
+    """The graph of an ``nn.Sequential`` is a chain: emit an ``nn.Sequential`` again."""
+    modules = dict(traced.named_modules())
+    merged = {p for pools in pool_of.values() for p in pools}
+    index = {n: i for i, n in enumerate(activations)}
+    layers, depth = [], 0
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or node in merged:
+            continue
+        module = modules[node.target]
+        if isinstance(module, _DROPOUTS):
+            continue
+        if node in index:
+            layers += make_cell(index[node], depth)
+            depth += neuron == "tpp"
+        else:
+            layers.append(TimeFlatten(_layer_copy(module)) if sequence else _layer_copy(module))
+    return nn.Sequential(*layers)
+
+
+def _build_graph(traced, activations, pool_of, make_cell, neuron, num_steps, sequence):
+    """Any traced model: an ``fx.GraphModule`` with the same structure (see :func:`convert`)."""
+    modules = dict(traced.named_modules())
+    merged = {p for pools in pool_of.values() for p in pools}
+    index = {n: i for i, n in enumerate(activations)}
+    graph, root, env = fx.Graph(), {}, {}
+    depth: dict = {}  # time loop: windows of delay of each new node's value (None: constant)
+    delays: dict = {}
+    context = _TimeContext()
+    names = set()  # the names the kept layers and attributes take, and their parents'
+    for node in traced.graph.nodes:
+        kept = node.op == "get_attr" or (
+            node.op == "call_module" and node not in merged and node not in index
+            and not isinstance(modules[node.target], _DROPOUTS))
+        if kept:
+            parts = node.target.split(".")
+            names |= {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+    def fresh(name: str) -> str:
+        candidate, k = name, 0
+        while candidate in names or candidate in root:
+            k += 1
+            candidate = f"{name}_{k}"
+        names.add(candidate)
+        return candidate
+
+    def add_module(name: str, module: nn.Module, args, kwargs=None) -> fx.Node:
+        if name not in root:
+            root[name] = module
+        return graph.call_module(name, args, kwargs or {})
+
+    def aligned(arg):
+        """Map old nodes to new ones; in the time loop, delay the values that are fewer windows
+        late than the latest one, so that all meet in step."""
+        arg = fx.node.map_arg(arg, env.__getitem__)
+        found = []
+        fx.node.map_arg(arg, found.append)
+        late = max((depth[n] for n in found if depth[n] is not None), default=None)
+
+        def delay(n):
+            if depth[n] is None or depth[n] == late:
+                return n
+            key = (n, late - depth[n])
+            if key not in delays:
+                name = fresh(f"{n.name}_delay")
+                delays[key] = add_module(name, _WindowDelay(late - depth[n], num_steps), (n,))
+                depth[delays[key]] = late
+            return delays[key]
+
+        return fx.node.map_arg(arg, delay), late
+
+    def late_of(arg):
+        return aligned(arg) if not sequence else (fx.node.map_arg(arg, env.__getitem__), 0)
+
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            new = graph.node_copy(node)
+            if sequence:
+                new = add_module(fresh("fold_time"), _FoldTime(context), (new,))
+            env[node], depth[new] = new, 0
+        elif node.op == "get_attr":
+            new = graph.node_copy(node)
+            root[node.target] = copy.deepcopy(_fetch(traced, node.target))
+            env[node], depth[new] = new, None
+        elif node.op == "call_module" and node in merged:
+            continue  # part of a neuron
+        elif node.op == "call_module" and isinstance(modules[node.target], _DROPOUTS):
+            env[node] = env[node.args[0]]
+        elif node.op == "call_module" and node in index:
+            source = _window_of_input(node, pool_of)
+            (arg,), late = late_of((source,))
+            late = late or 0
+            cells = make_cell(index[node], late)
+            cell = cells[0] if len(cells) == 1 else nn.Sequential(*cells)
+            new = add_module(fresh(node.name), _TimeCell(cell, context) if sequence else cell,
+                             (arg,))
+            depth[new] = late + (neuron == "tpp")
+            env[node] = new
+            for pool in pool_of.get(node, ()):
+                if pool.args[0] is node:
+                    env[pool] = new  # activation → max-pool: the pool's users read the neuron
+        elif node.op == "call_module":
+            (args, kwargs), late = late_of((node.args, node.kwargs))
+            if node.target not in root:
+                root[node.target] = _layer_copy(modules[node.target])
+            new = graph.call_module(node.target, args, kwargs)
+            env[node], depth[new] = new, late
+        elif node.op in ("call_function", "call_method"):
+            (args, kwargs), late = late_of((node.args, node.kwargs))
+            new = graph.create_node(node.op, node.target, args, kwargs, node.name)
+            env[node], depth[new] = new, late
+        elif node.op == "output":
+            result, _ = late_of(node.args[0])
+            if sequence:
+                result = fx.node.map_arg(result, functools.partial(
+                    _unfold_output, add_module, fresh("unfold_time"), _UnfoldTime(context)))
+            graph.output(result)
+    net = fx.GraphModule(root, graph, class_name=f"Spiking{type(traced).__name__.lstrip('_')}")
+    return net
+
+
+def _unfold_output(add_module, name, unfold, node):
+    return add_module(name, unfold, (node,))
+
+
+def _fetch(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------
 # registration
 # ----------------------------------------------------------------------------------------------
+def _nir_problem(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be exported to NIR, or None."""
+    if isinstance(module, TPP):
+        return ("has no NIR primitive: NIR's neurons (LIF, CubaLIF, IF, ...) fire "
+                "deterministically step by step, a TPP neuron fires at random once it has "
+                "integrated a whole window")
+    if isinstance(module, TemporalPermutation):
+        return "has no NIR primitive: it shuffles whole spike trains along time"
+    if isinstance(module, TimeFlatten):
+        return ("is a sequence-mode wrapper with no NIR primitive: export a time-loop net "
+                "(convert(..., sequence=False)) instead")
+    return None
+
+
+def _check_nir_exportable(net: nn.Module) -> None:
+    modules = list(net.named_modules())  # neurons first: they are the real obstacle
+    modules.sort(key=lambda item: not isinstance(item[1], (TPP, TemporalPermutation)))
+    for name, module in modules:
+        problem = _nir_problem(module)
+        if problem:
+            raise TypeError(
+                f"snntorch.export_nir: cannot export module {name or '<root>'!r} "
+                f"({_type_name(module)}): it {problem}"
+            )
+
+
+def _wrap_export_to_nir(original):
+    def export_to_nir(module, sample_data, *args, **kwargs):
+        _check_nir_exportable(module)
+        return original(module, sample_data, *args, **kwargs)
+
+    return export_to_nir
+
+
+def _wrap_extract_module(original):
+    # also covers an export_to_nir imported before the plugin was registered
+    def _extract_snntorch_module(module):
+        problem = _nir_problem(module)
+        if problem:
+            raise TypeError(
+                f"snntorch.export_nir: cannot export {_type_name(module)}: it {problem}"
+            )
+        return original(module)
+
+    return _extract_snntorch_module
+
+
+def _export_nir_module():
+    """``snntorch.export_nir`` if it can be imported (it needs the ``nir`` and ``nirtorch``
+    packages), else None."""
+    if "snntorch.export_nir" in sys.modules:
+        return sys.modules["snntorch.export_nir"]
+    try:
+        if importlib.util.find_spec("nir") is None or importlib.util.find_spec("nirtorch") is None:
+            return None
+        return importlib.import_module("snntorch.export_nir")
+    except Exception:  # noqa: BLE001 - a broken optional exporter must not break registration
+        return None
+
+
 def install(patcher) -> None:
     """Add ``snntorch.TPP`` and ``snntorch.TemporalPermutation``; wrap ``snntorch.utils.reset``
-    so it also resets plugin neurons anywhere in a net. Undone by ``patcher.undo()``."""
+    so it also resets plugin neurons anywhere in a net; make ``snntorch.export_nir`` (when
+    ``nir`` is installed) refuse plugin modules with a clear ``TypeError``. Undone by
+    ``patcher.undo()``."""
     if not callable(getattr(snntorch.utils, "reset", None)):
         raise RuntimeError("this snnTorch has no snntorch.utils.reset; tpp_plugin needs >= 0.7")
     patcher.add(snntorch, "TPP", TPP)
     patcher.add(snntorch, "TemporalPermutation", TemporalPermutation)
     patcher.wrap(snntorch.utils, "reset", _wrap_reset)
+    export_nir = _export_nir_module()
+    if export_nir is not None:
+        for name, make in (("export_to_nir", _wrap_export_to_nir),
+                           ("_extract_snntorch_module", _wrap_extract_module)):
+            if callable(getattr(export_nir, name, None)):
+                patcher.wrap(export_nir, name, make)
