@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install spikingjelly==2.0.0 snntorch==1.0.0 scikit-learn matplotlib tqdm pytest ruff
+	# NIR export (snnTorch): the plugin refuses TPP modules there with a clear error, tested
+	$(PY) -m pip install "nir>=1.0.6" "nirtorch>=2.0.5"
 	# CuPy for torch's CUDA 13: CI compiles the CUDA kernels with NVRTC (no GPU needed)
 	$(PY) -m pip install cupy-cuda13x
 	$(PY) -m pip install --no-deps -e .
