@@ -72,8 +72,40 @@ def _returns(neuron, spk, mem):
     return spk
 
 
+def _check_graded_spikes_factor(factor) -> None:
+    """A finite number or a finite floating tensor (spikes are multiplied by it)."""
+    if isinstance(factor, torch.Tensor):
+        F.check_tensor(factor, "graded_spikes_factor")
+        return
+    if isinstance(factor, bool) or not isinstance(factor, Real):
+        raise TypeError(
+            f"graded_spikes_factor must be a finite number or tensor, got {type(factor).__name__}"
+        )
+    if not math.isfinite(factor):
+        raise ValueError(f"graded_spikes_factor must be finite, got {factor}")
+
+
 class _Seeded:
     """Mixin: ``self.seed``/``self.generator``; a seeded generator follows the data's device."""
+
+    def manual_seed(self, seed: int) -> None:
+        """Restart this module's random stream from ``seed`` (the same method as SpikingJelly's
+        ``TPPNode.manual_seed``; a ``generator`` given at construction is dropped).
+
+        :param seed: an int in ``[0, 2**64)``
+        :raises TypeError: if ``seed`` is not an int (the state is then unchanged)
+        :raises ValueError: if it is out of range (likewise)
+
+        Example::
+
+            >>> tpp = TPP(num_steps=4, sequence=True, init_hidden=True, seed=0)
+            >>> x = torch.full((4, 1, 3), 0.3)
+            >>> a = tpp(x); tpp.manual_seed(0); b = tpp(x)
+            >>> torch.equal(a, b)
+            True
+        """
+        seed = F.check_seed_value(seed)
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
 
     def _generator_for(self, device: torch.device):
         g = self.generator
@@ -237,6 +269,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             warmup_windows < 0
         ):
             raise ValueError(f"warmup_windows must be an int >= 0, got {warmup_windows!r}")
+        _check_graded_spikes_factor(graded_spikes_factor)
         super().__init__(
             threshold=threshold,
             surrogate_disable=True,  # no surrogate gradient: firing is random
@@ -327,6 +360,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 f"{tuple(self.pending.shape[1:])}; call reset_mem() (or snntorch.utils.reset) "
                 "before changing the input shape"
             )
+        if isinstance(self.threshold, torch.Tensor) and self.threshold.dim():
+            F.check_broadcast(self.threshold, shape)
         base = self.mem
         if mem is not None and step > 0 and mem is not self.mem:
             F.check_tensor(mem, "mem")
@@ -337,6 +372,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             base = mem
         # phase 1, one step (the same additions, in the same order, as functional.tpp_accumulate)
         new_mem = input_ + self.v_init if step == 0 else base + input_
+        F.check_window_sum(new_mem, input_.dtype, "input_")
         spk = self.pending[step] if has_pending else torch.zeros_like(new_mem)
         step, window, pending = step + 1, self._window, self.pending
         if step == self.num_steps:  # window complete: draw all its random numbers, fire
@@ -352,19 +388,23 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
     def _sequence(self, x_seq, name):
         T = self.num_steps
         F.check_tensor(x_seq, name, min_dim=2)
-        if x_seq.shape[0] % T:
+        if x_seq.shape[0] == 0 or x_seq.shape[0] % T:
             raise ValueError(
-                f"{name} has {x_seq.shape[0]} time steps, which is not a multiple of the window "
-                f"num_steps={T}"
+                f"{name} has {x_seq.shape[0]} time steps, which is not a positive multiple of "
+                f"the window num_steps={T}"
             )
-        spikes, mems = [], []
+        if isinstance(self.threshold, torch.Tensor) and self.threshold.dim():
+            F.check_broadcast(self.threshold, x_seq.shape[1:])
+        # every window is accumulated and checked before the first one draws random numbers
+        potentials, mems = [], []
         for start in range(0, x_seq.shape[0], T):
             v = x_seq[start] + self.v_init
             mems.append(v)
             for t in range(start + 1, start + T):
                 v = v + x_seq[t]
                 mems.append(v)
-            spikes.append(self._fire(v))
+            potentials.append(F.check_window_sum(v, x_seq.dtype, name))
+        spikes = [self._fire(v) for v in potentials]
         return torch.cat(spikes) * self.graded_spikes_factor, torch.stack(mems)
 
     def extra_repr(self) -> str:
@@ -419,6 +459,7 @@ class IF(snntorch.Leaky):
         learn_graded_spikes_factor: bool = False,
     ):
         threshold = F.check_threshold(threshold)
+        _check_graded_spikes_factor(graded_spikes_factor)
         super().__init__(
             beta=1.0,
             threshold=threshold,
@@ -457,6 +498,11 @@ class IF(snntorch.Leaky):
         _check_mem_argument(self, mem)
         if self.sequence:
             F.check_tensor(input_, "input_", min_dim=2, finite=False)
+            if input_.shape[0] == 0:
+                raise ValueError(
+                    f"input_ has an empty time dimension (shape {tuple(input_.shape)}); "
+                    "sequence mode needs [T, B, ...] with T >= 1"
+                )
             saved = self.mem, self._mem_out
             self.mem = self.mem.new_zeros(0)
             try:
@@ -516,6 +562,13 @@ class TemporalPermutation(_Seeded, nn.Module):
         self.generator = gen
 
     def forward(self, x_seq):
+        # floating, finite, [T, ...] with T >= 1: the same inputs SpikingJelly's version accepts
+        F.check_tensor(x_seq, "x_seq", min_dim=2 if self.scope == "sample" else 1)
+        if x_seq.shape[0] == 0:
+            raise ValueError(
+                f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}); it needs "
+                "[T, N, ...] with T >= 1"
+            )
         return F.permute_time(x_seq, self.scope, self._generator_for(x_seq.device))
 
     def extra_repr(self) -> str:
