@@ -1,7 +1,7 @@
 r"""Reference models and a plain training loop, used by the demo, ``reproduce`` and the tests.
 
 Every model uses ``nn.ReLU`` modules (SpikingJelly's converters match exactly that type; pass
-``qcfs_levels`` to get :class:`~tpp_plugin.QCFS` instead), average pooling only (DESIGN §1 fact 4)
+``qcfs_levels`` to get :class:`~tpp_plugin.QCFS` instead), average pooling only (docs/design.md §4)
 and ``nn.Flatten``; all are ``nn.Sequential``, so the snnTorch converter takes them too.
 """
 
@@ -33,7 +33,7 @@ def digits_cnn(
 ) -> nn.Sequential:
     """A 5-spiking-layer CNN (four convolutions, one hidden linear layer), 8×8 digits by default.
 
-    Average pooling only, so every op between activations is affine (DESIGN §1 fact 4).
+    Average pooling only, so every op between activations is affine (docs/design.md §4).
 
     :param qcfs_levels: if given, every ReLU is a :class:`~tpp_plugin.QCFS` with that many levels
     :param channels: width of the first convolution

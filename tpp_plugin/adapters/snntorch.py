@@ -715,7 +715,7 @@ def convert(
 
     :param ann: an ``nn.Sequential`` (nested ``nn.Sequential`` allowed) of ``Linear``,
         ``Conv1d/2d/3d``, ``BatchNorm1d/2d/3d``, average pooling, ``Flatten``, ``Unflatten``,
-        ``Identity``, ``Dropout`` and max pooling (not affine on spikes: DESIGN fact 4; warned
+        ``Identity``, ``Dropout`` and max pooling (not affine on spikes: docs/design.md §4; warned
         for TPP), with ``nn.ReLU`` or ``QCFS`` activations
     :type ann: torch.nn.Sequential
     :param calibration: iterable of batches (tensors or ``(x, y)``) to calibrate ReLU
@@ -787,7 +787,7 @@ def convert(
         if isinstance(module, _MAX_POOLS) and neuron == "tpp":
             warnings.warn(
                 f"convert: max pooling ({name!r}) acts on spikes, not on counts: the TPP network "
-                "no longer computes the ANN's max (DESIGN fact 4); prefer average pooling",
+                "no longer computes the ANN's max (docs/design.md §4); prefer average pooling",
                 UserWarning,
                 stacklevel=2,
             )
