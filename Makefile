@@ -14,7 +14,7 @@ SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion reg
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install spikingjelly==2.0.0 snntorch==1.0.0 scikit-learn matplotlib tqdm pytest ruff
+	$(PY) -m pip install spikingjelly==2.0.0 snntorch==1.0.0 scikit-learn matplotlib tqdm pytest ruff hypothesis
 	# CuPy for torch's CUDA 13: CI compiles the CUDA kernels with NVRTC (no GPU needed)
 	$(PY) -m pip install cupy-cuda13x
 	$(PY) -m pip install --no-deps -e .
