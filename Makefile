@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tpp-installed
 # a second time with it first on PYTHONPATH.
 SJ_LEGACY := $(VENV)/sj-0.0.0.0.14
 SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion registry readme \
-             runner reproduce count_domain bench cupy))
+             runner reproduce count_domain bench cupy hardening properties))
 
 .PHONY: demo test test-all lint clean bench
 
@@ -29,6 +29,9 @@ demo: $(STAMP)
 test: $(STAMP) $(SJ_LEGACY)/spikingjelly/__init__.py
 	$(PY) -m pytest -m "not slow"
 	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -m "not slow" -p no:cacheprovider $(SJ_TESTS)
+	# every docstring example, on both SpikingJelly lines
+	$(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
+	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
 
 test-all: test
 	$(PY) -m pytest -m slow

@@ -121,8 +121,8 @@ def load_fashion_mnist(data_dir: str | None = None):
 
     Example::
 
-        >>> x_train, y_train, x_test, y_test = load_fashion_mnist()
-        >>> x_train.shape, x_test.shape
+        >>> x_train, y_train, x_test, y_test = load_fashion_mnist()  # doctest: +SKIP
+        >>> x_train.shape, x_test.shape  # doctest: +SKIP
         (torch.Size([60000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
     """
     data_dir = data_dir or FASHION_MNIST_DIR

@@ -188,9 +188,13 @@ class FiringDiagnostic:
 
     Example::
 
-        >>> with FiringDiagnostic(snn, (IFNode, TPPNode), lambda m: m.v_threshold) as diag:
-        ...     snn(x_seq)
+        >>> from tpp_plugin.adapters.spikingjelly import TPPNode
+        >>> snn = nn.Sequential(TPPNode(count='exact', step_mode='m', seed=0))
+        >>> x_seq = torch.full((4, 2, 3), 0.3)           # Σx = 1.2θ: one spike wanted
+        >>> with FiringDiagnostic(snn, (TPPNode,), lambda m: m.v_threshold) as diag:
+        ...     _ = snn(x_seq)
         >>> diag.summary()[0]['over']      # share of over-firing neurons in the first layer
+        0.0
     """
 
     def __init__(self, net: nn.Module, neuron_types, threshold, spike_scale=None):

@@ -334,7 +334,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
 
         Example::
 
-            >>> tpp = snn.TPP(num_steps=4, count='exact', init_hidden=True, seed=0)
+            >>> tpp = TPP(num_steps=4, count='exact', init_hidden=True, seed=0)
             >>> tpp.forward_sequence(torch.full((4, 1), 0.5)).sum(0)
             tensor([2.])
         """

@@ -638,8 +638,14 @@ if not IS_LEGACY:
 
         Example::
 
-            >>> snn = ann2snn.Converter(QCFSRecipe(neuron='tpp')).convert(qcfs_ann)
+            >>> from spikingjelly.activation_based import functional
+            >>> from tpp_plugin import QCFS
+            >>> qcfs_ann = nn.Sequential(nn.Linear(3, 4), QCFS(L=4), nn.Linear(4, 2))
+            >>> recipe = QCFSRecipe(neuron='tpp', neuron_kwargs={'count': 'exact', 'seed': 0})
+            >>> snn = ann2snn.Converter(recipe).convert(qcfs_ann)
             >>> functional.set_step_mode(snn, 'm')
+            >>> snn(torch.rand(4, 5, 3)).shape            # [T, N, features]
+            torch.Size([4, 5, 2])
         """
 
         def __init__(self, neuron="tpp", neuron_kwargs: dict | None = None):
@@ -679,9 +685,15 @@ def convert_qcfs(ann: nn.Module, neuron="tpp", neuron_kwargs: dict | None = None
 
     Example::
 
-        >>> snn = convert_qcfs(ann, 'tpp', {'count': 'exact'})
+        >>> from spikingjelly.activation_based import functional
+        >>> from tpp_plugin import QCFS
+        >>> ann = nn.Sequential(nn.Linear(3, 4), QCFS(L=4), nn.Linear(4, 2)).eval()
+        >>> snn = convert_qcfs(ann, 'tpp', {'count': 'exact', 'seed': 0})
         >>> functional.set_step_mode(snn, 'm')
-        >>> out = snn(x.unsqueeze(0).repeat(T, 1, 1, 1, 1)).mean(0)
+        >>> x, T = torch.rand(5, 3), 4
+        >>> out = snn(x.unsqueeze(0).repeat(T, 1, 1)).mean(0)
+        >>> torch.allclose(out, ann(x), atol=1e-5)      # exact counts == the QCFS ANN, L = T
+        True
     """
     if not IS_LEGACY:
         return ann2snn.Converter(QCFSRecipe(neuron, neuron_kwargs)).convert(ann)
