@@ -136,6 +136,34 @@ def test_exact_counts_of_16bit_inputs_match_float64(dtype, threshold):
     if threshold != 1.0:  # the old 16-bit division moved many of these neurons: the test can fail
         old = torch.floor((v / threshold).double() + 0.5).clamp(0, T)
         assert (old != expected).float().mean() > 0.01
+def _cupy_available() -> bool:
+    try:
+        from tpp_plugin.kernels import cupy as kernels
+
+        return kernels.available()
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_available(), reason="needs a CUDA device and CuPy")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cupy_exact_counts_of_16bit_inputs_match_float64(dtype):
+    """The kernel twin: 16-bit potentials divided in float32, as on the torch backend."""
+    T, threshold = 8, 0.37
+    k = torch.arange(0, T, dtype=torch.float64).repeat_interleave(2000)
+    delta = (torch.rand(len(k), generator=gen(2), dtype=torch.float64) - 0.5) * 0.02
+    v = ((k + 0.5 + delta) * threshold).to(dtype)
+    w64 = v.double() / threshold
+    near = ((w64 - w64.floor()) - 0.5).abs() < 1e-6
+    expected = torch.floor(w64 + 0.5).clamp(0, T)
+    x_seq = torch.zeros((T, len(v)), dtype=dtype)
+    x_seq[0] = v
+    node = TPPNode(v_threshold=threshold, count="exact", step_mode="m", seed=0, backend="cupy")
+    counts = node(x_seq.cuda()).sum(0).double().cpu()
+    assert torch.equal(counts[~near], expected[~near])
+
+
 # ------------------------------------------------------------------------------------------------
 # seeds
 # ------------------------------------------------------------------------------------------------

@@ -247,13 +247,6 @@ def _eval_batch_size(args, T: int) -> int:
     return max(1, min(args.batch_size, args.batch_steps // T))
 
 
-def _reseed(net: nn.Module, base: int) -> None:
-    # every random module gets its own seed spawned from `base`, independent of what ran before
-    import tpp_plugin
-
-    tpp_plugin.reseed(net, base)
-
-
 def _variant_seed(seed: int, T: int) -> int:
     return seed * 1_000_003 + T * 1_009
 
@@ -300,8 +293,11 @@ class _SpikingJelly:
     def evaluate(self, key, T, seed, x, y, batch_size):
         from spikingjelly.activation_based import functional
 
+        import tpp_plugin
+
         net = self.nets[key]
-        _reseed(net, _variant_seed(seed, T))
+        # every random module gets its own seed spawned from the variant's, whatever ran before
+        tpp_plugin.reseed(net, _variant_seed(seed, T))
         functional.set_step_mode(net, "m")
         preds = []
         with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag:
