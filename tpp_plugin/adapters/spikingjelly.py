@@ -317,12 +317,12 @@ class TPPNode(_TPPModule):
             spikes, self.v_seq = fired
             return spikes
         F.check_tensor(x_seq, "x_seq")
-        if isinstance(self.v_threshold, torch.Tensor):
-            F.check_broadcast(self.v_threshold, x_seq.shape[1:], "v_threshold")
         # every window is accumulated and checked before the first one draws random numbers
         potentials = [
             F.tpp_accumulate(x_seq[s : s + T], self.v_init) for s in range(0, x_seq.shape[0], T)
         ]
+        if isinstance(self.v_threshold, torch.Tensor):
+            F.check_broadcast(self.v_threshold, potentials[0].shape, "v_threshold")
         windows = [self._fire(v, T, self.store_v_seq) for v in potentials]
         if self.store_v_seq:
             windows, v_seq = zip(*windows)
