@@ -433,7 +433,14 @@ def expected_count(v: torch.Tensor, T: int, threshold=1.0, count: str = "bernoul
 
 
 def _check_fire_args(v, T, threshold, count):
-    check_tensor(v, "v")
+    check_tensor(v, "v", finite=False)
+    if v.numel() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
+        raise ValueError(
+            f"v (the membrane potential) contains NaN or infinite values; if the inputs were "
+            f"finite, their window sum overflowed {v.dtype} (largest finite value "
+            f"{torch.finfo(v.dtype).max:g}): feed a wider dtype or scale the input down together "
+            "with the threshold"
+        )
     T = check_window(T)
     return T, check_threshold(threshold, shape=v.shape), check_count(count)
 
