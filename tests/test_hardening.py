@@ -481,3 +481,15 @@ def test_non_gzip_data_file_names_its_path(tmp_path):
     path.write_bytes(b"this is not gzip")
     with pytest.raises(data.DataFileError, match=str(path)):
         data.read_idx(str(path))
+
+
+def test_reproduce_reports_a_non_gzip_data_file_with_its_path(tmp_path, capsys):
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"not gzip at all")
+    code = cli_main(["reproduce", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                     "--T", "1", "--device", "cpu", "--no-plot"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / names[0]) in err and "gzip" in err

@@ -152,21 +152,23 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
 
     Example::
 
-        import torch
-        import snntorch as snn
-        import tpp_plugin  # registers snn.TPP
-
-        num_steps = 4
-        lif = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0)
-        cur = torch.full((2, 3), 0.5)            # Σ over a window = 2 thresholds
-        spk_rec = []
-        for step in range(2 * num_steps):        # one window delay
-            spk, mem = lif(cur)
-            spk_rec.append(spk)
-        torch.stack(spk_rec)[num_steps:].sum(0)  # about 2 spikes per neuron
-
-        seq = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0, sequence=True)
-        spk_seq, mem_seq = seq(cur.expand(num_steps, 2, 3))   # same spikes, no delay
+        >>> import torch
+        >>> import snntorch as snn
+        >>> import tpp_plugin  # registers snn.TPP
+        >>> num_steps = 4
+        >>> lif = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0)
+        >>> cur = torch.full((2, 3), 0.5)            # Σ over a window = 2 thresholds
+        >>> spk_rec = []
+        >>> for step in range(2 * num_steps):        # one window delay
+        ...     spk, mem = lif(cur)
+        ...     spk_rec.append(spk)
+        >>> torch.stack(spk_rec)[num_steps:].sum(0)  # 2 spikes per neuron (v = 2θ is whole)
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]])
+        >>> seq = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0, sequence=True)
+        >>> spk_seq, mem_seq = seq(cur.expand(num_steps, 2, 3))   # same spikes, no delay
+        >>> torch.equal(spk_seq, torch.stack(spk_rec)[num_steps:])
+        True
 
     :param threshold: firing threshold :math:`U_{\rm thr}` (> 0); a number or a tensor
         broadcastable to the input's shape. Defaults to 1
@@ -534,9 +536,10 @@ class TemporalPermutation(_Seeded, nn.Module):
 
     Example::
 
-        perm = snn.TemporalPermutation(scope='neuron', seed=0)
-        spk_seq = torch.tensor([[1.], [1.], [0.], [0.]])   # [T, N]
-        perm(spk_seq).sum(0)                              # tensor([2.])
+        >>> perm = TemporalPermutation(scope='neuron', seed=0)
+        >>> spk_seq = torch.tensor([[1.], [1.], [0.], [0.]])   # [T, N]
+        >>> perm(spk_seq).sum(0)
+        tensor([2.])
 
     :param scope: ``'neuron'`` — an independent permutation per neuron (default); ``'sample'`` —
         one per sample (dim 1); ``'layer'`` — one for the whole tensor
