@@ -225,3 +225,27 @@ def test_rejected_sequence_leaves_stream_unchanged(shape, T, count, seed, bad):
         with pytest.raises((TypeError, ValueError)):
             a(inputs[bad])
         assert torch.equal(a(x), b(x))
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple),
+       T=st.integers(1, 5), seed=st.integers(0, 2**63),
+       scope=st.sampled_from(F.PERMUTATION_SCOPES),
+       bad=st.sampled_from(["nan", "inf", "int", "complex", "list", "meta", "empty"]))
+def test_rejected_permutation_input_leaves_stream_unchanged(shape, T, seed, scope, bad):
+    """Both frameworks' permutation layers accept the same inputs and refuse before drawing."""
+    sj = pytest.importorskip("tpp_plugin.adapters.spikingjelly")
+    seq_shape = (T, *shape)
+    inputs = _bad_inputs(seq_shape)
+    inputs["empty"] = torch.ones(0, *shape)
+    x = (torch.rand(seq_shape, generator=torch.Generator().manual_seed(seed % 2**31)) < 0.5)
+    x = x.float()
+    makers = [
+        lambda: sj.TemporalPermutation(scope, seed=seed, step_mode="m"),
+        lambda: snt.TemporalPermutation(scope, seed=seed),
+    ]
+    for make in makers:
+        a, b = make(), make()
+        with pytest.raises((TypeError, ValueError)):
+            a(inputs[bad])
+        assert torch.equal(a(x), b(x))
