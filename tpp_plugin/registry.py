@@ -233,6 +233,7 @@ def default_neuron(neuron: str, **neuron_kwargs):
         >>> from torch import nn
         >>> from tpp_plugin.adapters.snntorch import convert
         >>> ann = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+        >>> _ = nn.init.constant_(ann[0].weight, 0.5)   # positive activations to calibrate on
         >>> with default_neuron('tpp', count='exact', seed=0):
         ...     snn = convert(ann, [torch.rand(8, 3)], num_steps=4)
         >>> type(snn[1]).__name__, snn[1].count
