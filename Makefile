@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tpp-installed
 # a second time with it first on PYTHONPATH.
 SJ_LEGACY := $(VENV)/sj-0.0.0.0.14
 SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion window_sync registry readme \
-             runner users_scripts reproduce count_domain bench cupy))
+             runner users_scripts reproduce count_domain bench cupy hardening properties))
 # Fashion-MNIST: the Debian package dataset-fashion-mnist, installed here when running as root
 # (the test of SpikingJelly's own cnn_mnist.py example uses a subset; `make bench` all of it)
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
@@ -18,7 +18,7 @@ FASHION     := $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install spikingjelly==2.0.0 snntorch==1.0.0 scikit-learn matplotlib tqdm pytest ruff
+	$(PY) -m pip install spikingjelly==2.0.0 snntorch==1.0.0 scikit-learn matplotlib tqdm pytest ruff hypothesis
 	# NIR export (snnTorch): the plugin refuses TPP modules there with a clear error, tested
 	$(PY) -m pip install "nir>=1.0.6" "nirtorch>=2.0.5"
 	# CuPy for torch's CUDA 13: CI compiles the CUDA kernels with NVRTC (no GPU needed)
@@ -41,6 +41,9 @@ fashion-data:
 test: $(STAMP) $(SJ_LEGACY)/spikingjelly/__init__.py fashion-data
 	$(PY) -m pytest -m "not slow"
 	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -m "not slow" -p no:cacheprovider $(SJ_TESTS)
+	# every docstring example, on both SpikingJelly lines
+	$(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
+	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
 
 test-all: test
 	$(PY) -m pytest -m slow

@@ -69,7 +69,7 @@ def main():
         out_seq = seq(x_test.expand(num_steps, *x_test.shape))
     print(f"\nTPP T={num_steps}: time loop {snn_accuracy(loop, x_test, y_test, num_steps):.2%}, "
           f"sequence mode {SF.accuracy_rate(out_seq, y_test):.2%}")
-    print(f"(digits is easy to separate; see DESIGN.md for Fashion-MNIST numbers)  "
+    print(f"(digits is easy to separate; see docs/results.md for Fashion-MNIST numbers)  "
           f"[{time.time() - start:.1f} s]")
 
 

@@ -46,8 +46,7 @@ def sj_convert(ann, calibration, **hook):
 
 
 def reseed(net):
-    for i, module in enumerate(m for m in net.modules() if isinstance(m, TPPNode)):
-        module.manual_seed(100 + i)
+    tpp_plugin.reseed(net, 100)  # the public reseed: seeds spawned from 100
 
 
 def record_counts(net, neuron_type, to_counts):
@@ -219,9 +218,7 @@ def test_snntorch_count_mode_equals_full_simulation(relu_cnn, batch, T, count):
                       seed=0).double()
 
     def reseed_snn():
-        for m in net.modules():
-            if isinstance(m, snt.TPP):
-                m.generator = torch.Generator().manual_seed(m.seed)
+        tpp_plugin.reseed(net)  # every TPP restarts from its own seed
 
     counts, handles = record_counts(net, snt.TPP, snn_counts)
     reseed_snn()

@@ -14,6 +14,7 @@ import torch
 
 from tpp_plugin import registry
 from tpp_plugin.cli import main as cli_main
+from tpp_plugin.functional import spawn_seeds as registry_seeds
 from tpp_plugin.runner import parse_neuron_kwargs, run_script, split_command
 
 BENCH_STYLE_SCRIPT = textwrap.dedent(
@@ -76,7 +77,8 @@ def test_script_gets_tpp_without_passing_neuron(script, tmp_path):
     result = _report(report)
     assert result["neurons"] == {"TPPNode": 2}
     assert result["out_shape"] == [3, 5, 3]
-    assert result["seeds"] == [7, 8]  # seed=s: the i-th neuron gets s + i
+    # seed=s: the i-th neuron gets the i-th seed spawned from s
+    assert result["seeds"] == sorted(registry_seeds(7, 2))
     assert result["argv"] == ["--time-steps", "3", "--report", str(report)]
     assert result["main"] == "__main__"
 

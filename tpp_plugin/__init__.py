@@ -22,6 +22,7 @@ __all__ = [
     "unregister",
     "default_neuron",
     "reset",
+    "reseed",
     "__version__",
 ]
 
@@ -34,6 +35,35 @@ def reset(net) -> None:
 
     for framework in registered():
         importlib.import_module(ADAPTERS[framework]).reset(net)
+
+
+def reseed(net, seed=None) -> None:
+    """Restart the random stream of every stochastic plugin module in ``net`` (both frameworks),
+    through each module's public ``manual_seed``.
+
+    :param net: a network (or a single module)
+    :param seed: ``None`` — every seeded module restarts from its own ``seed``, as when it was
+        built (modules without a seed are left alone); an int ``s`` — the ``i``-th stochastic
+        module (in ``net.modules()`` order) gets ``functional.spawn_seeds(s, n)[i]``
+
+    Example::
+
+        >>> import torch
+        >>> from tpp_plugin.adapters.snntorch import TPP
+        >>> net = torch.nn.Sequential(TPP(num_steps=4, sequence=True, init_hidden=True, seed=3))
+        >>> x = torch.full((4, 2), 0.4)
+        >>> a = net(x); reseed(net); b = net(x)
+        >>> torch.equal(a, b)
+        True
+    """
+    modules = [m for m in net.modules() if callable(getattr(m, "manual_seed", None))]
+    if seed is None:
+        for module in modules:
+            if getattr(module, "seed", None) is not None:
+                module.manual_seed(module.seed)
+        return
+    for module, child in zip(modules, functional.spawn_seeds(seed, len(modules))):
+        module.manual_seed(child)
 
 
 register()

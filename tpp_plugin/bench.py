@@ -239,17 +239,6 @@ def _ratio(medians: dict, name: str, reference) -> float | None:
     return medians[name] / sum(medians[n] for n in names)
 
 
-def _reseed(net) -> None:
-    """Restart every seeded TPP neuron's random stream (both frameworks)."""
-    for module in net.modules():
-        seed = getattr(module, "seed", None)
-        if seed is None:
-            continue
-        if hasattr(module, "manual_seed"):  # SpikingJelly TPPNode / TemporalPermutation
-            module.manual_seed(seed)
-        elif isinstance(getattr(module, "generator", None), torch.Generator):  # snnTorch
-            module.generator = torch.Generator().manual_seed(seed)
-
 
 def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
     """Full simulation vs :func:`tpp_plugin.count_mode` on the converted demo CNN (SpikingJelly
@@ -297,9 +286,9 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
 
                 medians = time_cases([("full", full), ("count", counted)], repeats, "cpu")
                 with torch.no_grad():
-                    _reseed(net)
+                    tpp_plugin.reseed(net)
                     reference = full().argmax(1)
-                    _reseed(net)
+                    tpp_plugin.reseed(net)
                     same = (reference == counted().argmax(1)).float().mean().item()
                 speedup = medians["full"] / medians["count"]
                 results[(label, T)] = {"speedup": speedup, "same": same, **medians}
@@ -311,16 +300,22 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin bench``."""
+    from .cli import device, nonnegative_int, positive_int
+
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
                         help="implementation to time (default: torch)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--T", type=int, nargs="+", default=[4, 8, 32], help="window lengths")
-    parser.add_argument("--shape", type=int, nargs="+", default=[64, 64, 16, 16],
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--T", type=positive_int, nargs="+", default=[4, 8, 32],
+                        help="window lengths")
+    parser.add_argument("--shape", type=positive_int, nargs="+", default=[64, 64, 16, 16],
                         help="shape of one time step (default: 64 64 16 16)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed rounds (median)")
     parser.add_argument("--count-mode", action="store_true",
                         help="also time the demo CNN: full simulation vs count mode")
-    parser.add_argument("--epochs", type=int, default=5, help="demo CNN training epochs")
+    parser.add_argument("--epochs", type=nonnegative_int, default=5,
+                        help="demo CNN training epochs")
 
 
 def main(args) -> int:

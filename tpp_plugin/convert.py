@@ -12,6 +12,7 @@ __all__ = [
     "set_submodule",
     "batch_inputs",
     "check_calibration_mode",
+    "check_momentum",
     "activation_statistic",
     "calibrate_thresholds",
 ]
@@ -81,6 +82,19 @@ def activation_statistic(x: torch.Tensor, mode) -> torch.Tensor:
     return x.max() * mode
 
 
+def check_momentum(momentum) -> float:
+    """Validate the moving-average momentum of threshold calibration: a number in ``[0, 1]``.
+
+    :raises TypeError: if it is not a real number
+    :raises ValueError: if it is NaN or outside ``[0, 1]``
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number in [0, 1], got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum}")
+    return float(momentum)
+
+
 @torch.no_grad()
 def calibrate_thresholds(
     model: nn.Module,
@@ -95,6 +109,7 @@ def calibrate_thresholds(
     average (first batch taken as is), as SpikingJelly's ``VoltageHook`` does.
     """
     mode = check_calibration_mode(mode)
+    check_momentum(momentum)
     stats: list[torch.Tensor | None] = [None] * len(modules)
 
     def make_hook(i):
@@ -110,7 +125,14 @@ def calibrate_thresholds(
     device = next(model.parameters(), torch.empty(0)).device
     try:
         for batch in dataloader:
-            model(batch_inputs(batch).to(device))
+            inputs = batch_inputs(batch).to(device)
+            try:
+                model(inputs)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"calibration batch of shape {tuple(inputs.shape)} does not fit the model "
+                    f"(the model's error: {exc}); calibrate with batches shaped like its input"
+                ) from exc
     finally:
         for h in handles:
             h.remove()

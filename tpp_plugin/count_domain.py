@@ -1,4 +1,4 @@
-r"""Count-domain evaluation of converted TPP networks (DESIGN §1 fact 4).
+r"""Count-domain evaluation of converted TPP networks (docs/design.md §4).
 
 Between two TPP layers every affine op (conv, linear, BN in eval mode, average pooling, flatten,
 add, a constant scale) sees only the *sum* of its input over the window, and an affine map ``A``
@@ -155,7 +155,7 @@ def _refuse(what: str, why: str):
     raise ValueError(
         f"count_mode: {what} {why}; count-domain evaluation needs affine ops (conv, linear, "
         "BatchNorm in eval mode, average pooling, flatten, add) between and after TPP layers "
-        "(DESIGN fact 4): run the full [T, N, ...] simulation instead"
+        "(docs/design.md §4, the count domain): run the full [T, N, ...] simulation instead"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "read_idx",
+    "DataFileError",
     "subset",
     "resize",
     "loaders",
@@ -64,25 +66,36 @@ def loaders(x_train, y_train, x_test, y_test, batch_size: int = 64, seed: int = 
     return train, test
 
 
+class DataFileError(ValueError):
+    """A data file exists but cannot be read as what it should be (the message names it)."""
+
+
 def read_idx(path: str) -> np.ndarray:
     """Read one IDX file (the MNIST format), gzip-compressed if its name ends in ``.gz``.
 
     :param path: file path
     :return: the array, with the shape and element type the file's header declares
-    :raises ValueError: if the header is not an IDX header or the data is truncated
+    :raises DataFileError: (a ``ValueError``) naming ``path`` if it is not valid gzip, its
+        header is not an IDX header, or the data is truncated
     """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataFileError(
+            f"{path} is not a valid gzip file ({exc}); replace it with the original "
+            "*-ubyte.gz file (e.g. reinstall the dataset-fashion-mnist package)"
+        ) from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise DataFileError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     offset = 4 + 4 * ndim
     count = int(np.prod(shape)) if shape else 1
     if len(raw) - offset < count * dtype.itemsize:
-        raise ValueError(f"{path} is truncated: header says {shape}, file is too short")
+        raise DataFileError(f"{path} is truncated: header says {shape}, file is too short")
     return np.frombuffer(raw, dtype, count, offset=offset).reshape(shape)
 
 
@@ -108,8 +121,8 @@ def load_fashion_mnist(data_dir: str | None = None):
 
     Example::
 
-        >>> x_train, y_train, x_test, y_test = load_fashion_mnist()
-        >>> x_train.shape, x_test.shape
+        >>> x_train, y_train, x_test, y_test = load_fashion_mnist()  # doctest: +SKIP
+        >>> x_train.shape, x_test.shape  # doctest: +SKIP
         (torch.Size([60000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
     """
     data_dir = data_dir or FASHION_MNIST_DIR
@@ -159,6 +172,8 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0):
 
 def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """Downscale images ``[N, C, H, W]`` to ``size × size`` by area averaging (``None``: as is)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"resize size must be an int >= 1, got {size!r}")
     if size is None or size == x.shape[-1]:
         return x
     return torch.nn.functional.interpolate(x, size=(size, size), mode="area")

@@ -28,6 +28,7 @@ bit for bit against plain reference loops (:func:`tpp_fire_reference`,
 
 from __future__ import annotations
 
+import hashlib
 import math
 from numbers import Integral, Real
 
@@ -42,6 +43,11 @@ __all__ = [
     "check_threshold",
     "check_tensor",
     "check_seed",
+    "check_seed_value",
+    "check_window_sum",
+    "check_broadcast",
+    "spawn_seeds",
+    "SEED_LIMIT",
     "UNIFORM_BITS",
     "window_uniforms",
     "tpp_accumulate",
@@ -86,15 +92,29 @@ def check_window(T, name: str = "T") -> int:
     return int(T)
 
 
-def check_threshold(threshold, name: str = "threshold"):
+def check_threshold(threshold, name: str = "threshold", shape=None):
     """Return a valid threshold: a finite positive number, or a tensor of them.
 
+    :param shape: if given, a tensor threshold must broadcast to this shape without enlarging it
     :raises TypeError: if ``threshold`` is neither a real number nor a floating tensor
-    :raises ValueError: if any threshold is not finite or not positive
+    :raises ValueError: if any threshold is not finite or not positive, lives on the meta
+        device, or does not broadcast to ``shape``
+
+    Example::
+
+        >>> check_threshold(0.5)
+        0.5
+        >>> check_threshold(-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold must be finite and > 0, got -1.0
     """
     if isinstance(threshold, torch.Tensor):
         if not threshold.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {threshold.dtype}")
+        _check_not_meta(threshold, name)
+        if shape is not None:
+            check_broadcast(threshold, shape, name)
         if not bool(torch.isfinite(threshold).all()) or bool((threshold <= 0).any()):
             raise ValueError(f"{name} must be finite and > 0 everywhere")
         return threshold
@@ -104,6 +124,40 @@ def check_threshold(threshold, name: str = "threshold"):
     if not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {threshold}")
     return threshold
+
+
+def _check_not_meta(x: torch.Tensor, name: str) -> None:
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device and holds no values; materialize it first (e.g. "
+            "module.to_empty(device='cpu') and load the weights, or .to('cpu'))"
+        )
+
+
+def check_broadcast(tensor: torch.Tensor, shape, name: str = "threshold") -> None:
+    """Check that ``tensor`` broadcasts to ``shape`` without enlarging it.
+
+    :raises ValueError: naming ``name``, both shapes and the rule, if it does not
+
+    Example::
+
+        >>> check_broadcast(torch.ones(3), (2, 3))
+        >>> check_broadcast(torch.ones(2), (2, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold of shape (2,) does not broadcast to the input's shape (2, 3) ...
+    """
+    shape = tuple(shape)
+    try:
+        ok = tuple(torch.broadcast_shapes(tuple(tensor.shape), shape)) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        hint = f"{shape[-1:]} or {(*shape[:-1], 1)}" if shape else "()"
+        raise ValueError(
+            f"{name} of shape {tuple(tensor.shape)} does not broadcast to the input's shape "
+            f"{shape} (it must broadcast without enlarging the input, e.g. shape {hint})"
+        )
 
 
 def check_tensor(x, name: str, min_dim: int = 0, finite: bool = True) -> torch.Tensor:
@@ -116,6 +170,7 @@ def check_tensor(x, name: str, min_dim: int = 0, finite: bool = True) -> torch.T
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    _check_not_meta(x, name)
     if x.dim() < min_dim:
         raise ValueError(
             f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}"
@@ -136,10 +191,70 @@ def check_seed(seed, generator) -> None:
     """
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if seed is not None:
+        check_seed_value(seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+#: seeds are integers in ``[0, SEED_LIMIT)`` (what ``torch.Generator.manual_seed`` accepts)
+SEED_LIMIT = 2**64
+
+
+def check_seed_value(seed, name: str = "seed") -> int:
+    """Return ``seed`` as an ``int`` in ``[0, 2**64)``, else raise.
+
+    :raises TypeError: if ``seed`` is not an integer (``bool``, ``float``, ``str``, ``None``)
+    :raises ValueError: if it is negative or ``>= 2**64``
+
+    Example::
+
+        >>> check_seed_value(7)
+        7
+        >>> check_seed_value(1.5)
+        Traceback (most recent call last):
+        ...
+        TypeError: seed must be an int in [0, 2**64), got float 1.5
+    """
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise TypeError(f"{name} must be an int in [0, 2**64), got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def spawn_seeds(seed, n: int) -> list:
+    """``n`` seeds for independent random streams, derived from one user ``seed``.
+
+    Like ``numpy.random.SeedSequence(seed).spawn(n)``: child ``i`` is a 63-bit hash (BLAKE2b) of
+    ``(seed, i)``, so the children of different seeds do not overlap (``seed=0`` and ``seed=1``
+    share no stream, unlike ``seed + i``), and adding layers does not change the seeds of the
+    first ones. The converters give their ``i``-th random layer the ``i``-th child
+    (see ``docs/design.md``, "Seeds").
+
+    :param seed: the user's seed (see :func:`check_seed_value`)
+    :param n: number of child seeds
+    :return: a list of ``n`` ints in ``[0, 2**63)``
+
+    Example::
+
+        >>> a, b = spawn_seeds(0, 3), spawn_seeds(1, 3)
+        >>> len(a), set(a) & set(b)
+        (3, set())
+        >>> spawn_seeds(0, 2) == a[:2]
+        True
+    """
+    seed = check_seed_value(seed)
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    out = []
+    for i in range(int(n)):
+        digest = hashlib.blake2b(
+            seed.to_bytes(8, "little") + int(i).to_bytes(8, "little"),
+            digest_size=8, person=b"tpp_plugin.seed",
+        ).digest()
+        out.append(int.from_bytes(digest, "little") >> 1)
+    return out
 
 
 def _check_generator(generator, device: torch.device, name: str = "generator"):
@@ -245,9 +360,40 @@ def tpp_accumulate(x_seq: torch.Tensor, v_init=0.0) -> torch.Tensor:
     :return: membrane potential, shape ``[*shape]``
     """
     check_tensor(x_seq, "x_seq", min_dim=1)
+    if x_seq.shape[0] == 0:
+        raise ValueError(
+            f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}): a window needs "
+            "at least one step"
+        )
     v = x_seq[0] + v_init
     for t in range(1, x_seq.shape[0]):
         v.add_(x_seq[t])
+    check_window_sum(v, x_seq.dtype)
+    return v
+
+
+def check_window_sum(v: torch.Tensor, dtype=None, name: str = "x_seq") -> torch.Tensor:
+    """Raise a clear error if a window sum of finite inputs overflowed its dtype.
+
+    :param v: the window sum (membrane potential)
+    :param dtype: dtype of the inputs (for the message; defaults to ``v``'s)
+    :param name: the input that was summed
+    :raises ValueError: naming ``name``, the dtype and its largest finite value
+
+    Example::
+
+        >>> check_window_sum(torch.tensor([65504.0]).half() * 2, torch.float16)
+        Traceback (most recent call last):
+        ...
+        ValueError: the window sum of x_seq overflows torch.float16 ...
+    """
+    if v.numel() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
+        dtype = v.dtype if dtype is None else dtype
+        raise ValueError(
+            f"the window sum of {name} overflows {dtype} (largest finite value "
+            f"{torch.finfo(dtype).max:g}); feed {name} in a wider dtype (e.g. float32) or "
+            "scale it down together with the threshold"
+        )
     return v
 
 
@@ -264,7 +410,16 @@ def expected_count(v: torch.Tensor, T: int, threshold=1.0, count: str = "bernoul
     """
     check_count(count)
     T = check_window(T)
-    w = torch.as_tensor(v, dtype=torch.float64) / threshold
+    threshold = check_threshold(threshold)
+    if isinstance(v, torch.Tensor):
+        _check_not_meta(v, "v")
+    w = torch.as_tensor(v, dtype=torch.float64)
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError("v contains NaN or infinite values: the expected count is undefined")
+    if isinstance(threshold, torch.Tensor):
+        check_broadcast(threshold, w.shape)
+        threshold = threshold.to(torch.float64)
+    w = w / threshold
     if count == "exact":
         return torch.floor(w + 0.5).clamp(0, T)
     fired_so_far = torch.arange(T + 1, dtype=torch.float64).view(-1, *([1] * w.dim()))
@@ -278,18 +433,25 @@ def expected_count(v: torch.Tensor, T: int, threshold=1.0, count: str = "bernoul
 
 
 def _check_fire_args(v, T, threshold, count):
-    check_tensor(v, "v")
-    return check_window(T), check_threshold(threshold), check_count(count)
+    check_tensor(v, "v", finite=False)
+    if v.numel() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
+        raise ValueError(
+            f"v (the membrane potential) contains NaN or infinite values; if the inputs were "
+            f"finite, their window sum overflowed {v.dtype} (largest finite value "
+            f"{torch.finfo(v.dtype).max:g}): feed a wider dtype or scale the input down together "
+            "with the threshold"
+        )
+    T = check_window(T)
+    return T, check_threshold(threshold, shape=v.shape), check_count(count)
 
 
 def _potential_in_thresholds(v, T, threshold, count, rdtype) -> torch.Tensor:
-    """``w = v/θ`` in the uniforms' dtype (rounded to a whole count for ``'exact'``)."""
-    w = (v / threshold).to(rdtype)
-    if w.shape != v.shape:
-        raise ValueError(
-            f"threshold of shape {tuple(threshold.shape)} must broadcast to v's shape "
-            f"{tuple(v.shape)} without enlarging it"
-        )
+    """``w = v/θ`` in the uniforms' dtype (rounded to a whole count for ``'exact'``).
+
+    The division itself runs in ``rdtype`` (``float32`` at least): a 16-bit ``v/θ`` would round
+    to 11 (float16) or 8 (bfloat16) bits, moving counts near a rounding boundary.
+    """
+    w = (v.to(rdtype) / threshold).to(rdtype)
     if count == "exact":
         w = torch.floor(w + 0.5).clamp_(0, T)
     return w
@@ -308,7 +470,7 @@ def tpp_fire_reference(
     :return: spikes ``[T, *shape]`` in ``v``'s dtype
     """
     T, threshold, count = _check_fire_args(v, T, threshold, count)
-    w = (v / threshold).to(uniforms.dtype)
+    w = (v.to(uniforms.dtype) / threshold).to(uniforms.dtype)
     if count == "exact":
         w = torch.floor(w + 0.5).clamp(0, T)
     spikes = []
@@ -376,11 +538,20 @@ def tpp_fire(
         tensor([0., 2., 4.])
     """
     T, threshold, count = _check_fire_args(v, T, threshold, count)
-    rdtype = _random_dtype(v.dtype)
-    spikes = torch.empty((T, *v.shape), dtype=v.dtype, device=v.device)
     n = v.numel()
     if uniforms is None:
         _check_generator(generator, v.device)
+        rdtype = _random_dtype(v.dtype)
+    else:
+        if tuple(uniforms.shape) != (T, *v.shape):
+            raise ValueError(
+                f"uniforms must have shape {(T, *v.shape)}, got {tuple(uniforms.shape)}"
+            )
+        rdtype = uniforms.dtype
+    # everything is checked and w computed before the first random number is drawn
+    w = _potential_in_thresholds(v, T, threshold, count, rdtype).view(n)
+    spikes = torch.empty((T, *v.shape), dtype=v.dtype, device=v.device)
+    if uniforms is None:
         words = _bits_inside(spikes, T * n)
         if words is None:
             bits = _draw_bits(T * n, v.device, generator).view(T, n)
@@ -389,13 +560,8 @@ def tpp_fire(
         # r·((T−t)·2⁻¹⁶) rounds once, like the reference's (r·2⁻¹⁶)·(T−t): r·2⁻¹⁶ is exact
         scales = [torch.tensor((T - t) * _UNIFORM_SCALE, dtype=rdtype) for t in range(T)]
     else:
-        if tuple(uniforms.shape) != (T, *v.shape):
-            raise ValueError(
-                f"uniforms must have shape {(T, *v.shape)}, got {tuple(uniforms.shape)}"
-            )
-        bits, rdtype = uniforms.reshape(T, n), uniforms.dtype
+        bits = uniforms.reshape(T, n)
         scales = list(range(T, 0, -1))
-    w = _potential_in_thresholds(v, T, threshold, count, rdtype).view(n)
     out = spikes.view(T, n)
     v_seq = torch.empty_like(spikes) if return_v_seq else None
     scaled = torch.empty(n, dtype=rdtype, device=v.device)
@@ -444,7 +610,9 @@ def tpp_count(
     _check_generator(generator, v.device)
     n = v.numel()
     steps = _step_draws(T, n, v.device, generator)
-    w = w.view(n)
+    # w >= T fires at every step (u·(T−t) < T−t <= w − t): clamping changes no spike but keeps
+    # w0 − w_T exact (w − 1 == w once |w| >= 2**24 in float32, 2**53 in float64)
+    w = w.view(n).clamp_(max=T)
     w0 = w.clone()
     scaled = torch.empty(n, dtype=rdtype, device=v.device)
     for t in range(T):
@@ -620,6 +788,14 @@ def qcfs(x: torch.Tensor, lam, L: int, shift: float = 0.5) -> torch.Tensor:
     """
     check_tensor(x, "x", finite=False)
     L = check_window(L, "L")
+    if isinstance(lam, torch.Tensor):
+        if not lam.is_floating_point():
+            raise TypeError(f"lam must be a number or a floating tensor, got dtype {lam.dtype}")
+        _check_not_meta(lam, "lam")
+        if not bool(torch.isfinite(lam).all()) or bool((lam <= 0).any()):
+            raise ValueError("lam (the clipping level λ) must be finite and > 0 everywhere")
+    else:
+        check_threshold(lam, "lam")
     # clip before the floor (as QCFS does) so the straight-through gradient reaches all of (0, λ)
     z = (x / lam).clamp(0, 1) * L + shift
     z = z + (torch.floor(z) - z).detach()

@@ -38,7 +38,7 @@ def digits_cnn(
 ) -> nn.Sequential:
     """A 5-spiking-layer CNN (four convolutions, one hidden linear layer), 8×8 digits by default.
 
-    Average pooling only, so every op between activations is affine (DESIGN §1 fact 4).
+    Average pooling only, so every op between activations is affine (docs/design.md §4).
 
     :param qcfs_levels: if given, every ReLU is a :class:`~tpp_plugin.QCFS` with that many levels
     :param channels: width of the first convolution

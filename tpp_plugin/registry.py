@@ -9,6 +9,7 @@ is a no-op, and undoes everything in reverse order on :func:`unregister`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -75,7 +76,7 @@ class Patcher:
             )
             return False
         setattr(owner, name, value)
-        self._records.append((owner, name, _MISSING))
+        self._records.append((owner, name, _MISSING, value))
         return True
 
     def wrap(self, owner, name: str, make_wrapper):
@@ -92,16 +93,31 @@ class Patcher:
         functools.update_wrapper(wrapper, original)
         wrapper.__tpp_plugin_wrapper__ = True
         setattr(owner, name, wrapper)
-        self._records.append((owner, name, original))
+        self._records.append((owner, name, original, wrapper))
         return wrapper
 
     def undo(self) -> None:
-        """Restore everything this patcher changed, newest first."""
+        """Restore everything this patcher changed, newest first.
+
+        Only what is still the plugin's is restored: if something else was installed on top of
+        a patched attribute after registration (a third-party wrapper, say), it is left in place
+        and a ``RuntimeWarning`` says so (removing it would silently discard the other package's
+        change; it may still call the plugin's wrapper, which keeps working).
+        """
         while self._records:
-            owner, name, original = self._records.pop()
+            owner, name, original, installed = self._records.pop()
+            current = _raw_attr(owner, name)
+            if current is not installed:
+                if current is not _MISSING:
+                    warnings.warn(
+                        f"tpp_plugin: {getattr(owner, '__name__', owner)}.{name} was replaced "
+                        "after tpp_plugin patched it; leaving the newer value in place",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                continue
             if original is _MISSING:
-                if hasattr(owner, name):
-                    delattr(owner, name)
+                delattr(owner, name)
             else:
                 setattr(owner, name, original)
 
@@ -147,8 +163,14 @@ def register(frameworks=None) -> tuple:
 
 
 def unregister(frameworks=None) -> None:
-    """Undo :func:`register` for the given frameworks (all by default)."""
+    """Undo :func:`register` for the given frameworks (all by default).
+
+    :raises ValueError: for a name that is not a known framework (as :func:`register` does)
+    """
     names = [frameworks] if isinstance(frameworks, str) else list(frameworks or list(_ACTIVE))
+    for name in names:
+        if name not in ADAPTERS:
+            raise ValueError(f"unknown framework {name!r}; known: {sorted(ADAPTERS)}")
     for name in names:
         patcher = _ACTIVE.pop(name, None)
         if patcher is not None:
@@ -163,7 +185,11 @@ def registered() -> tuple:
 # ------------------------------------------------------------------------------------------------
 # the converters' default neuron
 # ------------------------------------------------------------------------------------------------
-_DEFAULT_NEURON: tuple | None = None  # (name, kwargs) while a default_neuron() block is active
+# (name, kwargs) while a default_neuron() block is active; a ContextVar, so that threads and
+# asyncio tasks each see only their own block
+_DEFAULT_NEURON: contextvars.ContextVar = contextvars.ContextVar(
+    "tpp_plugin_default_neuron", default=None
+)
 
 
 def check_neuron_name(neuron) -> str:
@@ -190,30 +216,51 @@ def default_neuron(neuron: str, **neuron_kwargs):
     default (none: each framework's own) comes back when the block ends, also on an exception.
     The plugin must be registered (``import tpp_plugin`` does it) for SpikingJelly to see it.
 
+    The choice is held in a :class:`contextvars.ContextVar`: other threads and asyncio tasks do
+    not see it.
+
     :param neuron: ``'tpp'`` or ``'if'``
     :param neuron_kwargs: the neuron's arguments, e.g. ``count='exact'``, ``seed=0``, ``T=8``
-        (SpikingJelly's single-step mode); with ``seed=s`` the ``i``-th neuron gets ``s + i``
+        (SpikingJelly's single-step mode); with ``seed=s`` the ``i``-th neuron gets the ``i``-th
+        seed of :func:`tpp_plugin.functional.spawn_seeds`
     :raises ValueError: for an unknown neuron name
+    :raises RuntimeError: if SpikingJelly is installed but the plugin is not registered into it
+        (its converters would silently ignore the block)
 
     Example::
 
-        >>> with tpp_plugin.default_neuron('tpp', seed=0):
-        ...     snn = ann2snn.Converter(ann2snn.RateCodingRecipe(loader)).convert(ann)
+        >>> import torch
+        >>> from torch import nn
+        >>> from tpp_plugin.adapters.snntorch import convert
+        >>> ann = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+        >>> _ = nn.init.constant_(ann[0].weight, 0.5)   # positive activations to calibrate on
+        >>> with default_neuron('tpp', count='exact', seed=0):
+        ...     snn = convert(ann, [torch.rand(8, 3)], num_steps=4)
+        >>> type(snn[1]).__name__, snn[1].count
+        ('TPP', 'exact')
     """
-    global _DEFAULT_NEURON
     name = check_neuron_name(neuron)
-    saved = _DEFAULT_NEURON
-    _DEFAULT_NEURON = (name, dict(neuron_kwargs))
+    if "seed" in neuron_kwargs and neuron_kwargs["seed"] is not None:
+        from .functional import check_seed_value
+
+        check_seed_value(neuron_kwargs["seed"], "neuron_kwargs['seed']")
+    if _installed("spikingjelly") and "spikingjelly" not in _ACTIVE:
+        raise RuntimeError(
+            "default_neuron: tpp_plugin is not registered into SpikingJelly, whose converters "
+            "would silently keep their own neuron; call tpp_plugin.register('spikingjelly') first"
+        )
+    token = _DEFAULT_NEURON.set((name, dict(neuron_kwargs)))
     try:
         yield
     finally:
-        _DEFAULT_NEURON = saved
+        _DEFAULT_NEURON.reset(token)
 
 
 def current_default_neuron() -> tuple | None:
     """The active :func:`default_neuron` as ``(name, kwargs)`` (a fresh copy of the kwargs), or
     ``None`` when the frameworks' own default neuron applies."""
-    if _DEFAULT_NEURON is None:
+    current = _DEFAULT_NEURON.get()
+    if current is None:
         return None
-    name, kwargs = _DEFAULT_NEURON
+    name, kwargs = current
     return name, dict(kwargs)

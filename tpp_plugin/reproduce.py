@@ -188,9 +188,13 @@ class FiringDiagnostic:
 
     Example::
 
-        >>> with FiringDiagnostic(snn, (IFNode, TPPNode), lambda m: m.v_threshold) as diag:
-        ...     snn(x_seq)
+        >>> from tpp_plugin.adapters.spikingjelly import TPPNode
+        >>> snn = nn.Sequential(TPPNode(count='exact', step_mode='m', seed=0))
+        >>> x_seq = torch.full((4, 2, 3), 0.3)           # Σx = 1.2θ: one spike wanted
+        >>> with FiringDiagnostic(snn, (TPPNode,), lambda m: m.v_threshold) as diag:
+        ...     _ = snn(x_seq)
         >>> diag.summary()[0]['over']      # share of over-firing neurons in the first layer
+        0.0
     """
 
     def __init__(self, net: nn.Module, neuron_types, threshold, spike_scale=None):
@@ -246,12 +250,6 @@ def _eval_batch_size(args, T: int) -> int:
     return max(1, min(args.batch_size, args.batch_steps // T))
 
 
-def _reseed(net: nn.Module, base: int) -> None:
-    # every random module gets its own seed, independent of what ran before
-    for i, m in enumerate(m for m in net.modules() if hasattr(m, "manual_seed")):
-        m.manual_seed(base + i)
-
-
 def _variant_seed(seed: int, T: int) -> int:
     return seed * 1_000_003 + T * 1_009
 
@@ -298,8 +296,11 @@ class _SpikingJelly:
     def evaluate(self, key, T, seed, x, y, batch_size):
         from spikingjelly.activation_based import functional
 
+        import tpp_plugin
+
         net = self.nets[key]
-        _reseed(net, _variant_seed(seed, T))
+        # every random module gets its own seed spawned from the variant's, whatever ran before
+        tpp_plugin.reseed(net, _variant_seed(seed, T))
         functional.set_step_mode(net, "m")
         preds = []
         with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag:
@@ -627,7 +628,9 @@ def _environment() -> dict:
 # command line
 # ------------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    """Options of ``python -m tpp_plugin reproduce``."""
+    """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
+    from .cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
+
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
                         help="folder with the Fashion-MNIST *-ubyte.gz files")
@@ -636,36 +639,49 @@ def add_arguments(parser) -> None:
                         "layers (one or more)")
     parser.add_argument("--ann", nargs="+", choices=["relu", "qcfs"], default=["relu"],
                         help="ReLU ANN (threshold calibration) or QCFS ANN (one or more)")
-    parser.add_argument("--L", type=int, default=4, help="QCFS levels")
-    parser.add_argument("--mode", default="99.9%",
+    parser.add_argument("--L", type=positive_int, default=4, help="QCFS levels")
+    parser.add_argument("--mode", type=calibration_mode, default="99.9%",
                         help="ReLU threshold calibration: max or a percentile like 99.9%%")
-    parser.add_argument("--T", type=int, nargs="+", default=list(DEFAULT_TS), help="time steps")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
+                        help="time steps")
+    parser.add_argument("--seeds", type=positive_int, default=1,
                         help="seeds of the stochastic variants (permutation, TPP)")
-    parser.add_argument("--train-seed", type=int, default=0, help="seed of ANN training")
+    parser.add_argument("--train-seed", type=nonnegative_int, default=0,
+                        help="seed of ANN training")
     parser.add_argument("--framework", choices=list(FRAMEWORKS), default="spikingjelly")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--device", type=device, default=None,
+                        help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--epochs", type=nonnegative_int, default=None,
                         help="ANN training epochs (default: 30 on digits, 8 on Fashion-MNIST)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-batch-size", type=int, default=None,
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
+    parser.add_argument("--train-batch-size", type=positive_int, default=None,
                         help="default: 64 on digits, 256 on Fashion-MNIST")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="evaluation images per forward (default: 4096 on cuda, 1024 on cpu)")
-    parser.add_argument("--batch-steps", type=int, default=None,
+    parser.add_argument("--batch-steps", type=positive_int, default=None,
                         help="cap on images × T per forward (default: 65536 on cuda, 8192 on "
                         "cpu)")
-    parser.add_argument("--calib-images", type=int, default=2048,
+    parser.add_argument("--calib-images", type=positive_int, default=2048,
                         help="training images used to calibrate ReLU thresholds (batches of 256)")
-    parser.add_argument("--subset", type=int, nargs="+", default=None, metavar="N",
+    parser.add_argument("--subset", type=positive_int, nargs="+", default=None, metavar="N",
                         help="N_TRAIN [N_TEST]: class-stratified subsets for quick runs")
-    parser.add_argument("--resize", type=int, default=None,
+    parser.add_argument("--resize", type=positive_int, default=None,
                         help="downscale images to this side (e.g. 14, like the prototype)")
     parser.add_argument("--checkpoint", default=None,
                         help="folder for trained ANNs: loaded if present, else trained and saved")
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG files")
-    parser.add_argument("--diag-T", type=int, default=4, help="T of the printed diagnostic")
+    parser.add_argument("--diag-T", type=positive_int, default=4,
+                        help="T of the printed diagnostic")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def check_arguments(args) -> None:
+    """Checks across arguments (called by the command line right after parsing).
+
+    :raises ValueError: with the message argparse reports as a usage error
+    """
+    if args.subset is not None and len(args.subset) > 2:
+        raise ValueError(f"--subset takes N_TRAIN [N_TEST], got {len(args.subset)} values")
 
 
 def _fill_defaults(args) -> None:
@@ -691,7 +707,7 @@ def main(args) -> int:
     try:
         _fill_defaults(args)
         run(args)
-    except FileNotFoundError as exc:  # Fashion-MNIST not installed: the message says how
+    except (FileNotFoundError, data.DataFileError) as exc:  # missing or unreadable data: say which
         print(f"python -m tpp_plugin reproduce: error: {exc}", file=sys.stderr)
         return 2
     return 0

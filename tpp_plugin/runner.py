@@ -80,7 +80,7 @@ def _exit_code(code) -> int:
 
 
 def run_script(script: str, args=(), neuron: str = "tpp", **neuron_kwargs) -> int:
-    """Run ``script`` as ``__main__`` with ``neuron`` as the converters' default; return its exit
+    r"""Run ``script`` as ``__main__`` with ``neuron`` as the converters' default; return its exit
     code.
 
     :param script: path of a Python file
@@ -94,8 +94,14 @@ def run_script(script: str, args=(), neuron: str = "tpp", **neuron_kwargs) -> in
 
     Example::
 
-        >>> run_script('benchmark_ann2snn_rate_coding_step_mode.py', ['--time-steps', '8'],
-        ...            neuron='tpp', seed=0, T=8)
+        >>> import os, tempfile
+        >>> script = os.path.join(tempfile.mkdtemp(), 'script.py')
+        >>> with open(script, 'w') as f:
+        ...     _ = f.write('import sys\n'
+        ...                 'from tpp_plugin.registry import current_default_neuron\n'
+        ...                 'print(sys.argv[1:], current_default_neuron())\n')
+        >>> run_script(script, ['--time-steps', '8'], neuron='tpp', seed=0, T=8)
+        ['--time-steps', '8'] ('tpp', {'seed': 0, 'T': 8})
         0
     """
     registry.check_neuron_name(neuron)

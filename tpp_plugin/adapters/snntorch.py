@@ -87,8 +87,40 @@ def _refuse_surrogate(spike_grad, surrogate_disable) -> None:
         )
 
 
+def _check_graded_spikes_factor(factor) -> None:
+    """A finite number or a finite floating tensor (spikes are multiplied by it)."""
+    if isinstance(factor, torch.Tensor):
+        F.check_tensor(factor, "graded_spikes_factor")
+        return
+    if isinstance(factor, bool) or not isinstance(factor, Real):
+        raise TypeError(
+            f"graded_spikes_factor must be a finite number or tensor, got {type(factor).__name__}"
+        )
+    if not math.isfinite(factor):
+        raise ValueError(f"graded_spikes_factor must be finite, got {factor}")
+
+
 class _Seeded:
     """Mixin: ``self.seed``/``self.generator``; a seeded generator follows the data's device."""
+
+    def manual_seed(self, seed: int) -> None:
+        """Restart this module's random stream from ``seed`` (the same method as SpikingJelly's
+        ``TPPNode.manual_seed``; a ``generator`` given at construction is dropped).
+
+        :param seed: an int in ``[0, 2**64)``
+        :raises TypeError: if ``seed`` is not an int (the state is then unchanged)
+        :raises ValueError: if it is out of range (likewise)
+
+        Example::
+
+            >>> tpp = TPP(num_steps=4, sequence=True, init_hidden=True, seed=0)
+            >>> x = torch.full((4, 1, 3), 0.3)
+            >>> a = tpp(x); tpp.manual_seed(0); b = tpp(x)
+            >>> torch.equal(a, b)
+            True
+        """
+        seed = F.check_seed_value(seed)
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
 
     def _generator_for(self, device: torch.device):
         g = self.generator
@@ -135,21 +167,23 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
 
     Example::
 
-        import torch
-        import snntorch as snn
-        import tpp_plugin  # registers snn.TPP
-
-        num_steps = 4
-        lif = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0)
-        cur = torch.full((2, 3), 0.5)            # Σ over a window = 2 thresholds
-        spk_rec = []
-        for step in range(2 * num_steps):        # one window delay
-            spk, mem = lif(cur)
-            spk_rec.append(spk)
-        torch.stack(spk_rec)[num_steps:].sum(0)  # about 2 spikes per neuron
-
-        seq = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0, sequence=True)
-        spk_seq, mem_seq = seq(cur.expand(num_steps, 2, 3))   # same spikes, no delay
+        >>> import torch
+        >>> import snntorch as snn
+        >>> import tpp_plugin  # registers snn.TPP
+        >>> num_steps = 4
+        >>> lif = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0)
+        >>> cur = torch.full((2, 3), 0.5)            # Σ over a window = 2 thresholds
+        >>> spk_rec = []
+        >>> for step in range(2 * num_steps):        # one window delay
+        ...     spk, mem = lif(cur)
+        ...     spk_rec.append(spk)
+        >>> torch.stack(spk_rec)[num_steps:].sum(0)  # 2 spikes per neuron (v = 2θ is whole)
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]])
+        >>> seq = snn.TPP(threshold=1.0, num_steps=num_steps, seed=0, sequence=True)
+        >>> spk_seq, mem_seq = seq(cur.expand(num_steps, 2, 3))   # same spikes, no delay
+        >>> torch.equal(spk_seq, torch.stack(spk_rec)[num_steps:])
+        True
 
         pooled = snn.TPP(num_steps=num_steps, count='exact', pool=nn.MaxPool2d(2),
                          sequence=True, init_hidden=True)
@@ -273,6 +307,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             warmup_windows < 0
         ):
             raise ValueError(f"warmup_windows must be an int >= 0, got {warmup_windows!r}")
+        _check_graded_spikes_factor(graded_spikes_factor)
         super().__init__(
             threshold=threshold,
             surrogate_disable=True,  # no surrogate gradient: firing is random
@@ -338,7 +373,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
 
         Example::
 
-            >>> tpp = snn.TPP(num_steps=4, count='exact', init_hidden=True, seed=0)
+            >>> tpp = TPP(num_steps=4, count='exact', init_hidden=True, seed=0)
             >>> tpp.forward_sequence(torch.full((4, 1), 0.5)).sum(0)
             tensor([2.])
         """
@@ -366,6 +401,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 f"{tuple(self.pending.shape[1:])}; call reset_mem() (or snntorch.utils.reset) "
                 "before changing the input shape"
             )
+        if isinstance(self.threshold, torch.Tensor) and self.threshold.dim():
+            F.check_broadcast(self.threshold, shape)
         base = self.mem
         if mem is not None and step > 0 and mem is not self.mem:
             F.check_tensor(mem, "mem")
@@ -376,6 +413,7 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             base = mem
         # phase 1, one step (the same additions, in the same order, as functional.tpp_accumulate)
         new_mem = input_ + self.v_init if step == 0 else base + input_
+        F.check_window_sum(new_mem, input_.dtype, "input_")
         spk = self.pending[step] if has_pending else new_mem.new_zeros(self._fired_shape(shape))
         step, window, pending = step + 1, self._window, self.pending
         if step == self.num_steps:  # window complete: draw all its random numbers, fire
@@ -391,19 +429,23 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
     def _sequence(self, x_seq, name):
         T = self.num_steps
         F.check_tensor(x_seq, name, min_dim=2)
-        if x_seq.shape[0] % T:
+        if x_seq.shape[0] == 0 or x_seq.shape[0] % T:
             raise ValueError(
-                f"{name} has {x_seq.shape[0]} time steps, which is not a multiple of the window "
-                f"num_steps={T}"
+                f"{name} has {x_seq.shape[0]} time steps, which is not a positive multiple of "
+                f"the window num_steps={T}"
             )
-        spikes, mems = [], []
+        if isinstance(self.threshold, torch.Tensor) and self.threshold.dim():
+            F.check_broadcast(self.threshold, x_seq.shape[1:])
+        # every window is accumulated and checked before the first one draws random numbers
+        potentials, mems = [], []
         for start in range(0, x_seq.shape[0], T):
             v = x_seq[start] + self.v_init
             mems.append(v)
             for t in range(start + 1, start + T):
                 v = v + x_seq[t]
                 mems.append(v)
-            spikes.append(self._fire(v))
+            potentials.append(F.check_window_sum(v, x_seq.dtype, name))
+        spikes = [self._fire(v) for v in potentials]
         return torch.cat(spikes) * self.graded_spikes_factor, torch.stack(mems)
 
     def _fired_shape(self, shape) -> torch.Size:
@@ -464,6 +506,7 @@ class IF(snntorch.Leaky):
         learn_graded_spikes_factor: bool = False,
     ):
         threshold = F.check_threshold(threshold)
+        _check_graded_spikes_factor(graded_spikes_factor)
         super().__init__(
             beta=1.0,
             threshold=threshold,
@@ -502,6 +545,11 @@ class IF(snntorch.Leaky):
         _check_mem_argument(self, mem)
         if self.sequence:
             F.check_tensor(input_, "input_", min_dim=2, finite=False)
+            if input_.shape[0] == 0:
+                raise ValueError(
+                    f"input_ has an empty time dimension (shape {tuple(input_.shape)}); "
+                    "sequence mode needs [T, B, ...] with T >= 1"
+                )
             saved = self.mem, self._mem_out
             self.mem = self.mem.new_zeros(0)
             try:
@@ -533,9 +581,10 @@ class TemporalPermutation(_Seeded, nn.Module):
 
     Example::
 
-        perm = snn.TemporalPermutation(scope='neuron', seed=0)
-        spk_seq = torch.tensor([[1.], [1.], [0.], [0.]])   # [T, N]
-        perm(spk_seq).sum(0)                              # tensor([2.])
+        >>> perm = TemporalPermutation(scope='neuron', seed=0)
+        >>> spk_seq = torch.tensor([[1.], [1.], [0.], [0.]])   # [T, N]
+        >>> perm(spk_seq).sum(0)
+        tensor([2.])
 
     :param scope: ``'neuron'`` — an independent permutation per neuron (default); ``'sample'`` —
         one per sample (dim 1); ``'layer'`` — one for the whole tensor
@@ -561,6 +610,13 @@ class TemporalPermutation(_Seeded, nn.Module):
         self.generator = gen
 
     def forward(self, x_seq):
+        # floating, finite, [T, ...] with T >= 1: the same inputs SpikingJelly's version accepts
+        F.check_tensor(x_seq, "x_seq", min_dim=2 if self.scope == "sample" else 1)
+        if x_seq.shape[0] == 0:
+            raise ValueError(
+                f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}); it needs "
+                "[T, N, ...] with T >= 1"
+            )
         return F.permute_time(x_seq, self.scope, self._generator_for(x_seq.device))
 
     def extra_repr(self) -> str:

@@ -117,8 +117,25 @@ class _TPPModule(base.MemoryModule):
 
     # -- randomness ------------------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
-        """Restart this module's random stream from ``seed`` (on every device)."""
-        self.seed, self.generator, self._seeded, self._philox = int(seed), None, {}, None
+        """Restart this module's random stream from ``seed`` (on every device).
+
+        The one public way to reseed a module (snnTorch's :class:`~tpp_plugin.adapters.snntorch.TPP`
+        has the same method). A ``generator`` given at construction is dropped.
+
+        :param seed: an int in ``[0, 2**64)``
+        :raises TypeError: if ``seed`` is not an int (the state is then unchanged)
+        :raises ValueError: if it is out of range (likewise)
+
+        Example::
+
+            >>> node = TPPNode(step_mode='m', seed=0)
+            >>> x = torch.full((4, 1, 3), 0.3)
+            >>> a = node(x); node.manual_seed(0); b = node(x)
+            >>> torch.equal(a, b)
+            True
+        """
+        seed = F.check_seed_value(seed)
+        self.seed, self.generator, self._seeded, self._philox = seed, None, {}, None
 
     def _generator(self, device: torch.device):
         if self.generator is not None or self.seed is None:
@@ -165,6 +182,11 @@ class _TPPModule(base.MemoryModule):
     def _window_length(self, x_seq: torch.Tensor) -> int:
         F.check_tensor(x_seq, "x_seq", min_dim=2, finite=False)
         steps = x_seq.shape[0]
+        if steps == 0:
+            raise ValueError(
+                f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}); multi-step "
+                "mode needs [T, N, ...] with T >= 1"
+            )
         T = self.T or steps
         if steps % T:
             raise ValueError(
@@ -379,13 +401,14 @@ class TPPNode(_TPPModule):
             spikes, self.v_seq = fired
             return spikes
         F.check_tensor(x_seq, "x_seq")
-        windows = [
-            self._fire(
-                self._pooled(F.tpp_accumulate(x_seq[s : s + T], self.v_init)), T,
-                self.store_v_seq,
-            )
+        # every window is accumulated and checked before the first one draws random numbers
+        potentials = [
+            self._pooled(F.tpp_accumulate(x_seq[s : s + T], self.v_init))
             for s in range(0, x_seq.shape[0], T)
         ]
+        if isinstance(self.v_threshold, torch.Tensor):
+            F.check_broadcast(self.v_threshold, potentials[0].shape, "v_threshold")
+        windows = [self._fire(v, T, self.store_v_seq) for v in potentials]
         if self.store_v_seq:
             windows, v_seq = zip(*windows)
             self.v_seq = _join_windows(v_seq)
@@ -470,6 +493,7 @@ class TemporalPermutation(_TPPModule):
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         T = self._window_length(x_seq)
+        F.check_tensor(x_seq, "x_seq")  # NaN/inf refused, as by snnTorch's TemporalPermutation
         self._check_multi_step_allowed()
         return self._permute(x_seq, T)
 
@@ -517,22 +541,28 @@ class NeuronFactory:
 
     Each neuron it builds gets threshold ``v_threshold`` (the converters wrap it in a
     ``VoltageScaler`` pair, so the calibration ``scale`` is not needed). With ``seed=s`` the
-    ``i``-th neuron gets seed ``s + i``, so layers draw independent, reproducible streams.
+    ``i``-th neuron gets seed ``functional.spawn_seeds(s, i + 1)[i]``: layers draw independent,
+    reproducible streams, and different ``s`` share none (see ``docs/design.md``, "Seeds").
 
     Example::
 
-        >>> recipe = ann2snn.RateCodingRecipe(loader, neuron_factory=NeuronFactory('tpp', T=8))
+        >>> factory = NeuronFactory('tpp', count='exact', step_mode='m', seed=0)
+        >>> a, b = factory(), factory.create()
+        >>> [a.seed, b.seed] == F.spawn_seeds(0, 2)
+        True
     """
 
     def __init__(self, neuron="tpp", v_threshold: float = 1.0, **kwargs):
         _neuron_kind(neuron)
+        if kwargs.get("seed") is not None:
+            F.check_seed_value(kwargs["seed"], "neuron_kwargs['seed']")
         self.neuron, self.v_threshold, self.kwargs = neuron, v_threshold, kwargs
         self._built = 0
 
     def create(self, scale=None) -> nn.Module:
         kwargs = dict(self.kwargs)
         if kwargs.get("seed") is not None:
-            kwargs["seed"] = kwargs["seed"] + self._built
+            kwargs["seed"] = F.spawn_seeds(kwargs["seed"], self._built + 1)[-1]
         self._built += 1
         return make_neuron(self.neuron, self.v_threshold, **kwargs)
 
@@ -574,19 +604,25 @@ def swap_neurons(net: nn.Module, neuron="tpp", **kwargs) -> nn.Module:
 
     :param net: converted network
     :param neuron: ``'tpp'``, ``'if'`` or a neuron class (see :func:`make_neuron`)
-    :param kwargs: neuron arguments; ``seed=s`` gives the ``i``-th neuron seed ``s + i``
+    :param kwargs: neuron arguments; ``seed=s`` gives the ``i``-th neuron seed
+        ``functional.spawn_seeds(s, n)[i]``
     :return: ``net``
 
     Example::
 
+        >>> from spikingjelly.activation_based import neuron
+        >>> snn = nn.Sequential(nn.Linear(3, 2), neuron.IFNode(v_reset=None))
         >>> snn = swap_neurons(snn, 'tpp', count='exact', seed=0)
+        >>> type(snn[1]).__name__, snn[1].seed == F.spawn_seeds(0, 1)[0]
+        ('TPPNode', True)
     """
     found = list(named_modules_of_type(net, _SPIKING_TYPES))
     if not found:
         raise ValueError("net has no IFNode or TPPNode to swap")
     seed = kwargs.pop("seed", None)
+    seeds = F.spawn_seeds(seed, len(found)) if seed is not None else None
     for i, (name, old) in enumerate(found):
-        node_seed = None if seed is None else seed + i
+        node_seed = None if seed is None else seeds[i]
         set_submodule(net, name, _replacement(old, neuron, kwargs, node_seed))
     return _finish(net)
 
@@ -621,17 +657,24 @@ def insert_permutation(
     :param net: converted network
     :param scope: permutation scope (see :class:`TemporalPermutation`)
     :param T: window length (needed in single-step mode)
-    :param seed: ``i``-th permutation gets seed ``seed + i``
+    :param seed: the ``i``-th permutation gets seed ``functional.spawn_seeds(seed, n)[i]``
     :return: ``net``
+
+    Example::
+
+        >>> from spikingjelly.activation_based import neuron
+        >>> snn = nn.Sequential(neuron.IFNode(v_reset=None, step_mode='m'))
+        >>> snn = insert_permutation(snn, seed=0)
+        >>> [type(m).__name__ for m in snn[0]]
+        ['IFNode', 'TemporalPermutation']
     """
     F.check_scope(scope)
     found = list(named_modules_of_type(net, _SPIKING_TYPES))
     if not found:
         raise ValueError("net has no IFNode or TPPNode to follow with a permutation")
+    seeds = F.spawn_seeds(seed, len(found)) if seed is not None else [None] * len(found)
     for i, (name, node) in enumerate(found):
-        perm = TemporalPermutation(
-            scope, T=T, seed=None if seed is None else seed + i, step_mode=node.step_mode
-        )
+        perm = TemporalPermutation(scope, T=T, seed=seeds[i], step_mode=node.step_mode)
         set_submodule(net, name, nn.Sequential(node, perm))
     return _finish(net)
 
@@ -1120,8 +1163,14 @@ if not IS_LEGACY:
 
         Example::
 
-            >>> snn = ann2snn.Converter(QCFSRecipe(neuron='tpp')).convert(qcfs_ann)
+            >>> from spikingjelly.activation_based import functional
+            >>> from tpp_plugin import QCFS
+            >>> qcfs_ann = nn.Sequential(nn.Linear(3, 4), QCFS(L=4), nn.Linear(4, 2))
+            >>> recipe = QCFSRecipe(neuron='tpp', neuron_kwargs={'count': 'exact', 'seed': 0})
+            >>> snn = ann2snn.Converter(recipe).convert(qcfs_ann)
             >>> functional.set_step_mode(snn, 'm')
+            >>> snn(torch.rand(4, 5, 3)).shape            # [T, N, features]
+            torch.Size([4, 5, 2])
         """
 
         _tpp_switchable = True  # it takes neuron= itself
@@ -1166,9 +1215,15 @@ def convert_qcfs(ann: nn.Module, neuron="tpp", neuron_kwargs: dict | None = None
 
     Example::
 
-        >>> snn = convert_qcfs(ann, 'tpp', {'count': 'exact'})
+        >>> from spikingjelly.activation_based import functional
+        >>> from tpp_plugin import QCFS
+        >>> ann = nn.Sequential(nn.Linear(3, 4), QCFS(L=4), nn.Linear(4, 2)).eval()
+        >>> snn = convert_qcfs(ann, 'tpp', {'count': 'exact', 'seed': 0})
         >>> functional.set_step_mode(snn, 'm')
-        >>> out = snn(x.unsqueeze(0).repeat(T, 1, 1, 1, 1)).mean(0)
+        >>> x, T = torch.rand(5, 3), 4
+        >>> out = snn(x.unsqueeze(0).repeat(T, 1, 1)).mean(0)
+        >>> torch.allclose(out, ann(x), atol=1e-5)      # exact counts == the QCFS ANN, L = T
+        True
     """
     if not IS_LEGACY:
         return ann2snn.Converter(QCFSRecipe(neuron, neuron_kwargs)).convert(ann)

@@ -150,7 +150,9 @@ __device__ void tpp_window_impl(
                 for (int j = 0; j < LOADS; ++j)
                     if (s + j < steps_in) v = C::load(C::store(v + C::load(chunk[j])));
             }
-            acc_t w = C::load(C::store(v * inv_theta));
+            // v/θ in acc_t (float32 for 16-bit storage), not rounded back to the storage dtype:
+            // the torch backend widens 16-bit potentials before dividing, too
+            acc_t w = v * inv_theta;
             if (exact) w = fmin(fmax(floor(w + (acc_t)0.5), (acc_t)0), (acc_t)T);
             const long long base = (long long)k * T * n + i;
             u32 r[4];
