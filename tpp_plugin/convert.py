@@ -99,33 +99,51 @@ def check_momentum(momentum) -> float:
 def calibrate_thresholds(
     model: nn.Module,
     dataloader: Iterable,
-    modules: list[nn.Module],
+    calls: list,
     mode="max",
     momentum: float = 0.1,
+    names: list[str] | None = None,
 ) -> list[float]:
-    """Run ``model`` over ``dataloader`` and return one threshold per module in ``modules``.
+    """Run ``model`` over ``dataloader`` and return one threshold per activation *call*.
 
-    The statistic of each module's *output* is tracked per batch with an exponential moving
-    average (first batch taken as is), as SpikingJelly's ``VoltageHook`` does.
+    ``calls[i]`` is ``(module, k)``, the ``k``-th call of ``module`` in one forward pass (a
+    module used twice, as torchvision's shared ``ReLU(inplace=True)``, gets a statistic per
+    call), or a bare module for its only call. The statistic of each call's output is tracked
+    per batch with an exponential moving average (first batch taken as is), as SpikingJelly's
+    ``VoltageHook`` does.
+
+    :param names: labels of the calls for error messages (default ``activation i``)
+    :raises ValueError: for a bad ``mode``/``momentum``, an empty loader, a batch that does not
+        fit the model, a forward that calls a module more or less often than ``calls`` lists it,
+        or a call whose statistic never became positive
     """
     mode = check_calibration_mode(mode)
     check_momentum(momentum)
-    stats: list[torch.Tensor | None] = [None] * len(modules)
+    calls = [c if isinstance(c, tuple) else (c, 0) for c in calls]
+    names = names or [f"activation {i}" for i in range(len(calls))]
+    index = {(id(m), k): i for i, (m, k) in enumerate(calls)}
+    uses: dict = {}  # module -> calls per forward
+    for m, _ in calls:
+        uses[m] = uses.get(m, 0) + 1
+    stats: list = [None] * len(calls)
+    seen: dict = {}
 
-    def make_hook(i):
-        def hook(_module, _inputs, output):
+    def hook(module, _inputs, output):
+        k = seen.get(id(module), 0)
+        seen[id(module)] = k + 1
+        i = index.get((id(module), k))
+        if i is not None:
             s = activation_statistic(output, mode)
             stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    handles = [m.register_forward_hook(hook) for m in uses]
     was_training = model.training
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     try:
         for batch in dataloader:
             inputs = batch_inputs(batch).to(device)
+            seen.clear()
             try:
                 model(inputs)
             except RuntimeError as exc:
@@ -133,17 +151,26 @@ def calibrate_thresholds(
                     f"calibration batch of shape {tuple(inputs.shape)} does not fit the model "
                     f"(the model's error: {exc}); calibrate with batches shaped like its input"
                 ) from exc
+            for module, n in uses.items():
+                if seen.get(id(module), 0) != n:
+                    raise ValueError(
+                        f"the forward called {type(module).__name__} {seen.get(id(module), 0)} "
+                        f"times, but {n} calls were expected (its torch.fx trace): the forward "
+                        "must call its activations the same way for every input"
+                    )
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if any(s is None for s in stats):
+    if all(s is None for s in stats):
         raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
-    thresholds = [float(s) for s in stats]
-    for i, th in enumerate(thresholds):
+    thresholds = []
+    for name, s in zip(names, stats):
+        th = float("nan") if s is None else float(s)
         if not th > 0:
             raise ValueError(
-                f"activation {i} never became positive during calibration (threshold {th}); "
-                "use more calibration data or a different mode"
+                f"{name} never became positive during calibration (threshold {th}); use more "
+                "calibration data or a different mode"
             )
+        thresholds.append(th)
     return thresholds

@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 
 from .. import functional as F
-from ..convert import activation_statistic, batch_inputs, check_calibration_mode
+from ..convert import calibrate_thresholds, check_calibration_mode
 from ..qcfs import QCFS
 from ..registry import NEURON_NAMES, current_default_neuron
 
@@ -853,60 +853,6 @@ def _node_label(node: fx.Node) -> str:
     return f"graph node {node.name!r} ({node.op} {target})"
 
 
-@torch.no_grad()
-def _calibrate_calls(model: nn.Module, calibration, calls, names, mode, momentum) -> list:
-    """One threshold per activation *call*: ``calls[i] = (module, k)`` is the ``k``-th call of
-    ``module`` in one forward (a module used twice gets two statistics), tracked over the
-    batches with SpikingJelly's moving average, as :func:`tpp_plugin.convert.calibrate_thresholds`
-    does per module."""
-    index = {(id(m), k): i for i, (m, k) in enumerate(calls)}
-    stats: list = [None] * len(calls)
-    seen: dict = {}
-
-    def hook(module, _inputs, output):
-        k = seen.get(id(module), 0)
-        seen[id(module)] = k + 1
-        i = index.get((id(module), k))
-        if i is not None:
-            s = activation_statistic(output, mode)
-            stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
-
-    uses: dict = {}  # module -> calls per forward (the calls of every module are all listed)
-    for m, _ in calls:
-        uses[m] = uses.get(m, 0) + 1
-    handles = [m.register_forward_hook(hook) for m in uses]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
-    try:
-        for batch in calibration:
-            seen.clear()
-            model(batch_inputs(batch).to(device))
-            for module, n in uses.items():
-                if seen.get(id(module), 0) != n:
-                    raise ValueError(
-                        f"convert: the forward called {_type_name(module)} "
-                        f"{seen.get(id(module), 0)} times, but its torch.fx trace {n} times: the "
-                        "forward must call its activations the same way for every input"
-                    )
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if all(s is None for s in stats):
-        raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
-    thresholds = []
-    for name, s in zip(names, stats):
-        th = float("nan") if s is None else float(s)
-        if not th > 0:
-            raise ValueError(
-                f"convert: activation {name!r} never became positive during calibration "
-                f"(threshold {th}); use more calibration data or a different mode"
-            )
-        thresholds.append(th)
-    return thresholds
-
-
 def _is_max_pool(node, modules) -> bool:
     return node.op == "call_module" and isinstance(modules[node.target], _MAX_POOLS)
 
@@ -1122,8 +1068,9 @@ def convert(
                 "convert: the ANN has nn.ReLU activations, whose thresholds come from "
                 "calibration data: pass calibration=<data loader> (or train with tpp_plugin.QCFS)"
             )
-        values = _calibrate_calls(ann, calibration, [calls[i] for i in relu_calls],
-                                  [activations[i].name for i in relu_calls], mode, momentum)
+        values = calibrate_thresholds(
+            ann, calibration, [calls[i] for i in relu_calls], mode, momentum,
+            names=[f"convert: activation {activations[i].name!r}" for i in relu_calls])
         for i, th in zip(relu_calls, values):
             thresholds[i] = th
 
@@ -1132,7 +1079,7 @@ def convert(
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     n_random = len(activations) * (2 if permutation else 1)
     seeds = iter(
-        torch.randint(2**62, (n_random,), generator=torch.Generator().manual_seed(seed)).tolist()
+        F.spawn_seeds(seed, n_random)
         if seed is not None
         else [None] * n_random
     )
