@@ -28,23 +28,7 @@ from tpp_plugin.qcfs import QCFS, qcfs_levels
 T = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is as fast, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_snntorch():
-    """Registered plugin, empty ``SpikingNeuron.instances`` — nothing leaks between tests."""
-    registry.register("snntorch")
-    snntorch.SpikingNeuron.init()
-    yield
-    snntorch.SpikingNeuron.init()
-    registry.register("snntorch")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_snntorch")
 
 
 def run_loop(neuron, x_seq, pass_mem=False):

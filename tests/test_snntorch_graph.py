@@ -23,20 +23,7 @@ from tpp_plugin.models import cnn5_maxpool, resnet
 SIZE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_snntorch():
-    registry.register("snntorch")
-    snntorch.SpikingNeuron.init()
-    yield
-    snntorch.SpikingNeuron.init()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_snntorch")
 
 
 def _digits():

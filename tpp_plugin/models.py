@@ -34,16 +34,19 @@ __all__ = [
 
 
 def digits_cnn(
-    qcfs_levels: int | None = None, channels: int = 16, image_size: int = 8, in_channels: int = 1
+    qcfs_levels: int | None = None, channels: int = 16, image_size: int = 8, in_channels: int = 1,
+    pool: type[nn.Module] = nn.AvgPool2d,
 ) -> nn.Sequential:
     """A 5-spiking-layer CNN (four convolutions, one hidden linear layer), 8×8 digits by default.
 
-    Average pooling only, so every op between activations is affine (docs/design.md §4).
+    Average pooling by default, so every op between activations is affine (docs/design.md §4).
 
     :param qcfs_levels: if given, every ReLU is a :class:`~tpp_plugin.QCFS` with that many levels
     :param channels: width of the first convolution
     :param image_size: side of the square input images (at least 4)
     :param in_channels: input channels
+    :param pool: the 2×2 pooling after the second and fourth convolution (``nn.MaxPool2d`` for
+        :func:`cnn5_maxpool`)
 
     Shape: ``[N, in_channels, image_size, image_size]`` → ``[N, 10]``.
 
@@ -54,14 +57,14 @@ def digits_cnn(
     """
     if image_size < 4:
         raise ValueError(f"image_size must be at least 4, got {image_size}")
-    c, side = channels, image_size // 2 // 2  # two 2×2 average poolings (floor)
+    c, side = channels, image_size // 2 // 2  # two 2×2 poolings (floor)
     net = nn.Sequential(
         nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(),
         nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
-        nn.AvgPool2d(2),
+        pool(2),
         nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(),
         nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
-        nn.AvgPool2d(2),
+        pool(2),
         nn.Flatten(),
         nn.Linear(4 * c * side * side, 64), nn.ReLU(),
         nn.Linear(64, 10),
@@ -161,21 +164,7 @@ def cnn5_maxpool(
         >>> cnn5_maxpool(image_size=8)(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
-    if image_size < 4:
-        raise ValueError(f"image_size must be at least 4, got {image_size}")
-    c, side = channels, image_size // 2 // 2
-    net = nn.Sequential(
-        nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * c * side * side, 64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-    return replace_relu(net, L=qcfs_levels) if qcfs_levels else net
+    return digits_cnn(qcfs_levels, channels, image_size, in_channels, pool=nn.MaxPool2d)
 
 
 class BasicBlock(nn.Module):
