@@ -21,10 +21,9 @@ layers lost:
    over the calibration data equals the ANN's (the shift is folded into the bias of the affine
    layer that produces it);
 2. per channel (or per layer) a grid of candidate thresholds — fractions of the channel's
-   calibration maximum — is evaluated at once, and the one with the smallest error against the
-   ANN's activation is kept. ``objective='fisher'`` weighs each activation's squared error by the
-   squared gradient of the ANN's loss with respect to it (how much that activation matters to the
-   output); ``objective='activation'`` weighs all equally;
+   calibration maximum — is evaluated at once on binned statistics, and the one with the
+   smallest squared error against the ANN's activation is kept (``objective='fisher'`` weighs
+   each activation's error by the squared gradient of the ANN's loss with respect to it);
 3. optionally (``refine=True``) the layer's thresholds are then scaled together by the factor,
    from a small grid, that minimises the KL divergence of the network's output from the ANN's.
 
@@ -65,7 +64,7 @@ __all__ = [
 ]
 
 #: error measures :func:`calibrate_for_T` can minimise per channel
-OBJECTIVES = ("fisher", "activation")
+OBJECTIVES = ("activation", "fisher")
 #: threshold granularities
 GRANULARITIES = ("channel", "layer")
 
@@ -413,6 +412,22 @@ def _record(gm, probes, index, x, batch_size) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _record_all(gm, probes, x, batch_size) -> list:
+    """The pre-activation of every ReLU call in one pass (probes as currently set)."""
+    parts = [[] for _ in probes]
+    for p in probes:
+        p.record = True
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            gm(x[i:i + batch_size])
+            for j, p in enumerate(probes):
+                parts[j].append(p.recorded)
+    finally:
+        for p in probes:
+            p.record, p.recorded = False, None
+    return [torch.cat(chunks) for chunks in parts]
+
+
 def _output_gradients(gm, probes, x, batch_size) -> list:
     """Per ReLU call, the squared gradient of the float ANN's loss (cross-entropy against its own
     prediction) with respect to the call's output, summed over the batch: the Fisher weight of
@@ -443,6 +458,59 @@ def _output_gradients(gm, probes, x, batch_size) -> list:
 
 def _channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, coherence=0.0):
+    """Joint search of the threshold (per channel, or per layer) and of a per-channel rounding
+    offset ``u`` (a bias shift of ``u·θ/T``) on binned statistics.
+
+    ``a`` (pre-activations), ``target`` (the ANN's activations) and ``weight`` are ``[C, M]``.
+    The non-negative pre-activations of each channel are put in ``bins`` bins on ``[0, max]``;
+    per bin the (weighted) count, sum and sum of squares of the target give the squared error
+    of any quantiser that is constant on the bin, so every candidate costs ``O(C · bins)``
+    instead of ``O(C · M)``. Negative pre-activations give 0 for every candidate (``|u| ≤ ½``)
+    and do not affect the choice. Returns ``(theta, u)``: ``[C]`` (or 0-d) and ``[C]``.
+    """
+    C = a.shape[0]
+    pos = a.clamp(min=0)
+    top = pos.amax(1) if granularity == "channel" else pos.amax().expand(C)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    w = torch.ones_like(a) if weight is None else weight
+    keep = a >= 0
+    idx = (a / (top / bins).unsqueeze(1)).floor().clamp(0, bins - 1).long()
+    idx = torch.where(keep, idx, torch.full_like(idx, bins))  # negatives into a spare bin
+    stats = []
+    for values in (w, w * target, w * target * target):
+        acc = torch.zeros(C, bins + 1, dtype=a.dtype, device=a.device)
+        stats.append(acc.scatter_add_(1, idx, values)[:, :bins])
+    n, s, ss = stats
+    m = a.shape[1]
+    # the (weighted) error sum of the negatives (output 0 for every candidate): -Σ w·target
+    neg_sum = -(torch.where(keep, torch.zeros_like(a), w * target)).sum(1)  # [C]
+    centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
+    centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
+    u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
+    errors = []
+    for k in range(fractions.numel()):
+        theta = (fractions[k] * top).view(1, C, 1)
+        level = torch.floor(centres.unsqueeze(0) * T / theta + 0.5 + u).clamp_(0, T)
+        q = level * theta / T  # [U, C, B]
+        err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
+        if coherence:
+            total = (n * q - s).sum(-1) + neg_sum  # Σ e per channel
+            err = err + coherence * total * total / m
+        errors.append(err)
+    errors = torch.stack(errors)  # [K, U, C]
+    best_u_err, best_u = errors.min(1)  # [K, C]
+    if granularity == "channel":
+        best_k = best_u_err.argmin(0)  # [C]
+        theta = fractions[best_k] * top
+        u_idx = best_u.gather(0, best_k.view(1, -1)).squeeze(0)
+    else:
+        k = int(best_u_err.sum(1).argmin())
+        theta = fractions[k] * top[0]
+        u_idx = best_u[k]
+    return theta, offsets[u_idx]
 
 
 def _search(a, target, weight, T, fractions, granularity):
@@ -495,15 +563,20 @@ def calibrate_for_T(
     batches: Iterable,
     T: int,
     granularity: str = "channel",
-    objective: str = "fisher",
-    bias_correction: bool = True,
+    objective: str = "activation",
+    bias_correction="mean",
     refine: bool = False,
     channel_dim: int = 1,
     fuse: bool = True,
     grid: int = 64,
     refine_grid=(0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2),
     max_samples: int | None = 1024,
-    max_values: int | None = 32768,
+    max_values: int | None = 65536,
+    search: str = "binned",
+    reference: str = "ann",
+    coherence: float = 0.0,
+    bins: int = 1024,
+    offset_steps: int = 9,
     batch_size: int = 256,
     seed: int = 0,
 ) -> CalibrationResult:
@@ -513,19 +586,23 @@ def calibrate_for_T(
     Layers are calibrated in graph order, each with all earlier layers already quantised (and
     bias-corrected), so a layer sees the inputs the converted network will give it:
 
-    * ``bias_correction``: the layer's pre-activation is shifted per channel so that its mean
-      over the calibration data equals the ANN's (folded into the producing conv/linear/BN bias;
-      where no such layer feeds the ReLU alone, no shift);
-    * thresholds: ``grid`` candidate fractions ``k/grid`` of each channel's (``granularity=
-      'channel'``) or the layer's (``'layer'``) calibration maximum are evaluated at once; the
-      one with the smallest squared error between the quantised and the ANN's activation wins —
-      weighted by the squared gradient of the ANN's loss with respect to each activation
-      (``objective='fisher'``) or unweighted (``'activation'``);
+    * ``bias_correction='mean'`` (default): the layer's pre-activation is shifted per channel so
+      that its mean over the calibration data equals the ANN's, as post-training quantisation
+      does (folded into the bias of the conv/linear/BN layer producing it, also through a
+      residual ``add``; where no such layer feeds the ReLU alone, no shift). ``'search'``
+      instead searches a rounding offset of ``u·θ/T`` (``|u| ≤ ½``) per channel jointly with
+      the threshold; ``False`` shifts nothing;
+    * thresholds: ``grid`` candidate fractions ``k/grid`` of each channel's
+      (``granularity='channel'``) or the layer's (``'layer'``) calibration maximum are
+      evaluated at once, on binned statistics of the activations; the one with the smallest
+      squared error between the quantised activation and the ANN's wins — unweighted
+      (``objective='activation'``, default) or weighted by the squared gradient of the ANN's
+      loss with respect to each activation (``'fisher'``);
     * ``refine``: the layer's thresholds are then scaled together by the factor from
       ``refine_grid`` that gives the smallest KL divergence of the output from the ANN's (later
       layers still float).
 
-    Deterministic for fixed batches and ``seed`` (the seed only picks the ``max_samples``).
+    Deterministic for fixed batches and ``seed``.
 
     :param ann: a ReLU network (``nn.ReLU`` modules; traceable with ``torch.fx``). Not modified
     :param batches: an iterable of input batches ``[N, *]`` or ``(inputs, labels)`` tuples (e.g.
@@ -533,8 +610,8 @@ def calibrate_for_T(
     :param T: the number of time steps (levels) to calibrate for, ``>= 1``
     :param granularity: ``'channel'`` (one threshold per channel along ``channel_dim``) or
         ``'layer'`` (one per ReLU call)
-    :param objective: ``'fisher'`` (default) or ``'activation'``
-    :param bias_correction: shift biases so each converted layer's mean input matches the ANN's
+    :param objective: ``'activation'`` (default) or ``'fisher'``
+    :param bias_correction: ``'mean'`` (default), ``'search'`` or ``False`` (above)
     :param refine: refine each layer's thresholds on the output divergence (slower)
     :param channel_dim: the channel dimension of the activations (``1`` for ``[N, C, ...]``)
     :param fuse: fold each batch norm into the convolution before it first (as SpikingJelly's
@@ -545,8 +622,16 @@ def calibrate_for_T(
         ``None`` for all
     :param max_values: score the candidates of a channel on at most this many of its
         activations (a random subset, chosen with ``seed``); ``None`` for all
+    :param search: ``'binned'`` (default; ``bins`` bins per channel) or ``'exact'`` (every
+        activation, no offset search)
+    :param reference: what the quantised activation is compared with: ``'ann'`` (the ANN's
+        activation, default: the layer compensates earlier layers' errors) or ``'input'`` (the
+        ReLU of the layer's own, already perturbed, input)
+    :param coherence: extra weight of each channel's summed (mean) error in the objective
+    :param bins: histogram bins per channel for ``search='binned'``
+    :param offset_steps: offsets tried by ``bias_correction='search'``
     :param batch_size: samples per forward pass
-    :param seed: seed of the sample choice
+    :param seed: seed of the sample choices
     :return: a :class:`CalibrationResult`
     :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
@@ -576,6 +661,15 @@ def calibrate_for_T(
         raise ValueError("the model has no nn.ReLU activation to calibrate (only nn.ReLU modules "
                          "are converted to spiking neurons)")
     names = [n.name for n in nodes]
+    if bias_correction is True:
+        bias_correction = "search"
+    if bias_correction not in (False, None, "search", "mean"):
+        raise ValueError("bias_correction must be 'search', 'mean' or False, got "
+                         f"{bias_correction!r}")
+    if reference not in ("ann", "input"):
+        raise ValueError(f"reference must be 'ann' or 'input', got {reference!r}")
+    if search not in ("binned", "exact"):
+        raise ValueError(f"search must be 'binned' or 'exact', got {search!r}")
     targets = [_bias_target(gm, n) if bias_correction else None for n in nodes]
     param = next(gm.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -586,28 +680,35 @@ def calibrate_for_T(
     log_p_ref = torch.log_softmax(_run(gm, x, batch_size), 1) if refine else None
     fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=device) / grid
     thresholds, shifts, layers = [], [], []
+    ann_pre = _record_all(gm, probes, x, batch_size)  # the ANN's pre-activations
     for i, probe in enumerate(probes):
-        # the ANN's pre-activation: every probe float (their shifts already set only change
-        # earlier layers' inputs, so switch them off for the reference)
-        saved = [(p.theta, p.shift) for p in probes]
-        for p in probes:
-            p.theta = p.shift = None
-        a_ann = _record(gm, probes, i, x, batch_size)
-        for p, (th, sh) in zip(probes, saved):
-            p.theta, p.shift = th, sh
-        a = _record(gm, probes, i, x, batch_size)
+        a_ann = ann_pre[i]
+        ann_pre[i] = None
+        a = a_ann if i == 0 else _record(gm, probes, i, x, batch_size)
         dim = _normalise_channel_dim(channel_dim, a, f"ReLU call {probe.name!r}")
-        a_c = _channels_first(a, dim).double()
-        ann_c = _channels_first(a_ann, dim).double()
+        a_c = _channels_first(a, dim)
+        ann_c = _channels_first(a_ann, dim)
         shift = None
-        if targets[i] is not None:
+        if targets[i] is not None and bias_correction == "mean":
             shift = ann_c.mean(1) - a_c.mean(1)
             a_c = a_c + shift.unsqueeze(1)
-        target = ann_c.clamp(min=0)
-        w = _channels_first(weights[i], dim).float() if weights is not None else None
-        a_s, target_s, w_s = _subsample_columns([a_c.float(), target.float(), w],
-                                                max_values, seed + i)
-        theta = _search(a_s, target_s, w_s, T, fractions, granularity).double()
+        target = (ann_c if reference == "ann" else a_c).clamp(min=0)
+        w = _channels_first(weights[i], dim) if weights is not None else None
+        if search == "binned":
+            offsets = (torch.linspace(-0.5, 0.5, offset_steps, dtype=a_c.dtype)
+                       if targets[i] is not None and bias_correction == "search"
+                       else torch.zeros(1, dtype=a_c.dtype))
+            a_s, target_s, w_s = _subsample_columns([a_c, target, w], max_values, seed + i)
+            theta, u = _binned_search(a_s, target_s, w_s, T, fractions.to(a_c.dtype),
+                                      offsets.to(device), granularity, bins, coherence)
+            if bias_correction == "search" and targets[i] is not None:
+                shift = u * theta / T
+                a_c = a_c + shift.unsqueeze(1)
+        else:
+            a_s, target_s, w_s = _subsample_columns(
+                [a_c.float(), target.float(), None if w is None else w.float()],
+                max_values, seed + i)
+            theta = _search(a_s, target_s, w_s, T, fractions, granularity).double()
         theta = theta.clamp(min=torch.finfo(torch.float32).tiny)
         probe.shift = None if shift is None else shift.to(dtype)
         if refine:
@@ -640,9 +741,9 @@ def _layer_stats(name, a, target, theta, T) -> dict:
     active = target > 0
     n_active = max(1, int(active.sum()))
     flat = target.flatten()
-    if flat.numel() > 16_000_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))
-                    [:16_000_000].to(flat.device)]
+    if flat.numel() > 1 << 18:  # the percentile of a fixed random subset is plenty for a report
+        step = flat.numel() // (1 << 18)
+        flat = flat[::step]
     return {
         "name": name,
         "channels": int(a.shape[0]),

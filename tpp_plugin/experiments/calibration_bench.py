@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--subset", nargs="+", type=int, default=[12000, 2000])
     p.add_argument("--resize", type=int, default=14)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-batch-size", type=int, default=64)
+    p.add_argument("--train-only", action="store_true")
     p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--calibration-images", type=int, default=1024)
     p.add_argument("--objective", default="fisher")
@@ -93,12 +95,14 @@ def main(argv=None) -> dict:
     for name in args.models:
         torch.manual_seed(args.seed)
         ann = MODELS[name](image_size=args.resize)
-        path = (os.path.join(args.checkpoint, f"{name}-{args.resize}px-{args.subset[0]}-"
-                             f"e{args.epochs}-s{args.seed}.pt") if args.checkpoint else None)
+        stem = (f"{name}-{args.resize}px-{args.subset[0]}-e{args.epochs}-"
+                f"b{args.train_batch_size}-s{args.seed}.pt")
+        path = os.path.join(args.checkpoint, stem) if args.checkpoint else None
         if path and os.path.exists(path):
             ann.load_state_dict(torch.load(path))
         else:
-            train_loader, _ = loaders(x_tr, y_tr, x_te, y_te, batch_size=128, seed=args.seed)
+            train_loader, _ = loaders(x_tr, y_tr, x_te, y_te, batch_size=args.train_batch_size,
+                                      seed=args.seed)
             train_ann(ann, train_loader, epochs=args.epochs)
             if path:
                 os.makedirs(args.checkpoint, exist_ok=True)
@@ -106,6 +110,8 @@ def main(argv=None) -> dict:
         ann.eval()
         row = {"ann": _accuracy(ann, x_te, y_te), "T": {}}
         print(f"{name}: ANN {row['ann']:.2f} %", flush=True)
+        if args.train_only:
+            continue
         ltb_thresholds = None
         if not args.skip_baselines:
             t0 = time.perf_counter()
