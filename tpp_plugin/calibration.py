@@ -194,8 +194,12 @@ def _bias_target(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The module whose bias can carry a shift of the ReLU call ``node``'s input: the conv,
     linear or (affine) batch norm producing it, also through an ``add`` (a residual sum), used
     by nothing else. ``None`` if there is none."""
+    return _foldable_producer(gm, node.args[0] if node.args else None)
+
+
+def _foldable_producer(gm: fx.GraphModule, src) -> str | None:
+    """The module behind graph value ``src`` whose bias can shift it (see :func:`_bias_target`)."""
     modules = dict(gm.named_modules())
-    src = node.args[0] if node.args else None
     for _ in range(8):
         if not isinstance(src, fx.Node) or len(src.users) != 1:
             return None
@@ -260,7 +264,9 @@ def apply_bias_shifts(model: nn.Module, result: CalibrationResult) -> nn.Module:
     :param result: what :func:`calibrate_for_T` returned
     :return: ``model``
     """
-    for name, shift in zip(result.bias_targets, result.bias_shifts):
+    pairs = list(zip(result.bias_targets, result.bias_shifts))
+    pairs.append((result.output_target, result.output_shift))
+    for name, shift in pairs:
         if name is None or shift is None:
             continue
         module = model.get_submodule(name)
@@ -290,6 +296,9 @@ class CalibrationResult:
     :ivar layers: per call a dict of diagnostics (rounding error, clipped and zeroed shares,
         the ANN's ``'99.9%'`` activation percentile) for :func:`calibration_report`
     :ivar seconds: wall-clock time of the calibration
+    :ivar output_shift: ``[classes]`` shift of the output (bias correction of the last layer), or
+        ``None``
+    :ivar output_target: the module whose bias carries ``output_shift``, or ``None``
     """
 
     T: int
@@ -301,6 +310,8 @@ class CalibrationResult:
     layers: list = field(default_factory=list)
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    output_shift: torch.Tensor | None = None
+    output_target: str | None = None
 
 
 def _install_probes(gm: fx.GraphModule, T: int, channel_dim: int) -> list:
@@ -412,20 +423,22 @@ def _record(gm, probes, index, x, batch_size) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _record_all(gm, probes, x, batch_size) -> list:
-    """The pre-activation of every ReLU call in one pass (probes as currently set)."""
+def _record_all(gm, probes, x, batch_size) -> tuple:
+    """The pre-activation of every ReLU call, and the output, in one pass (probes as set)."""
     parts = [[] for _ in probes]
+    outs = []
     for p in probes:
         p.record = True
     try:
         for i in range(0, x.shape[0], batch_size):
-            gm(x[i:i + batch_size])
+            outs.append(gm(x[i:i + batch_size]))
             for j, p in enumerate(probes):
                 parts[j].append(p.recorded)
     finally:
         for p in probes:
             p.record, p.recorded = False, None
-    return [torch.cat(chunks) for chunks in parts]
+    out = torch.cat(outs) if all(isinstance(o, torch.Tensor) for o in outs) else None
+    return [torch.cat(chunks) for chunks in parts], out
 
 
 def _output_gradients(gm, probes, x, batch_size) -> list:
@@ -575,6 +588,7 @@ def calibrate_for_T(
     search: str = "binned",
     reference: str = "ann",
     coherence: float = 0.0,
+    output_correction: bool = True,
     bins: int = 1024,
     offset_steps: int = 9,
     batch_size: int = 256,
@@ -628,6 +642,8 @@ def calibrate_for_T(
         activation, default: the layer compensates earlier layers' errors) or ``'input'`` (the
         ReLU of the layer's own, already perturbed, input)
     :param coherence: extra weight of each channel's summed (mean) error in the objective
+    :param output_correction: with bias correction, also shift the bias of the last layer so
+        the mean output (per class) matches the ANN's
     :param bins: histogram bins per channel for ``search='binned'``
     :param offset_steps: offsets tried by ``bias_correction='search'``
     :param batch_size: samples per forward pass
@@ -680,7 +696,7 @@ def calibrate_for_T(
     log_p_ref = torch.log_softmax(_run(gm, x, batch_size), 1) if refine else None
     fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=device) / grid
     thresholds, shifts, layers = [], [], []
-    ann_pre = _record_all(gm, probes, x, batch_size)  # the ANN's pre-activations
+    ann_pre, ann_out = _record_all(gm, probes, x, batch_size)  # the ANN's pre-activations
     for i, probe in enumerate(probes):
         a_ann = ann_pre[i]
         ann_pre[i] = None
@@ -723,9 +739,18 @@ def calibrate_for_T(
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
         layers.append(_layer_stats(probe.name, a_c, target, theta, T))
+    output_shift, output_target = None, None
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    if (bias_correction and output_correction and ann_out is not None and ann_out.dim() >= 2
+            and isinstance(out_node.args[0], fx.Node)):
+        output_target = _foldable_producer(gm, out_node.args[0])
+        if output_target is not None:
+            diff = (ann_out - _run(gm, x, batch_size)).movedim(1, 0).reshape(ann_out.shape[1], -1)
+            output_shift = diff.mean(1).cpu()
     for p in probes:
         p.theta = p.shift = None
     return CalibrationResult(
+        output_shift=output_shift, output_target=output_target,
         T=T, names=names, thresholds=thresholds, bias_shifts=shifts, bias_targets=targets,
         channel_dim=channel_dim, layers=layers, seconds=time.perf_counter() - start,
         settings={"fuse": bool(fuse), "granularity": granularity, "objective": objective,

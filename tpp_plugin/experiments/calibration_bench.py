@@ -76,8 +76,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--calibration-images", type=int, default=1024)
-    p.add_argument("--objective", default="fisher")
-    p.add_argument("--no-bias-correction", action="store_true")
+    p.add_argument("--objective", default="activation", choices=C.OBJECTIVES)
+    p.add_argument("--bias-correction", default="mean", choices=["mean", "search", "none"])
     p.add_argument("--refine", action="store_true")
     p.add_argument("--granularity", default="channel")
     p.add_argument("--seed", type=int, default=0)
@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
             ltb = ann2snn.Converter(ann2snn.LocalThresholdBalancingRecipe(calib)).convert(
                 copy.deepcopy(ann))
             row["ltb_seconds"] = time.perf_counter() - t0
+            print(f"  LTB calibration {row['ltb_seconds']:.2f} s", flush=True)
             ltb_thresholds = calibrated_thresholds(ltb)
             rate = ann2snn.Converter(ann2snn.RateCodingRecipe(calib, mode="99.9%")).convert(
                 copy.deepcopy(ann))
@@ -131,7 +132,8 @@ def main(argv=None) -> dict:
                     C.quantised_ann(ann, ltb_thresholds, T, fuse=True), x_te, y_te)
                 res["rate99.9_tpp_exact"] = _accuracy(
                     C.quantised_ann(ann, rate_thresholds, T, fuse=True), x_te, y_te)
-            kwargs = dict(objective=args.objective, bias_correction=not args.no_bias_correction,
+            bias = False if args.bias_correction == "none" else args.bias_correction
+            kwargs = dict(objective=args.objective, bias_correction=bias,
                           refine=args.refine, granularity=args.granularity)
             t0 = time.perf_counter()
             recipe = ann2snn.TPPCalibrationRecipe(calib, T, neuron="tpp",
