@@ -122,34 +122,20 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1) -> torch.Tens
 
 
 class _Probe(nn.Module):
-    """Stands in for one ReLU call during calibration: adds the bias shift, records the
-    pre-activation, then applies ReLU (float) or the T-level quantiser."""
+    """Stands in for one ReLU call during calibration: adds the bias shift, then applies ReLU
+    (no threshold yet) or the T-level quantiser; can keep its output for gradients."""
 
     def __init__(self, index: int, name: str, T: int, channel_dim: int):
         super().__init__()
         self.index, self.name, self.T, self.channel_dim = index, name, T, channel_dim
         self.theta: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
-        self.record = False
-        self.stop = False
         self.keep_output = False
-        self.recorded: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
             x = x + _channel_view(self.shift, x, self.channel_dim)
-        if self.record:
-            if x.dim() <= self.channel_dim and self.theta is None:
-                _normalise_channel_dim(self.channel_dim, x, f"ReLU call {self.name!r}")
-            self.recorded = x.detach()
-            if not bool(torch.isfinite(self.recorded).all()):
-                raise ValueError(
-                    f"ReLU call {self.name!r} has non-finite (NaN or infinite) activations on the "
-                    "calibration data; check the model's weights and the calibration inputs"
-                )
-        if self.stop:
-            raise _Stop
         if self.theta is None:
             out = torch.relu(x)
         else:
@@ -157,10 +143,6 @@ class _Probe(nn.Module):
         if self.keep_output:
             self.output = out
         return out
-
-
-class _Stop(Exception):
-    """Raised by a probe to end a forward pass early (the rest of the network is not needed)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,40 +387,56 @@ def _run(gm, x, batch_size):
     return torch.cat(outs)
 
 
-def _record(gm, probes, index, x, batch_size) -> torch.Tensor:
-    """The (shifted) pre-activation of ReLU call ``index`` under the probes' current settings."""
-    probe = probes[index]
-    probe.record = probe.stop = True
-    parts = []
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            try:
-                gm(x[i:i + batch_size])
-            except _Stop:
-                pass
-            parts.append(probe.recorded)
-    finally:
-        probe.record = probe.stop = False
-        probe.recorded = None
-    return torch.cat(parts)
+def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit) -> tuple:
+    """Run the ANN and the network being quantised side by side on all of ``x``, node by node.
 
+    At each ReLU call (a :class:`_Probe`) ``visit(index, a, a_ann)`` gets the call's input in
+    the quantised network (all earlier calls quantised) and in the ANN, and sets the probe's
+    threshold and shift, which the quantised side then applies. One pass of each network in
+    all — no call is recomputed. Values are freed once their last user has run.
 
-def _record_all(gm, probes, x, batch_size) -> tuple:
-    """The pre-activation of every ReLU call, and the output, in one pass (probes as set)."""
-    parts = [[] for _ in probes]
-    outs = []
-    for p in probes:
-        p.record = True
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            outs.append(gm(x[i:i + batch_size]))
-            for j, p in enumerate(probes):
-                parts[j].append(p.recorded)
-    finally:
-        for p in probes:
-            p.record, p.recorded = False, None
-    out = torch.cat(outs) if all(isinstance(o, torch.Tensor) for o in outs) else None
-    return [torch.cat(chunks) for chunks in parts], out
+    :return: ``(ann_output, quantised_output)``
+    """
+    modules = dict(gm.named_modules())
+    sides = (fx.Interpreter(gm), fx.Interpreter(gm))
+    for side in sides:
+        side.env = {}
+    users_left = {n: len(n.users) for n in gm.graph.nodes}
+    first = True
+    outputs = (None, None)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if first:
+                value = x
+            elif node.args:
+                value = node.args[0]
+            else:
+                raise ValueError(
+                    f"calibration feeds the model one input; its argument {node.target!r} "
+                    "has no default value")
+            first = False
+            for side in sides:
+                side.env[node] = value
+            continue
+        if node.op == "output":
+            outputs = tuple(side.fetch_args_kwargs_from_env(node)[0][0] for side in sides)
+            break
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, _Probe):
+            a_ann = sides[0].env[node.args[0]]
+            a = sides[1].env[node.args[0]]
+            visit(module.index, a, a_ann)
+            sides[0].env[node] = torch.relu(a_ann)
+            sides[1].env[node] = module(a)
+        else:
+            for side in sides:
+                side.env[node] = side.run_node(node)
+        for arg in node.all_input_nodes:
+            users_left[arg] -= 1
+            if users_left[arg] == 0:
+                for side in sides:
+                    side.env.pop(arg, None)
+    return outputs
 
 
 def _output_gradients(gm, probes, x, batch_size) -> list:
@@ -560,8 +558,8 @@ def _subsample_columns(tensors, max_values: int, seed: int):
     m = tensors[0].shape[1]
     if max_values is None or m <= max_values:
         return tensors
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(m, generator=gen)[:max_values].to(tensors[0].device)
+    idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:max_values]
+    idx = idx.sort().values.to(tensors[0].device)
     return [None if t is None else t[:, idx] for t in tensors]
 
 
@@ -696,11 +694,17 @@ def calibrate_for_T(
     log_p_ref = torch.log_softmax(_run(gm, x, batch_size), 1) if refine else None
     fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=device) / grid
     thresholds, shifts, layers = [], [], []
-    ann_pre, ann_out = _record_all(gm, probes, x, batch_size)  # the ANN's pre-activations
-    for i, probe in enumerate(probes):
-        a_ann = ann_pre[i]
-        ann_pre[i] = None
-        a = a_ann if i == 0 else _record(gm, probes, i, x, batch_size)
+
+    def visit(i: int, a: torch.Tensor, a_ann: torch.Tensor) -> None:
+        """Calibrate ReLU call ``i`` from its input ``a`` (earlier layers quantised) and the
+        ANN's ``a_ann``; leaves its threshold and shift on its probe."""
+        probe = probes[i]
+        for name, value in (("", a), (" in the ANN", a_ann)):
+            if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"ReLU call {probe.name!r} has non-finite (NaN or infinite) activations"
+                    f"{name} on the calibration data; check the model's weights and the "
+                    "calibration inputs")
         dim = _normalise_channel_dim(channel_dim, a, f"ReLU call {probe.name!r}")
         a_c = _channels_first(a, dim)
         ann_c = _channels_first(a_ann, dim)
@@ -710,42 +714,42 @@ def calibrate_for_T(
             a_c = a_c + shift.unsqueeze(1)
         target = (ann_c if reference == "ann" else a_c).clamp(min=0)
         w = _channels_first(weights[i], dim) if weights is not None else None
+        a_s, target_s, w_s = _subsample_columns([a_c, target, w], max_values, seed + i)
         if search == "binned":
             offsets = (torch.linspace(-0.5, 0.5, offset_steps, dtype=a_c.dtype)
                        if targets[i] is not None and bias_correction == "search"
                        else torch.zeros(1, dtype=a_c.dtype))
-            a_s, target_s, w_s = _subsample_columns([a_c, target, w], max_values, seed + i)
             theta, u = _binned_search(a_s, target_s, w_s, T, fractions.to(a_c.dtype),
                                       offsets.to(device), granularity, bins, coherence)
             if bias_correction == "search" and targets[i] is not None:
                 shift = u * theta / T
-                a_c = a_c + shift.unsqueeze(1)
+                a_s = a_s + shift.unsqueeze(1)
         else:
-            a_s, target_s, w_s = _subsample_columns(
-                [a_c.float(), target.float(), None if w is None else w.float()],
-                max_values, seed + i)
-            theta = _search(a_s, target_s, w_s, T, fractions, granularity).double()
+            theta = _search(a_s.float(), target_s.float(), None if w_s is None else w_s.float(),
+                            T, fractions, granularity).to(a_c.dtype)
         theta = theta.clamp(min=torch.finfo(torch.float32).tiny)
         probe.shift = None if shift is None else shift.to(dtype)
         if refine:
             best, best_kl = 1.0, math.inf
-            for s in refine_grid:
-                probe.theta = (theta * s).to(dtype)
+            for factor in refine_grid:
+                probe.theta = (theta * factor).to(dtype)
                 kl = _kl(log_p_ref, _run(gm, x, batch_size))
                 if kl < best_kl - 1e-12:
-                    best, best_kl = s, kl
+                    best, best_kl = factor, kl
             theta = theta * best
         probe.theta = theta.to(dtype)
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
-        layers.append(_layer_stats(probe.name, a_c, target, theta, T))
+        layers.append(_layer_stats(probe.name, a_s, target_s, theta, T))
+
+    ann_out, q_out = _lockstep(gm, x, visit)
     output_shift, output_target = None, None
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if (bias_correction and output_correction and ann_out is not None and ann_out.dim() >= 2
-            and isinstance(out_node.args[0], fx.Node)):
+    if (bias_correction and output_correction and isinstance(ann_out, torch.Tensor)
+            and ann_out.dim() >= 2 and isinstance(out_node.args[0], fx.Node)):
         output_target = _foldable_producer(gm, out_node.args[0])
         if output_target is not None:
-            diff = (ann_out - _run(gm, x, batch_size)).movedim(1, 0).reshape(ann_out.shape[1], -1)
+            diff = (ann_out - q_out).movedim(1, 0).reshape(ann_out.shape[1], -1)
             output_shift = diff.mean(1).cpu()
     for p in probes:
         p.theta = p.shift = None
