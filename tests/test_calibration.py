@@ -303,3 +303,26 @@ def test_bad_inputs_are_refused_naming_the_problem():
         convert_calibrated(ann, [x], 2, bogus=1)
     with pytest.raises(ValueError, match="got 2 thresholds for a model with 5 ReLU calls"):
         quantised_ann(ann, [1.0, 1.0], 2)
+
+
+# ---------------------------------------------------------------- bernoulli-aware calibration
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_expected_count_table_matches_the_exact_dynamic_programme(T):
+    from tpp_plugin import functional as F
+    from tpp_plugin.calibration import expected_count_fast
+
+    w = torch.linspace(-1, T + 1, 997, dtype=torch.float64)
+    assert torch.allclose(expected_count_fast(w, T), F.expected_count(w, T), atol=1e-4)
+
+
+def test_bernoulli_aware_calibration_differs_and_is_deterministic():
+    ann = models()["cnn5"]
+    x = inputs()
+    exact = calibrate_for_T(ann, [x], T=4)
+    bern = calibrate_for_T(ann, [x], T=4, count="bernoulli")
+    again = calibrate_for_T(ann, [x], T=4, count="bernoulli")
+    assert bern.settings["count"] == "bernoulli"
+    assert all(torch.equal(a, b) for a, b in zip(bern.thresholds, again.thresholds))
+    assert any(not torch.equal(a, b) for a, b in zip(bern.thresholds, exact.thresholds))
+    with pytest.raises(ValueError, match="count must be 'exact' or 'bernoulli'"):
+        calibrate_for_T(ann, [x], T=4, count="poisson")

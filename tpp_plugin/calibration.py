@@ -36,6 +36,7 @@ summarises it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import time
@@ -55,6 +56,7 @@ __all__ = [
     "CalibrationResult",
     "activation_nodes",
     "quantise",
+    "expected_count_fast",
     "quantised_ann",
     "apply_bias_shifts",
     "fuse_conv_bn",
@@ -121,6 +123,40 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1) -> torch.Tens
     return theta * torch.clamp(torch.floor(a * T / theta + 0.5), 0, T) / T
 
 
+_TABLE_RESOLUTION = 256  # table points per unit of w = v/θ
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_count_table(T: int) -> torch.Tensor:
+    """:func:`tpp_plugin.functional.expected_count` of bernoulli TPP on ``w ∈ [0, T]`` in steps
+    of ``1/_TABLE_RESOLUTION`` (float64, CPU)."""
+    w = torch.arange(T * _TABLE_RESOLUTION + 1, dtype=torch.float64) / _TABLE_RESOLUTION
+    return F.expected_count(w, T)
+
+
+def expected_count_fast(w: torch.Tensor, T: int) -> torch.Tensor:
+    """The mean spike count of a bernoulli TPP neuron with potential ``w`` thresholds
+    (:func:`tpp_plugin.functional.expected_count`), by linear interpolation in a table (error
+    below ``1e-4`` spikes); shaped and typed like ``w``."""
+    table = _expected_count_table(T).to(device=w.device, dtype=w.dtype)
+    pos = (w.clamp(0, T) * _TABLE_RESOLUTION)
+    i0 = pos.floor().clamp_(max=T * _TABLE_RESOLUTION - 1)
+    frac = pos - i0
+    i0 = i0.long()
+    return table[i0] * (1 - frac) + table[i0 + 1] * frac
+
+
+def _mean_quantise(a, theta, T, channel_dim, count):
+    """The mean of what a TPP neuron passes on: :func:`quantise` for ``'exact'``, the
+    expected bernoulli count times ``θ/T`` otherwise."""
+    if count == "exact":
+        return quantise(a, theta, T, channel_dim)
+    theta = torch.as_tensor(theta)
+    theta = (_channel_view(theta, a, _normalise_channel_dim(channel_dim, a, "quantise"))
+             if theta.dim() else theta.to(dtype=a.dtype, device=a.device))
+    return theta * expected_count_fast(a * T / theta, T) / T
+
+
 class _Probe(nn.Module):
     """Stands in for one ReLU call during calibration: adds the bias shift, then applies ReLU
     (no threshold yet) or the T-level quantiser; can keep its output for gradients."""
@@ -132,6 +168,7 @@ class _Probe(nn.Module):
         self.shift: torch.Tensor | None = None
         self.keep_output = False
         self.output: torch.Tensor | None = None
+        self.count = "exact"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
@@ -139,7 +176,7 @@ class _Probe(nn.Module):
         if self.theta is None:
             out = torch.relu(x)
         else:
-            out = quantise(x, self.theta, self.T, self.channel_dim)
+            out = _mean_quantise(x, self.theta, self.T, self.channel_dim, self.count)
         if self.keep_output:
             self.output = out
         return out
@@ -471,7 +508,8 @@ def _channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1)
 
 
-def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, coherence=0.0):
+def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, coherence=0.0,
+                   count="exact"):
     """Joint search of the threshold (per channel, or per layer) and of a per-channel rounding
     offset ``u`` (a bias shift of ``u·θ/T``) on binned statistics.
 
@@ -504,9 +542,17 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     errors = []
     for k in range(fractions.numel()):
         theta = (fractions[k] * top).view(1, C, 1)
-        level = torch.floor(centres.unsqueeze(0) * T / theta + 0.5 + u).clamp_(0, T)
-        q = level * theta / T  # [U, C, B]
-        err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
+        w_bin = centres.unsqueeze(0) * T / theta + u
+        if count == "exact":
+            q = torch.floor(w_bin + 0.5).clamp_(0, T) * theta / T  # [U, C, B]
+            err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
+        else:  # two-point count: floor(w) or floor(w) + 1, with the bernoulli mean
+            low = torch.floor(w_bin).clamp_(0, T)
+            p_up = (expected_count_fast(w_bin, T) - low).clamp_(0, 1)
+            q_lo, q_hi = low * theta / T, (low + 1) * theta / T
+            err = ((1 - p_up) * (n * q_lo * q_lo - 2 * q_lo * s + ss)
+                   + p_up * (n * q_hi * q_hi - 2 * q_hi * s + ss)).sum(-1)
+            q = q_lo + p_up * theta / T  # the mean, for the coherence term
         if coherence:
             total = (n * q - s).sum(-1) + neg_sum  # Σ e per channel
             err = err + coherence * total * total / m
@@ -587,6 +633,7 @@ def calibrate_for_T(
     reference: str = "ann",
     coherence: float = 0.0,
     output_correction: bool = True,
+    count: str = "exact",
     bins: int = 1024,
     offset_steps: int = 9,
     batch_size: int = 256,
@@ -640,6 +687,10 @@ def calibrate_for_T(
         activation, default: the layer compensates earlier layers' errors) or ``'input'`` (the
         ReLU of the layer's own, already perturbed, input)
     :param coherence: extra weight of each channel's summed (mean) error in the objective
+    :param count: the TPP counting rule to calibrate for: ``'exact'`` (default; the quantiser)
+        or ``'bernoulli'`` (each neuron fires ``floor(w)`` or ``ceil(w)`` times with the mean
+        :func:`~tpp_plugin.functional.expected_count`: the expected squared error is minimised,
+        and the earlier layers pass their mean output on)
     :param output_correction: with bias correction, also shift the bias of the last layer so
         the mean output (per class) matches the ANN's
     :param bins: histogram bins per channel for ``search='binned'``
@@ -680,6 +731,10 @@ def calibrate_for_T(
     if bias_correction not in (False, None, "search", "mean"):
         raise ValueError("bias_correction must be 'search', 'mean' or False, got "
                          f"{bias_correction!r}")
+    if count not in ("exact", "bernoulli"):
+        raise ValueError(f"count must be 'exact' or 'bernoulli', got {count!r}")
+    if count == "bernoulli" and search != "binned":
+        raise ValueError("count='bernoulli' needs search='binned'")
     if reference not in ("ann", "input"):
         raise ValueError(f"reference must be 'ann' or 'input', got {reference!r}")
     if search not in ("binned", "exact"):
@@ -690,6 +745,8 @@ def calibrate_for_T(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = _calibration_inputs(batches, max_samples, seed, device, dtype)
     probes = _install_probes(gm, T, channel_dim)
+    for p in probes:
+        p.count = count
     weights = _output_gradients(gm, probes, x, batch_size) if objective == "fisher" else None
     log_p_ref = torch.log_softmax(_run(gm, x, batch_size), 1) if refine else None
     fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=device) / grid
@@ -720,7 +777,7 @@ def calibrate_for_T(
                        if targets[i] is not None and bias_correction == "search"
                        else torch.zeros(1, dtype=a_c.dtype))
             theta, u = _binned_search(a_s, target_s, w_s, T, fractions.to(a_c.dtype),
-                                      offsets.to(device), granularity, bins, coherence)
+                                      offsets.to(device), granularity, bins, coherence, count)
             if bias_correction == "search" and targets[i] is not None:
                 shift = u * theta / T
                 a_s = a_s + shift.unsqueeze(1)
@@ -757,9 +814,9 @@ def calibrate_for_T(
         output_shift=output_shift, output_target=output_target,
         T=T, names=names, thresholds=thresholds, bias_shifts=shifts, bias_targets=targets,
         channel_dim=channel_dim, layers=layers, seconds=time.perf_counter() - start,
-        settings={"fuse": bool(fuse), "granularity": granularity, "objective": objective,
-                  "bias_correction": bias_correction, "refine": refine, "grid": grid,
-                  "samples": int(x.shape[0])},
+        settings={"fuse": bool(fuse), "count": count, "granularity": granularity,
+                  "objective": objective, "bias_correction": bias_correction,
+                  "refine": refine, "grid": grid, "samples": int(x.shape[0])},
     )
 
 
