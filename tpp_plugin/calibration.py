@@ -521,21 +521,21 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     and do not affect the choice. Returns ``(theta, u)``: ``[C]`` (or 0-d) and ``[C]``.
     """
     C = a.shape[0]
-    pos = a.clamp(min=0)
-    top = pos.amax(1) if granularity == "channel" else pos.amax().expand(C)
+    top = a.amax(1).clamp(min=0) if granularity == "channel" else a.amax().clamp(min=0).expand(C)
     top = torch.where(top > 0, top, torch.ones_like(top))
-    w = torch.ones_like(a) if weight is None else weight
-    keep = a >= 0
-    idx = (a / (top / bins).unsqueeze(1)).floor().clamp(0, bins - 1).long()
-    idx = torch.where(keep, idx, torch.full_like(idx, bins))  # negatives into a spare bin
+    # bin of each value; negatives (floor < 0) wrap round into the spare bin ``bins``
+    idx = (a * (bins / top).unsqueeze(1)).floor_().clamp_(-1, bins - 1).long().remainder_(bins + 1)
+    wt = target if weight is None else weight * target
     stats = []
-    for values in (w, w * target, w * target * target):
+    for values in (weight, wt, wt * target):
         acc = torch.zeros(C, bins + 1, dtype=a.dtype, device=a.device)
-        stats.append(acc.scatter_add_(1, idx, values)[:, :bins])
-    n, s, ss = stats
+        if values is None:  # unweighted counts
+            values = torch.ones((), dtype=a.dtype, device=a.device).expand_as(a)
+        stats.append(acc.scatter_add_(1, idx, values))
+    n, s, ss = (t[:, :bins] for t in stats)
     m = a.shape[1]
     # the (weighted) error sum of the negatives (output 0 for every candidate): -Σ w·target
-    neg_sum = -(torch.where(keep, torch.zeros_like(a), w * target)).sum(1)  # [C]
+    neg_sum = -stats[1][:, bins]  # [C]
     centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
     centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
     u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
@@ -797,7 +797,9 @@ def calibrate_for_T(
         probe.theta = theta.to(dtype)
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
-        layers.append(_layer_stats(probe.name, a_s, target_s, theta, T))
+        stats_cols = slice(0, None, max(1, a_s.shape[1] // 16384))  # plenty for a report
+        layers.append(_layer_stats(probe.name, a_s[:, stats_cols], target_s[:, stats_cols],
+                                   theta, T))
 
     ann_out, q_out = _lockstep(gm, x, visit)
     output_shift, output_target = None, None
