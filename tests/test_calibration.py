@@ -297,6 +297,8 @@ def test_bad_inputs_are_refused_naming_the_problem():
         calibrate_for_T(broken, [x], T=2)
     with pytest.raises(ValueError, match="calibration inputs contain NaN"):
         calibrate_for_T(ann, [torch.full_like(x, float("inf"))], T=2)
+    with pytest.raises(ValueError, match="refine must be"):
+        calibrate_for_T(ann, [x], T=2, refine="everything")
     with pytest.raises(ValueError, match="objective must be one of"):
         calibrate_for_T(ann, [x], T=2, objective="kl")
     with pytest.raises(TypeError, match="unknown calibration argument"):
