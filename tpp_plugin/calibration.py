@@ -622,7 +622,7 @@ def calibrate_for_T(
     granularity: str = "channel",
     objective: str = "activation",
     bias_correction="mean",
-    refine: bool = False,
+    refine=False,
     channel_dim: int = 1,
     fuse: bool = True,
     grid: int = 64,
