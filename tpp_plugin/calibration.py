@@ -24,8 +24,13 @@ layers lost:
    calibration maximum — is evaluated at once on binned statistics, and the one with the
    smallest squared error against the ANN's activation is kept (``objective='fisher'`` weighs
    each activation's error by the squared gradient of the ANN's loss with respect to it);
-3. optionally (``refine=True``) the layer's thresholds are then scaled together by the factor,
-   from a small grid, that minimises the KL divergence of the network's output from the ANN's.
+3. optionally (``refine='global'``) each layer's thresholds are then scaled together by the
+   factor, from a small grid, that minimises the KL divergence of the quantised network's output
+   from the ANN's.
+
+The ANN and the network being quantised run side by side, node by node, over all calibration
+samples at once: one pass of each in all. ``count='bernoulli'`` calibrates for bernoulli TPP
+(the expected squared error of its two-point count).
 
 The result is framework-neutral: one threshold tensor per ReLU *call* (scalar or per channel)
 and, per call, a bias shift for the preceding conv/linear/batch-norm layer. The SpikingJelly
