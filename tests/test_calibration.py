@@ -109,8 +109,9 @@ def test_exact_tpp_with_calibrated_thresholds_equals_the_quantised_ann(name, T, 
     assert torch.allclose(single_step_loop(snn, x, T).mean(0), got, atol=1e-9)
     with torch.no_grad(), tpp_plugin.count_mode(snn, T):
         assert torch.allclose(snn(x), got, atol=1e-9)
-    # the network's own thresholds are the calibrated ones
-    for mine, theirs in zip(result.thresholds, calibrated_thresholds(snn)):
+    # the network's own output scales are the calibrated ones
+    scales = result.output_scales or result.thresholds
+    for mine, theirs in zip(scales, calibrated_thresholds(snn)):
         assert torch.allclose(mine.double(), theirs.double().reshape(mine.shape))
 
 
@@ -130,7 +131,7 @@ def test_quantised_ann_output_lies_on_the_threshold_grid():
     with torch.no_grad():
         qann(x)
     assert len(outs) == len(result.thresholds) and ann_traced is not None
-    for (_probe, out), theta in zip(outs, result.thresholds):
+    for (_probe, out), theta in zip(outs, result.output_scales or result.thresholds):
         levels = out * 3 / theta.view(1, -1, *([1] * (out.dim() - 2))).double()
         assert torch.allclose(levels, levels.round(), atol=1e-9)
         assert float(levels.min()) >= 0 and float(levels.max()) <= 3 + 1e-9
@@ -267,7 +268,7 @@ def test_report_lists_thresholds_errors_and_shares_per_layer():
         assert set(layer["references"]) == {"net", "99.9%"}
         assert layer["threshold"]["min"] <= layer["threshold"]["median"] <= layer["threshold"][
             "max"]
-        assert layer["references"]["net"] == layer["threshold"]
+        assert layer["references"]["net"] == (layer["output_scale"] or layer["threshold"])
         assert 0 <= layer["clipped"] <= 1 and 0 <= layer["zeroed"] <= 1
         assert layer["rounding_error"] >= 0
     table = format_report(report)

@@ -103,15 +103,17 @@ def _normalise_channel_dim(channel_dim: int, x: torch.Tensor, where: str) -> int
     return dim
 
 
-def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1) -> torch.Tensor:
+def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -> torch.Tensor:
     r"""What an exact-count TPP neuron with threshold ``theta`` passes on for the potential ``a``
-    (one ANN pass): ``θ/T · clamp(floor(a·T/θ + ½), 0, T)``.
+    (one ANN pass): ``s/T · clamp(floor(a·T/θ + ½), 0, T)``, the output scale ``s`` being
+    ``θ`` unless given (the scaler after the neuron).
 
     :param a: pre-activation, shape ``[N, C, *]`` (or anything with ``channel_dim``)
     :param theta: a positive number, a 0-d tensor or a ``[C]`` tensor (per channel along
         ``channel_dim``)
     :param T: the number of time steps (levels)
     :param channel_dim: the channel dimension of ``a`` for a per-channel ``theta``
+    :param scale: the output scale ``s`` (like ``theta``); default ``theta``
     :return: a tensor shaped like ``a``
 
     Example::
@@ -120,12 +122,16 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1) -> torch.Tens
         tensor([[0.0000, 0.2500, 0.2500, 1.0000, 1.0000]])
     """
     T = F.check_window(T)
-    theta = torch.as_tensor(theta)
-    if theta.dim() > 0:
-        theta = _channel_view(theta, a, _normalise_channel_dim(channel_dim, a, "quantise"))
-    else:
-        theta = theta.to(dtype=a.dtype, device=a.device)
-    return theta * torch.clamp(torch.floor(a * T / theta + 0.5), 0, T) / T
+
+    def view(t):
+        t = torch.as_tensor(t)
+        if t.dim() > 0:
+            return _channel_view(t, a, _normalise_channel_dim(channel_dim, a, "quantise"))
+        return t.to(dtype=a.dtype, device=a.device)
+
+    theta = view(theta)
+    scale = theta if scale is None else view(scale)
+    return scale * torch.clamp(torch.floor(a * T / theta + 0.5), 0, T) / T
 
 
 _TABLE_RESOLUTION = 256  # table points per unit of w = v/θ
@@ -151,15 +157,17 @@ def expected_count_fast(w: torch.Tensor, T: int) -> torch.Tensor:
     return table[i0] * (1 - frac) + table[i0 + 1] * frac
 
 
-def _mean_quantise(a, theta, T, channel_dim, count):
+def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
     """The mean of what a TPP neuron passes on: :func:`quantise` for ``'exact'``, the
-    expected bernoulli count times ``θ/T`` otherwise."""
+    expected bernoulli count times ``s/T`` otherwise."""
     if count == "exact":
-        return quantise(a, theta, T, channel_dim)
+        return quantise(a, theta, T, channel_dim, scale)
+    dim = _normalise_channel_dim(channel_dim, a, "quantise")
     theta = torch.as_tensor(theta)
-    theta = (_channel_view(theta, a, _normalise_channel_dim(channel_dim, a, "quantise"))
-             if theta.dim() else theta.to(dtype=a.dtype, device=a.device))
-    return theta * expected_count_fast(a * T / theta, T) / T
+    theta = _channel_view(theta, a, dim) if theta.dim() else theta.to(a)
+    scale = theta if scale is None else torch.as_tensor(scale)
+    scale = _channel_view(scale, a, dim) if scale.dim() else scale.to(a)
+    return scale * expected_count_fast(a * T / theta, T) / T
 
 
 class _Probe(nn.Module):
@@ -170,6 +178,7 @@ class _Probe(nn.Module):
         super().__init__()
         self.index, self.name, self.T, self.channel_dim = index, name, T, channel_dim
         self.theta: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
         self.keep_output = False
         self.output: torch.Tensor | None = None
@@ -181,7 +190,8 @@ class _Probe(nn.Module):
         if self.theta is None:
             out = torch.relu(x)
         else:
-            out = _mean_quantise(x, self.theta, self.T, self.channel_dim, self.count)
+            out = _mean_quantise(x, self.theta, self.T, self.channel_dim, self.count,
+                                 self.scale)
         if self.keep_output:
             self.output = out
         return out
@@ -323,6 +333,8 @@ class CalibrationResult:
     :ivar output_shift: ``[classes]`` shift of the output (bias correction of the last layer), or
         ``None``
     :ivar output_target: the module whose bias carries ``output_shift``, or ``None``
+    :ivar output_scales: per call the output scale ``s`` of the neuron (the scaler after it;
+        like ``thresholds``), or ``None`` when it equals the threshold
     """
 
     T: int
@@ -336,6 +348,7 @@ class CalibrationResult:
     settings: dict = field(default_factory=dict)
     output_shift: torch.Tensor | None = None
     output_target: str | None = None
+    output_scales: list | None = None
 
 
 def _install_probes(gm: fx.GraphModule, T: int, channel_dim: int) -> list:
@@ -383,10 +396,12 @@ def quantised_ann(ann: nn.Module, thresholds, T: int, bias_shifts=None,
         fuse = isinstance(thresholds, CalibrationResult) and thresholds.settings.get("fuse", False)
     if fuse:
         model = fuse_conv_bn(model)
+    scales = None
     if isinstance(thresholds, CalibrationResult):
         result = thresholds
         thresholds, bias_shifts = result.thresholds, None
         channel_dim = result.channel_dim
+        scales = result.output_scales
         apply_bias_shifts(model, result)
     probes = _install_probes(model, T, channel_dim)
     thresholds = list(thresholds)
@@ -395,9 +410,11 @@ def quantised_ann(ann: nn.Module, thresholds, T: int, bias_shifts=None,
             f"got {len(thresholds)} thresholds for a model with {len(probes)} ReLU calls"
         )
     shifts = list(bias_shifts) if bias_shifts is not None else [None] * len(probes)
-    for probe, theta, shift in zip(probes, thresholds, shifts):
+    scales = list(scales) if scales is not None else [None] * len(probes)
+    for probe, theta, shift, scale in zip(probes, thresholds, shifts, scales):
         probe.theta = F.check_threshold(torch.as_tensor(theta, dtype=torch.float64).clone(),
                                         f"threshold of {probe.name!r}")
+        probe.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float64)
         probe.shift = None if shift is None else torch.as_tensor(shift)
     return model
 
@@ -514,7 +531,7 @@ def _channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, coherence=0.0,
-                   count="exact"):
+                   count="exact", free_scale=False):
     """Joint search of the threshold (per channel, or per layer) and of a per-channel rounding
     offset ``u`` (a bias shift of ``u·θ/T``) on binned statistics.
 
@@ -544,11 +561,21 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
     centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
     u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
-    errors = []
+    errors, steps = [], []
     for k in range(fractions.numel()):
         theta = (fractions[k] * top).view(1, C, 1)
         w_bin = centres.unsqueeze(0) * T / theta + u
-        if count == "exact":
+        if count == "exact" and free_scale:
+            # the best output step s/T for these levels, in closed form: Σ L·t / Σ L²
+            level = torch.floor(w_bin + 0.5).clamp_(0, T)
+            num = (level * s).sum(-1)
+            den = (n * level * level).sum(-1)
+            step = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30),
+                               (theta / T).view(1, C))  # [U, C]
+            q = level * step.unsqueeze(-1)
+            err = (n * q * q - 2 * q * s + ss).sum(-1)
+            steps.append(step)
+        elif count == "exact":
             q = torch.floor(w_bin + 0.5).clamp_(0, T) * theta / T  # [U, C, B]
             err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
         else:  # two-point count: floor(w) or floor(w) + 1, with the bernoulli mean
@@ -569,10 +596,15 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
         theta = fractions[best_k] * top
         u_idx = best_u.gather(0, best_k.view(1, -1)).squeeze(0)
     else:
-        k = int(best_u_err.sum(1).argmin())
-        theta = fractions[k] * top[0]
-        u_idx = best_u[k]
-    return theta, offsets[u_idx]
+        best_k = best_u_err.sum(1).argmin().expand(C)
+        theta = fractions[best_k[0]] * top[0]
+        u_idx = best_u[best_k[0]]
+    scale = None
+    if steps:
+        steps = torch.stack(steps)  # [K, U, C]
+        chosen = steps[best_k, u_idx, torch.arange(C, device=a.device)]
+        scale = chosen * T
+    return theta, offsets[u_idx], scale
 
 
 def _search(a, target, weight, T, fractions, granularity):
@@ -639,6 +671,7 @@ def calibrate_for_T(
     coherence: float = 0.0,
     output_correction: bool = True,
     count: str = "exact",
+    output_scale: bool = True,
     bins: int = 1024,
     offset_steps: int = 9,
     batch_size: int = 256,
@@ -698,6 +731,9 @@ def calibrate_for_T(
         or ``'bernoulli'`` (each neuron fires ``floor(w)`` or ``ceil(w)`` times with the mean
         :func:`~tpp_plugin.functional.expected_count`: the expected squared error is minimised,
         and the earlier layers pass their mean output on)
+    :param output_scale: also choose each channel's output step (the scale ``s`` of the scaler
+        after the neuron, so a neuron firing ``n`` times passes on ``s·n/T``) in closed form for
+        the chosen levels, instead of ``s = θ`` (exact counts, histogram search)
     :param output_correction: with bias correction, also shift the bias of the last layer so
         the mean output (per class) matches the ANN's
     :param bins: histogram bins per channel for ``search='binned'``
@@ -759,7 +795,7 @@ def calibrate_for_T(
         raise ValueError(f"refine must be False, 'global' or 'local', got {refine!r}")
     log_p_ref = torch.log_softmax(_run(gm, x, batch_size), 1) if refine == "local" else None
     fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=device) / grid
-    thresholds, shifts, layers = [], [], []
+    thresholds, shifts, layers, scales = [], [], [], []
 
     def visit(i: int, a: torch.Tensor, a_ann: torch.Tensor) -> None:
         """Calibrate ReLU call ``i`` from its input ``a`` (earlier layers quantised) and the
@@ -785,12 +821,14 @@ def calibrate_for_T(
             offsets = (torch.linspace(-0.5, 0.5, offset_steps, dtype=a_c.dtype)
                        if targets[i] is not None and bias_correction == "search"
                        else torch.zeros(1, dtype=a_c.dtype))
-            theta, u = _binned_search(a_s, target_s, w_s, T, fractions.to(a_c.dtype),
-                                      offsets.to(device), granularity, bins, coherence, count)
+            theta, u, scale = _binned_search(
+                a_s, target_s, w_s, T, fractions.to(a_c.dtype), offsets.to(device),
+                granularity, bins, coherence, count, output_scale)
             if bias_correction == "search" and targets[i] is not None:
                 shift = u * theta / T
                 a_s = a_s + shift.unsqueeze(1)
         else:
+            scale = None
             theta = _search(a_s.float(), target_s.float(), None if w_s is None else w_s.float(),
                             T, fractions, granularity).to(a_c.dtype)
         theta = theta.clamp(min=torch.finfo(torch.float32).tiny)
@@ -804,11 +842,13 @@ def calibrate_for_T(
                     best, best_kl = factor, kl
             theta = theta * best
         probe.theta = theta.to(dtype)
+        probe.scale = None if scale is None else scale.to(dtype)
+        scales.append(None if scale is None else scale.to(dtype).cpu())
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
         stats_cols = slice(0, None, max(1, a_s.shape[1] // 16384))  # plenty for a report
         layers.append(_layer_stats(probe.name, a_s[:, stats_cols], target_s[:, stats_cols],
-                                   theta, T))
+                                   theta, T, scale))
 
     ann_out, q_out = _lockstep(gm, x, visit)
     if refine in (True, "global"):  # one sweep, every layer quantised
@@ -838,18 +878,21 @@ def calibrate_for_T(
         p.theta = p.shift = None
     return CalibrationResult(
         output_shift=output_shift, output_target=output_target,
+        output_scales=scales if any(sc is not None for sc in scales) else None,
         T=T, names=names, thresholds=thresholds, bias_shifts=shifts, bias_targets=targets,
         channel_dim=channel_dim, layers=layers, seconds=time.perf_counter() - start,
         settings={"fuse": bool(fuse), "count": count, "granularity": granularity,
                   "objective": objective, "bias_correction": bias_correction,
-                  "refine": refine, "grid": grid, "samples": int(x.shape[0])},
+                  "refine": refine, "grid": grid, "output_scale": output_scale,
+                  "samples": int(x.shape[0])},
     )
 
 
-def _layer_stats(name, a, target, theta, T) -> dict:
+def _layer_stats(name, a, target, theta, T, scale=None) -> dict:
     """Diagnostics of one calibrated layer (``a``, ``target``: ``[C, M]``)."""
     th = theta.view(-1, 1) if theta.dim() else theta
-    q = th * torch.clamp(torch.floor(a * T / th + 0.5), 0, T) / T
+    sc = th if scale is None else scale.view(-1, 1)
+    q = sc * torch.clamp(torch.floor(a * T / th + 0.5), 0, T) / T
     active = target > 0
     n_active = max(1, int(active.sum()))
     flat = target.flatten()
@@ -876,8 +919,9 @@ def _summary(theta) -> dict:
 
 
 def calibration_report(result: CalibrationResult, references: dict | None = None) -> dict:
-    """Per layer: the chosen thresholds (min/median/max over channels) against other
-    calibrations, the relative rounding error ``‖q(a) − relu(a_ANN)‖ / ‖relu(a_ANN)‖``, the share
+    """Per layer: the chosen thresholds (min/median/max over channels; and the output scales
+    where they differ from the thresholds) against other calibrations, the relative
+    rounding error ``‖q(a) − relu(a_ANN)‖ / ‖relu(a_ANN)‖``, the share
     of clipped activations (above θ) and of zeroed ones (active in the ANN, no spike).
 
     :param result: what :func:`calibrate_for_T` returned
@@ -904,6 +948,9 @@ def calibration_report(result: CalibrationResult, references: dict | None = None
             "layer": stats["name"],
             "channels": stats["channels"],
             "threshold": _summary(theta),
+            "output_scale": (None if result.output_scales is None
+                             or result.output_scales[i] is None
+                             else _summary(result.output_scales[i])),
             "references": {label: _summary(values[i]) for label, values in references.items()},
             "rounding_error": stats["rounding_error"],
             "clipped": stats["clipped"],

@@ -1436,7 +1436,8 @@ def _calibration_factory(neuron, neuron_kwargs, T) -> NeuronFactory:
 
 def _replace_calibrated(gm: fx.GraphModule, result, factory: NeuronFactory) -> fx.GraphModule:
     """Apply the bias shifts of ``result`` and replace each calibrated ReLU call by
-    ``scaler(1/θ) → neuron(v_threshold=1) → scaler(θ)`` (in place)."""
+    ``scaler(1/θ) → neuron(v_threshold=1) → scaler(s)`` (in place; ``s`` the output scale,
+    ``θ`` unless the calibration chose another)."""
     from ..calibration import activation_nodes, apply_bias_shifts
 
     apply_bias_shifts(gm, result)
@@ -1444,16 +1445,18 @@ def _replace_calibrated(gm: fx.GraphModule, result, factory: NeuronFactory) -> f
     nodes = activation_nodes(gm)
     if [n.name for n in nodes] != list(result.names):
         raise ValueError("the calibration does not belong to this graph (its ReLU calls differ)")
+    scales = dict(zip(result.names, result.output_scales or [None] * len(result.names)))
+    device = next(gm.parameters(), torch.empty(0)).device
     for count, node in enumerate(nodes):
-        theta = by_name[node.name].to(next(gm.parameters()).device
-                                      if any(True for _ in gm.parameters()) else "cpu")
+        theta = by_name[node.name].to(device)
+        scale = theta if scales[node.name] is None else scales[node.name].to(device)
         parent = node.target.rpartition(".")[0]
         prefix = f"{parent}.tpp_calibrated_{count}" if parent else f"tpp_calibrated_{count}"
         last = node
         for leaf, module in (
             ("scaler0", _channel_scaler(1.0 / theta, result.channel_dim)),
             ("if_node", factory.create()),
-            ("scaler1", _channel_scaler(theta, result.channel_dim)),
+            ("scaler1", _channel_scaler(scale, result.channel_dim)),
         ):
             gm.add_submodule(f"{prefix}.{leaf}", module)
             with gm.graph.inserting_after(last):
@@ -1621,9 +1624,10 @@ def convert_calibrated(ann: nn.Module, dataloader, T: int, neuron="tpp",
 
 
 def calibrated_thresholds(snn: nn.Module) -> list:
-    """The threshold of each spiking layer of a converted network, in graph order: the scale of
-    the scaler after each neuron (a 0-d tensor, or ``[C]`` for channel-wise recipes such as
-    LTB's and :class:`TPPCalibrationRecipe`'s). For comparing calibrations
+    """The output scale of each spiking layer of a converted network, in graph order — its
+    threshold for SpikingJelly's recipes: the scale of the scaler after each neuron (a 0-d
+    tensor, or ``[C]`` for channel-wise recipes such as LTB's and
+    :class:`TPPCalibrationRecipe`'s). For comparing calibrations
     (:func:`tpp_plugin.calibration.calibration_report`).
 
     :param snn: a converted network (``fx.GraphModule``)
