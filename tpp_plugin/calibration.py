@@ -963,8 +963,8 @@ def calibration_report(result: CalibrationResult, references: dict | None = None
 
 
 def format_report(report: dict) -> str:
-    """The report of :func:`calibration_report` as a text table (thresholds as
-    ``median [min, max]``).
+    """The report of :func:`calibration_report` as a text table (thresholds and output scales
+    as ``median [min, max]`` over channels).
 
     Example::
 
@@ -977,11 +977,13 @@ def format_report(report: dict) -> str:
             return f"{s['median']:.3g}"
         return f"{s['median']:.3g} [{s['min']:.3g}, {s['max']:.3g}]"
 
-    head = ["layer", "C", f"θ (T={report['T']})"] + [f"θ {r}" for r in refs] + [
-        "round err", "clipped", "zeroed"]
+    scaled = any(layer.get("output_scale") for layer in report["layers"])
+    head = ["layer", "C", f"θ (T={report['T']})"] + (["s (output)"] if scaled else []) + [
+        f"θ {r}" for r in refs] + ["round err", "clipped", "zeroed"]
     rows = [head]
     for layer in report["layers"]:
-        rows.append([layer["layer"], str(layer["channels"]), fmt(layer["threshold"])]
+        scale = [fmt(layer["output_scale"] or layer["threshold"])] if scaled else []
+        rows.append([layer["layer"], str(layer["channels"]), fmt(layer["threshold"])] + scale
                     + [fmt(layer["references"][r]) for r in refs]
                     + [f"{layer['rounding_error']:.3f}", f"{100 * layer['clipped']:.2f}%",
                        f"{100 * layer['zeroed']:.2f}%"])
