@@ -1,0 +1,331 @@
+"""T-aware threshold calibration (tpp_plugin.calibration) and its SpikingJelly conversion
+(TPPCalibrationRecipe on 2.x, convert_calibrated on both lines). Runs on SpikingJelly 2.0.0 and
+(second pass of `make test`) 0.0.0.0.14."""
+
+import copy
+
+import pytest
+import torch
+from spikingjelly.activation_based import ann2snn, functional
+from torch import nn
+
+import tpp_plugin
+from tpp_plugin.adapters.spikingjelly import (
+    IS_LEGACY,
+    ChannelScaler,
+    TPPNode,
+    calibrated_thresholds,
+    convert_calibrated,
+)
+from tpp_plugin.calibration import (
+    CalibrationResult,
+    activation_nodes,
+    calibrate_for_T,
+    calibration_report,
+    format_report,
+    quantise,
+    quantised_ann,
+)
+from tpp_plugin.models import cnn5, cnn5_maxpool, resnet, vgg
+
+needs_recipes = pytest.mark.skipif(IS_LEGACY, reason="recipes exist on 2.x only")
+
+
+def models():
+    torch.manual_seed(0)
+    nets = {"maxpool": cnn5_maxpool(image_size=8, channels=4), "resnet": resnet(image_size=8,
+                                                                                 channels=4),
+            "vgg": vgg(image_size=8, channels=4), "cnn5": cnn5(image_size=8, channels=4)}
+    for net in nets.values():  # non-trivial batch-norm statistics, so fusion matters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.1, 0.1)
+    return {k: v.eval().double() for k, v in nets.items()}
+
+
+def inputs(n=64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, dtype=torch.float64, generator=gen)
+
+
+@torch.no_grad()
+def multi_step(net, x, T):
+    functional.set_step_mode(net, "m")
+    functional.reset_net(net)
+    out = net(x.unsqueeze(0).expand(T, *x.shape))
+    functional.set_step_mode(net, "s")
+    return out
+
+
+@torch.no_grad()
+def single_step_loop(net, x, T):
+    functional.set_step_mode(net, "s")
+    functional.reset_net(net)
+    return torch.stack([net(x) for _ in range(T)])
+
+
+# ---------------------------------------------------------------- the quantiser
+def test_quantise_rounds_to_T_levels_of_the_threshold_per_channel():
+    a = torch.tensor([[[-1.0, 0.1, 0.13, 0.5, 0.9, 7.0]], [[0.2, 0.26, 0.4, 1.1, 2.0, 9.0]]])
+    a = a.transpose(0, 1)  # [1, 2, 6]: two channels along dim 1
+    theta = torch.tensor([1.0, 2.0])
+    q = quantise(a, theta, T=4)
+    # T levels of θ/T on [0, θ]: channel 0 in steps of 0.25 up to 1, channel 1 of 0.5 up to 2
+    assert torch.equal(q[0, 0], torch.tensor([0.0, 0.0, 0.25, 0.5, 1.0, 1.0]))
+    assert torch.equal(q[0, 1], torch.tensor([0.0, 0.5, 0.5, 1.0, 2.0, 2.0]))
+    assert torch.equal(quantise(a, 1.0, T=1), (a >= 0.5).float())
+    with pytest.raises(ValueError, match="channel_dim=3 is out of range"):
+        quantise(a, theta, T=4, channel_dim=3)
+
+
+# ---------------------------------------------------------------- the oracle
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("name", ["maxpool", "resnet", "vgg"])
+def test_exact_tpp_with_calibrated_thresholds_equals_the_quantised_ann(name, T, granularity):
+    """The oracle, float64: exact-count TPP with calibrated (channel-wise or per-layer)
+    thresholds and bias shifts == the ANN with each ReLU call rounded to T levels of its
+    thresholds, image for image — multi-step, the single-step loop and count mode."""
+    ann = models()[name]
+    before = copy.deepcopy(ann.state_dict())
+    x = inputs()
+    snn, result = convert_calibrated(ann, [x[:32], x[32:]], T, granularity=granularity,
+                                     neuron_kwargs={"count": "exact", "seed": 0},
+                                     return_result=True)
+    assert all(torch.equal(v, ann.state_dict()[k]) for k, v in before.items())  # ANN untouched
+    n_calls = {"maxpool": 5, "resnet": 9, "vgg": 8}[name]
+    assert len(result.thresholds) == n_calls
+    shape = () if granularity == "layer" else None
+    for theta in result.thresholds:
+        assert theta.dim() == (0 if shape == () else 1) and bool((theta > 0).all())
+    with torch.no_grad():
+        expected = quantised_ann(ann, result, T)(x)
+    got = multi_step(snn, x, T).mean(0)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.allclose(got, expected, atol=1e-9)
+    assert torch.allclose(single_step_loop(snn, x, T).mean(0), got, atol=1e-9)
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T):
+        assert torch.allclose(snn(x), got, atol=1e-9)
+    # the network's own output scales are the calibrated ones
+    scales = result.output_scales or result.thresholds
+    for mine, theirs in zip(scales, calibrated_thresholds(snn)):
+        assert torch.allclose(mine.double(), theirs.double().reshape(mine.shape))
+
+
+def test_quantised_ann_output_lies_on_the_threshold_grid():
+    ann = models()["cnn5"]
+    x = inputs()
+    result = calibrate_for_T(ann, [x], T=3)
+    qann = quantised_ann(ann, result, 3)
+    seen = []
+    for node in activation_nodes(ann_traced := torch.fx.symbolic_trace(ann)):
+        seen.append(node.name)
+    assert seen == result.names
+    outs = []
+    for m in qann.modules():
+        if type(m).__name__ == "_Probe":
+            m.register_forward_hook(lambda mod, i, o: outs.append((mod, o)))
+    with torch.no_grad():
+        qann(x)
+    assert len(outs) == len(result.thresholds) and ann_traced is not None
+    for (_probe, out), theta in zip(outs, result.output_scales or result.thresholds):
+        levels = out * 3 / theta.view(1, -1, *([1] * (out.dim() - 2))).double()
+        assert torch.allclose(levels, levels.round(), atol=1e-9)
+        assert float(levels.min()) >= 0 and float(levels.max()) <= 3 + 1e-9
+
+
+@needs_recipes
+@pytest.mark.parametrize("count", ["exact", "bernoulli"])
+def test_recipe_is_used_like_spikingjellys_and_runs_in_multi_step_mode(count):
+    ann = models()["maxpool"].float()
+    before = copy.deepcopy(ann.state_dict())
+    loader = [(torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)) for _ in range(2)]
+    recipe = ann2snn.TPPCalibrationRecipe(loader, T=4, neuron="tpp",
+                                          neuron_kwargs={"count": count})
+    snn = ann2snn.Converter(recipe).convert(ann)
+    assert all(torch.equal(v, ann.state_dict()[k]) for k, v in before.items())
+    from spikingjelly.activation_based.ann2snn.modules import ChannelVoltageScaler
+
+    assert sum(isinstance(m, ChannelVoltageScaler) for m in snn.modules()) == 10
+    nodes = [m for m in snn.modules() if isinstance(m, TPPNode)]
+    assert len(nodes) == 5 and all(n.count == count and n.T == 4 for n in nodes)
+    assert sum(n.pool is not None for n in nodes) == 2  # max-pools absorbed
+    functional.set_step_mode(snn, "m")
+    with torch.no_grad():
+        out = snn(torch.rand(4, 3, 1, 8, 8))
+    assert out.shape == (4, 3, 10)
+    assert isinstance(recipe.result, CalibrationResult) and recipe.result.T == 4
+
+
+@pytest.mark.parametrize("count", ["exact", "bernoulli"])
+def test_window_synchronous_single_step_loop_equals_multi_step_for_a_calibrated_net(count):
+    ann = models()["resnet"]
+    x = inputs(16)
+    snn = convert_calibrated(ann, [inputs(32, seed=3)], 4,
+                             neuron_kwargs={"count": count, "seed": 5})
+    twin = copy.deepcopy(snn)
+    for batch in (x, x[:5]):
+        assert torch.equal(single_step_loop(snn, batch, 4), multi_step(twin, batch, 4))
+
+
+def test_legacy_channel_scaler_scales_channels_in_both_step_modes():
+    s = ChannelScaler(torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.rand(4, 3, 5)
+    assert torch.allclose(s(x), x * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1))
+    s.step_mode = "m"
+    x_seq = torch.rand(2, 4, 3, 5)
+    assert torch.allclose(s(x_seq), x_seq * torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3, 1))
+    with pytest.raises(ValueError, match="cannot scale"):
+        s(torch.rand(2, 4, 2, 5))
+    with pytest.raises(ValueError):
+        ChannelScaler(torch.tensor([1.0, -1.0]))
+
+
+# ---------------------------------------------------------------- the algorithm
+def test_calibration_is_deterministic_for_fixed_batches_and_seed():
+    ann = models()["resnet"]
+    batches = [inputs(40, seed=2), inputs(40, seed=3)]
+    a = calibrate_for_T(ann, batches, T=2, max_samples=50, seed=7)
+    b = calibrate_for_T(ann, batches, T=2, max_samples=50, seed=7)
+    for x, y in zip(a.thresholds + [s for s in a.bias_shifts if s is not None],
+                    b.thresholds + [s for s in b.bias_shifts if s is not None]):
+        assert torch.equal(x, y)
+    assert a.settings["samples"] == 50
+
+
+def test_each_channel_gets_the_grid_threshold_with_the_smallest_error():
+    """One ReLU layer, objective='activation', no bias correction: brute force over the grid."""
+    torch.manual_seed(3)
+    ann = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(200, 6, dtype=torch.float64)
+    T, grid = 2, 16
+    result = calibrate_for_T(ann, [x], T, objective="activation", bias_correction=False,
+                             grid=grid, max_values=None, search="exact")
+    binned = calibrate_for_T(ann, [x], T, objective="activation", bias_correction=False,
+                             grid=grid, max_values=None, bins=4096)
+    with torch.no_grad():
+        a = ann[0](x)
+    target = a.clamp(min=0)
+    top = target.amax(0)
+    for c in range(5):
+        errors = []
+        for k in range(1, grid + 1):
+            theta = k / grid * top[c]
+            errors.append(float(((quantise(a[:, c], theta, T) - target[:, c]) ** 2).sum()))
+        chosen = float(result.thresholds[0][c])
+        best = min(range(grid), key=lambda k: errors[k])
+        assert chosen == pytest.approx((best + 1) / grid * float(top[c]), rel=1e-5)
+        assert errors[best] <= errors[-1]  # never worse than the maximum (fraction 1)
+        # the histogram search finds a candidate within a whisker of the best
+        k_binned = round(float(binned.thresholds[0][c]) / float(top[c]) * grid) - 1
+        assert errors[k_binned] <= errors[best] * 1.02 + 1e-12
+
+
+def test_bias_correction_matches_the_anns_mean_input_per_channel():
+    torch.manual_seed(4)
+    ann = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(),
+                        nn.Linear(5, 3)).double().eval()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    result = calibrate_for_T(ann, [x], T=1)
+    assert result.bias_targets == ["0", "2"]
+    qann = quantised_ann(ann, result, 1)
+    seen = []
+    qann.get_submodule("2").register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        qann(x)
+        ann_mean = ann[2](ann[1](ann[0](x))).mean(0)
+    assert torch.allclose(seen[0].mean(0), ann_mean, atol=1e-9)
+    off = calibrate_for_T(ann, [x], T=1, bias_correction=False)
+    assert off.bias_shifts == [None, None]
+
+
+def test_calibration_for_T_improves_on_the_percentile_threshold_at_low_T():
+    """What the calibration is for: a lower output error than '99.9%' thresholds at T=2."""
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 4)).double().eval()
+    x = torch.randn(512, 12, dtype=torch.float64)
+    result = calibrate_for_T(ann, [x[:256]], T=2)
+    percentile = [layer["p99.9"] for layer in result.layers]
+    with torch.no_grad():
+        ref = ann(x[256:])
+        err_cal = (quantised_ann(ann, result, 2)(x[256:]) - ref).pow(2).mean()
+        err_pct = (quantised_ann(ann, percentile, 2)(x[256:]) - ref).pow(2).mean()
+    assert float(err_cal) < 0.8 * float(err_pct)
+
+
+# ---------------------------------------------------------------- report
+def test_report_lists_thresholds_errors_and_shares_per_layer():
+    ann = models()["maxpool"]
+    x = inputs()
+    snn, result = convert_calibrated(ann, [x], 2, return_result=True)
+    report = calibration_report(result, {"net": calibrated_thresholds(snn)})
+    assert report["T"] == 2 and len(report["layers"]) == 5
+    for layer in report["layers"]:
+        assert set(layer["references"]) == {"net", "99.9%"}
+        assert layer["threshold"]["min"] <= layer["threshold"]["median"] <= layer["threshold"][
+            "max"]
+        assert layer["references"]["net"] == (layer["output_scale"] or layer["threshold"])
+        assert 0 <= layer["clipped"] <= 1 and 0 <= layer["zeroed"] <= 1
+        assert layer["rounding_error"] >= 0
+    table = format_report(report)
+    assert all(name in table for name in result.names) and "θ 99.9%" in table
+    with pytest.raises(ValueError, match="has 1 thresholds for 5 ReLU calls"):
+        calibration_report(result, {"bad": [1.0]})
+    import json
+
+    json.dumps(report)
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_inputs_are_refused_naming_the_problem():
+    ann = models()["cnn5"]
+    x = inputs(8)
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        calibrate_for_T(ann, [x], T=0)
+    with pytest.raises(ValueError, match="loader yielded no batch"):
+        calibrate_for_T(ann, [], T=2)
+    with pytest.raises(ValueError, match="no nn.ReLU"):
+        calibrate_for_T(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double(), [x], T=2)
+    with pytest.raises(ValueError, match="channel_dim=4 is out of range"):
+        calibrate_for_T(ann, [x], T=2, channel_dim=4)
+    broken = copy.deepcopy(ann)
+    broken[2].weight.data[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="ReLU call .* non-finite"):
+        calibrate_for_T(broken, [x], T=2)
+    with pytest.raises(ValueError, match="calibration inputs contain NaN"):
+        calibrate_for_T(ann, [torch.full_like(x, float("inf"))], T=2)
+    with pytest.raises(ValueError, match="refine must be"):
+        calibrate_for_T(ann, [x], T=2, refine="everything")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        calibrate_for_T(ann, [x], T=2, objective="kl")
+    with pytest.raises(TypeError, match="unknown calibration argument"):
+        convert_calibrated(ann, [x], 2, bogus=1)
+    with pytest.raises(ValueError, match="got 2 thresholds for a model with 5 ReLU calls"):
+        quantised_ann(ann, [1.0, 1.0], 2)
+
+
+# ---------------------------------------------------------------- bernoulli-aware calibration
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_expected_count_table_matches_the_exact_dynamic_programme(T):
+    from tpp_plugin import functional as F
+    from tpp_plugin.calibration import expected_count_fast
+
+    w = torch.linspace(-1, T + 1, 997, dtype=torch.float64)
+    assert torch.allclose(expected_count_fast(w, T), F.expected_count(w, T), atol=1e-4)
+
+
+def test_bernoulli_aware_calibration_differs_and_is_deterministic():
+    ann = models()["cnn5"]
+    x = inputs()
+    exact = calibrate_for_T(ann, [x], T=4)
+    bern = calibrate_for_T(ann, [x], T=4, count="bernoulli")
+    again = calibrate_for_T(ann, [x], T=4, count="bernoulli")
+    assert bern.settings["count"] == "bernoulli"
+    assert all(torch.equal(a, b) for a, b in zip(bern.thresholds, again.thresholds))
+    assert any(not torch.equal(a, b) for a, b in zip(bern.thresholds, exact.thresholds))
+    with pytest.raises(ValueError, match="count must be 'exact' or 'bernoulli'"):
+        calibrate_for_T(ann, [x], T=4, count="poisson")

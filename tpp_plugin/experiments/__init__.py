@@ -1,0 +1,1 @@
+"""Benchmarks and experiments kept out of the test suite (run them as modules)."""
