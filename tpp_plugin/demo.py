@@ -106,7 +106,7 @@ def run_demo(
 
     import tpp_plugin  # noqa: F401  (registers neuron='tpp' into SpikingJelly)
 
-    from .adapters.spikingjelly import IS_LEGACY, convert_qcfs
+    from .adapters.spikingjelly import IS_LEGACY, convert_calibrated, convert_qcfs
 
     start = time.perf_counter()
     train, test, relu_ann, qcfs_ann = _train_models(epochs, seed, levels)
@@ -125,8 +125,19 @@ def run_demo(
         "TPP bernoulli": convert_relu(neuron="tpp", neuron_kwargs={"seed": seed}),
         "TPP exact": convert_relu(neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed}),
     }
+    if not IS_LEGACY:  # SpikingJelly 2.x's channel-wise recipe, with its own IF and with TPP
+        def convert_ltb(**hook):
+            return ann2snn.Converter(ann2snn.LocalThresholdBalancingRecipe(train, **hook)).convert(
+                relu_ann)
+
+        relu_nets["SJ LocalThresholdBalancing + IF"] = convert_ltb()
+        relu_nets["SJ LocalThresholdBalancing + TPP exact"] = convert_ltb(
+            neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed})
     for label, snn in relu_nets.items():
         relu_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
+    relu_rows["TPP calibrated for T, exact"] = [  # one conversion per T
+        spikingjelly_accuracy(convert_calibrated(relu_ann, train, T, neuron_kwargs={
+            "count": "exact", "seed": seed}), test, T) for T in Ts]
 
     qcfs_rows = _qcfs_reference_rows(qcfs_ann, test, Ts, levels)
     for label, neuron, kwargs in (
@@ -138,7 +149,8 @@ def run_demo(
         qcfs_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
 
     tables = {
-        "ReLU CNN → SpikingJelly RateCodingRecipe(mode='99.9%')": relu_rows,
+        "ReLU CNN → SpikingJelly RateCodingRecipe(mode='99.9%'), its LocalThresholdBalancing"
+        "Recipe, and tpp_plugin's calibration for T": relu_rows,
         f"QCFS CNN (L={levels}) → QCFS conversion": qcfs_rows,
     }
     return _report(tables, Ts, len(test.dataset), start, echo)
