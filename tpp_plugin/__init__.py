@@ -8,12 +8,14 @@ from . import functional
 from .count_domain import count_mode
 from .qcfs import QCFS, qcfs_levels, replace_relu
 from .registry import ADAPTERS, default_neuron, register, registered, unregister
+from .stats import spike_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
     "count_mode",
+    "spike_stats",
     "QCFS",
     "qcfs_levels",
     "replace_relu",
