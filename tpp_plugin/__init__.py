@@ -6,6 +6,7 @@ snnTorch); :func:`unregister` undoes it. See :mod:`tpp_plugin.functional` for th
 
 from . import functional
 from .count_domain import count_mode
+from .evaluate import evaluate
 from .qcfs import QCFS, qcfs_levels, replace_relu
 from .registry import ADAPTERS, default_neuron, register, registered, unregister
 from .stats import spike_stats
@@ -16,6 +17,7 @@ __all__ = [
     "functional",
     "count_mode",
     "spike_stats",
+    "evaluate",
     "QCFS",
     "qcfs_levels",
     "replace_relu",
