@@ -360,3 +360,14 @@ def test_count_mode_rejects_an_unknown_sampler(relu_cnn, batch):
     with pytest.raises(ValueError, match="bernoulli must be one of"):
         with tpp_plugin.count_mode(snn, 4, bernoulli="fast"):
             pass
+
+
+@pytest.mark.parametrize("threshold", [0.5, "tensor"])
+def test_one_draw_count_of_a_mean_current_with_gain_and_offset(threshold):
+    """Count mode's path (v = T·x + v_init formed inside the sampler) draws as the public
+    function does on v (values chosen so that both potentials are exact in float32)."""
+    x = torch.arange(-8, 40, dtype=torch.float32).repeat(50) / 8
+    theta = torch.full_like(x, 0.5) if threshold == "tensor" else threshold
+    a = F._two_point_count(x, 4, theta, torch.Generator().manual_seed(1), gain=4, offset=0.25)
+    b = F.tpp_count_two_point(x * 4 + 0.25, 4, theta, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and len(a.unique()) > 3

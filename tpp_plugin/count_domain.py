@@ -271,33 +271,41 @@ def check_count_domain(net: nn.Module) -> list:
 # ------------------------------------------------------------------------------------------------
 # the count-mode forwards
 # ------------------------------------------------------------------------------------------------
-def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str):
+    """The window's spike counts from the mean current ``x`` (``v = T·x + v_init``): one draw
+    per neuron, or the full simulation's draws."""
     F.check_tensor(x, "x")
-    return x * T + v_init
-
-
-def _counts(v, T: int, threshold, count: str, generator, bernoulli: str) -> torch.Tensor:
-    """The window's spike counts: one draw per neuron, or the full simulation's draws."""
     if count == "bernoulli" and bernoulli == "one-draw":
-        return F.tpp_count_two_point(v, T, threshold, generator)
-    return F.tpp_count(v, T, threshold, count, generator)
+        F.check_threshold(threshold)
+        return F._two_point_count(x, T, threshold, generator, gain=T, offset=v_init)
+    return F.tpp_count(_window_potential(x, T, v_init), T, threshold, count, generator)
+
+
+def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+    v = x * T
+    zero = not bool(v_init.any()) if isinstance(v_init, torch.Tensor) else v_init == 0
+    return v if zero else v.add_(v_init)
 
 
 def _sj_tpp(node, T: int, bernoulli: str, x: torch.Tensor) -> torch.Tensor:
-    v = _window_potential(x, T, node.v_init)
     if node.backend == "cupy" and (node.count == "exact" or bernoulli == "draw-equal"):
+        v = _window_potential(F.check_tensor(x, "x"), T, node.v_init)
         return node._fire(v, T).sum(0) / T  # the kernel's own random stream, as in the full run
-    counts = _counts(v, T, node.v_threshold, node.count, node._generator(v.device), bernoulli)
-    return counts / T
+    counts = _counts(x, T, node.v_init, node.v_threshold, node.count,
+                     node._generator(x.device), bernoulli)
+    return counts.div_(T)
 
 
 def _snn_tpp(neuron, T: int, bernoulli: str, input_: torch.Tensor, mem=None):
     from .adapters.snntorch import _returns
 
-    v = _window_potential(input_, T, neuron.v_init)
-    generator = neuron._generator_for(v.device)
-    counts = _counts(v, T, neuron.threshold, neuron.count, generator, bernoulli)
-    return _returns(neuron, counts / T * neuron.graded_spikes_factor, v)
+    generator = neuron._generator_for(input_.device)
+    counts = _counts(input_, T, neuron.v_init, neuron.threshold, neuron.count, generator,
+                     bernoulli)
+    spk = counts.div_(T).mul_(neuron.graded_spikes_factor)
+    if neuron.init_hidden and not neuron.output:
+        return spk  # the membrane potential is not returned: do not compute it
+    return _returns(neuron, spk, _window_potential(input_, T, neuron.v_init))
 
 
 def _identity(x, *args, **kwargs):

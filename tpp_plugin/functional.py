@@ -748,20 +748,37 @@ def tpp_count_two_point(
     """
     T, threshold, _ = _check_fire_args(v, T, threshold, "bernoulli")
     _check_generator(generator, v.device)
+    return _two_point_count(v, T, threshold, generator)
+
+
+def _two_point_count(x: torch.Tensor, T: int, threshold, generator, gain=1.0, offset=0.0):
+    """:func:`tpp_count_two_point` of ``v = gain·x + offset``, unchecked (count mode passes the
+    mean current ``x``, ``gain = T`` and ``offset = v_init``: no ``v`` buffer)."""
     # E·2¹⁶ + r (r < 2¹⁶) must stay exact: float64 for float64 potentials and long windows
-    rdtype = torch.float64 if v.dtype == torch.float64 or T >= 128 else torch.float32
+    rdtype = torch.float64 if x.dtype == torch.float64 or T >= 128 else torch.float32
     bins = COUNT_TABLE_BINS
-    start, slope = _table_on(T, rdtype, v.device)
-    n = v.numel()
-    if isinstance(threshold, torch.Tensor):
-        pos = torch.div(v, threshold).to(rdtype).reshape(n).mul_(bins)
+    start, slope = _table_on(T, rdtype, x.device)
+    n = x.numel()
+    shift = bool(offset.any()) if isinstance(offset, torch.Tensor) else offset != 0
+    if isinstance(threshold, torch.Tensor) or shift:
+        pos = torch.mul(x, gain)
+        if shift:
+            pos.add_(offset)
+        pos = torch.div(pos, threshold) if isinstance(threshold, torch.Tensor) else pos
+        if pos.shape != x.shape:
+            raise ValueError(
+                f"threshold of shape {tuple(threshold.shape)} must broadcast to v's shape "
+                f"{tuple(x.shape)} without enlarging it"
+            )
+        scale = bins if isinstance(threshold, torch.Tensor) else bins / threshold
+        pos = pos.to(rdtype).reshape(n).mul_(scale)
     else:
-        pos = torch.mul(v.reshape(n), bins / threshold).to(rdtype)  # w·M
+        pos = torch.mul(x.reshape(n), gain * bins / threshold).to(rdtype)  # w·M, one op
     pos.clamp_(0, T * bins)
     index = pos.to(torch.int32)  # truncation == floor for pos >= 0
-    pos.sub_(index.to(rdtype))  # the position inside the bin, in [0, 1]
+    pos.frac_()  # the position inside the bin, in [0, 1]
     # E·2¹⁶ interpolated, plus a random 16-bit r: ⌊(E·2¹⁶ + r)/2¹⁶⌋ = k + [r ≥ 2¹⁶·(1 − p)]
     count = torch.addcmul(start.index_select(0, index), slope.index_select(0, index), pos)
-    count.add_(_draw_bits(n, v.device, generator).to(rdtype))
+    count.add_(_draw_bits(n, x.device, generator).to(rdtype))
     count.mul_(_UNIFORM_SCALE).floor_()
-    return count.view(v.shape).to(v.dtype)
+    return count.view(x.shape).to(x.dtype)
