@@ -634,12 +634,14 @@ def plot_result(result, path: str, diag_T: int) -> None:
     Ts = cfg["T"]
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4.8),
                                        gridspec_kw={"width_ratios": [3, 2, 3]})
+    colors = {}
     for label, cells in _rows(result).items():
         means = [100 * m for m, _ in cells]
         stds = [100 * s for _, s in cells]
         style = {"linestyle": "--", "color": "black" if label.startswith("ANN (") else "gray"} \
             if label.startswith("ANN") else {"marker": "o", "markersize": 3}
-        ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
+        bars = ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
+        colors[label] = bars.lines[0].get_color()
     ax.set_xscale("log", base=2)
     ax.set_xticks(Ts, [str(T) for T in Ts])
     ax.set_xlabel("time steps T")
@@ -664,7 +666,8 @@ def plot_result(result, path: str, diag_T: int) -> None:
         points = [(s, 100 * m) for s, m in zip(v.get("spikes_per_image", []), v["mean"])
                   if s is not None and s > 0]
         if points:
-            ax3.plot(*zip(*points), marker="o", markersize=3, label=v["label"])
+            ax3.plot(*zip(*points), marker="o", markersize=3, label=v["label"],
+                     color=colors.get(v["label"]))
     if ax3.lines:
         ax3.set_xscale("log")
     ax3.axhline(100 * result["ann"]["accuracy"], linestyle="--", color="black", linewidth=1)
