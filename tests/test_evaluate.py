@@ -258,3 +258,9 @@ def test_torchrun_reproduce_equals_one_process(tmp_path):
     for v in b["variants"].values():
         assert all(s > 0 for s in v["spikes_per_image"]) and all(
             s > 0 for s in v["sops_per_image"])
+
+
+def test_evaluate_refuses_energy_constants_not_above_zero(digits):
+    _, _, x, y = digits
+    with pytest.raises(ValueError, match="e_mac must be a finite energy > 0"):
+        tpp_plugin.evaluate(_qcfs_snn(), (x[:4], y[:4]), T=2, e_mac=0.0)

@@ -398,7 +398,8 @@ def evaluate(net: nn.Module, data, T: int, *, count_mode: bool = False,
     :param group: process group (default: the default group)
     :raises RuntimeError: if launched by ``torchrun`` with several processes but without a
         process group
-    :raises ValueError: if the world size is larger than the data set
+    :raises ValueError: if the world size is larger than the data set, or an energy constant
+        is not > 0
     :return: ``{'accuracy', 'correct', 'images', 'rank', 'world_size', 'spike_stats'}`` —
         totals over all ranks; ``spike_stats`` is the summary (or ``None``)
 
@@ -410,9 +411,11 @@ def evaluate(net: nn.Module, data, T: int, *, count_mode: bool = False,
     from . import count_domain
     from . import reset as reset_net
     from .functional import check_window
-    from .stats import E_AC_PJ, E_MAC_PJ, SpikeStats
+    from .stats import E_AC_PJ, E_MAC_PJ, SpikeStats, check_energy_constant
 
     T = check_window(T)
+    e_ac = E_AC_PJ if e_ac is None else check_energy_constant(e_ac, "e_ac")
+    e_mac = E_MAC_PJ if e_mac is None else check_energy_constant(e_mac, "e_mac")
     check_process_group()
     rank, size = world(group)
     loader, n = _loader(data, batch_size, group)
@@ -420,8 +423,7 @@ def evaluate(net: nn.Module, data, T: int, *, count_mode: bool = False,
         reseed(net, rank_seed(seed, rank))
     if device is None:
         device = next(net.parameters(), torch.empty(0)).device
-    recorder = (SpikeStats(net, T, E_AC_PJ if e_ac is None else e_ac,
-                           E_MAC_PJ if e_mac is None else e_mac) if stats else None)
+    recorder = SpikeStats(net, T, e_ac, e_mac) if stats else None
     correct = images = 0
     try:
         with torch.no_grad(), _multi_step(net):
