@@ -371,3 +371,25 @@ def test_one_draw_count_of_a_mean_current_with_gain_and_offset(threshold):
     a = F._two_point_count(x, 4, theta, torch.Generator().manual_seed(1), gain=4, offset=0.25)
     b = F.tpp_count_two_point(x * 4 + 0.25, 4, theta, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and len(a.unique()) > 3
+
+
+def test_bench_count_mode_prints_both_samplers(capsys):
+    """`bench --count-mode` smoke test (tiny run; timings are reported in docs, not asserted)."""
+    import re
+
+    from tpp_plugin import cli
+
+    assert cli.main(["bench", "--count-mode", "--T", "2", "--shape", "2", "--repeats", "1",
+                     "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "draw-eq ms" in out and "acc count" in out
+    rows = re.findall(r"^(SpikingJelly|snnTorch) TPP (bernoulli|exact)\s+2\s+(.*)$", out, re.M)
+    assert len(rows) == 4
+    for _, count, cells in rows:
+        values = cells.replace("%", "").split()
+        assert float(values[2]) > 0  # speed-up
+        if count == "bernoulli":
+            assert len(values) == 9 and float(values[5]) > 0  # draw-equal speed-up
+        else:
+            # exact: the same predictions, up to float32 rounding at a decision boundary
+            assert "—" in values and float(values[-1]) >= 95.0

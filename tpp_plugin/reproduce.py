@@ -23,9 +23,19 @@ A per-layer diagnostic records, for every spiking layer, the share of neurons (o
 spike count differs from ``clamp(round(Σ_t x_t / θ), 0, T)`` — the count the ANN activation
 asks for — split into over-firing and under-firing: the mechanism the paper is about.
 
+Every variant also runs under :func:`tpp_plugin.spike_stats`: spikes and synaptic operations
+(SOPs) per image, and an energy estimate against the ANN's multiply-accumulates (``--e-ac``,
+``--e-mac``: pJ per accumulate and per multiply-accumulate, default 0.9 and 4.6, 45 nm).
+
 Output: tables on the terminal, and per configuration ``OUT/<name>.json`` and ``OUT/<name>.png``
-(accuracy vs ``T`` on a log-2 axis, and the diagnostic), each written as soon as that
-configuration finishes.
+(accuracy vs ``T`` on a log-2 axis, the diagnostic, and accuracy vs spikes per image), each
+written as soon as that configuration finishes.
+
+Under ``torchrun --nproc_per_node N`` the same command runs on ``N`` processes (``gloo`` on the
+CPU, ``nccl`` with one GPU each): every process evaluates its share of the test set (each image
+exactly once), counts and statistics are all-reduced, rank 0 prints and writes the files, and
+the JSON records ``environment.world_size`` and ``config.test_images_evaluated``; see
+:mod:`tpp_plugin.evaluate` and ``docs/distributed.md``.
 """
 
 from __future__ import annotations
