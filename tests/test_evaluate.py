@@ -183,6 +183,24 @@ WORKER = textwrap.dedent('''
     out["calibration_same_on_all_ranks"] = all(t == every[0] for t in every)
     out["calibration_equals_one_process"] = th == one_process(ann, batches, relus, "99.9%")
 
+    # SpikingJelly 2.x: its recipe with the calibration batches shared among the ranks
+    from tpp_plugin.adapters.spikingjelly import IS_LEGACY
+    if not IS_LEGACY:
+        import copy
+        from spikingjelly.activation_based import ann2snn
+        from tpp_plugin.evaluate import shared_calibration
+
+        def scales(recipe_class):
+            snn = ann2snn.Converter(recipe_class(batches, mode="99.9%")).convert(
+                copy.deepcopy(ann))
+            return [float(m.scale) for m in snn.modules() if type(m).__name__ == "VoltageScaler"]
+
+        shared = scales(shared_calibration(ann2snn.RateCodingRecipe))
+        every = [None] * size
+        dist.all_gather_object(every, shared)
+        out["recipe_same_on_all_ranks"] = all(e == every[0] for e in every)
+        out["recipe_equals_one_process"] = shared == scales(ann2snn.RateCodingRecipe)
+
     # sync_thresholds: rank 1 drifts, the broadcast brings it back to rank 0's
     snn2 = convert_qcfs(qcfs, "if")
     scalers = [m for m in snn2.modules() if type(m).__name__ == "VoltageScaler"]
@@ -224,6 +242,10 @@ def test_torchrun_uneven_split_counts_every_image_once(tmp_path, digits):
         assert dist["spikes"] == r["spike_stats"]["spikes"] > 0
         assert dist["sops"] == pytest.approx(r["spike_stats"]["sops"], rel=1e-12)
     assert out["calibration_same_on_all_ranks"] and out["calibration_equals_one_process"]
+    from tpp_plugin.adapters.spikingjelly import IS_LEGACY
+
+    if not IS_LEGACY:
+        assert out["recipe_same_on_all_ranks"] and out["recipe_equals_one_process"]
     assert out["gap"] > 0 and out["synced"]
     assert "world size 2 is larger than the test set (1 images)" in out["too_small"]
 
@@ -264,3 +286,24 @@ def test_evaluate_refuses_energy_constants_not_above_zero(digits):
     _, _, x, y = digits
     with pytest.raises(ValueError, match="e_mac must be a finite energy > 0"):
         tpp_plugin.evaluate(_qcfs_snn(), (x[:4], y[:4]), T=2, e_mac=0.0)
+
+
+@pytest.mark.parametrize("mode", ["Max", "99.9%"])
+def test_shared_calibration_recipe_equals_spikingjelly_recipe_in_one_process(relu_cnn, digits,
+                                                                            mode):
+    import copy
+
+    from spikingjelly.activation_based import ann2snn
+
+    from tpp_plugin.adapters.spikingjelly import IS_LEGACY
+    from tpp_plugin.evaluate import shared_calibration
+
+    if IS_LEGACY:
+        pytest.skip("SpikingJelly 0.0.0.0.14 has no recipes")
+    batches = [digits[0][i:i + 100] for i in range(0, 500, 100)]
+    scales = []
+    for recipe_class in (ann2snn.RateCodingRecipe, shared_calibration(ann2snn.RateCodingRecipe)):
+        snn = ann2snn.Converter(recipe_class(batches, mode=mode)).convert(copy.deepcopy(relu_cnn))
+        scales.append([float(m.scale) for m in snn.modules()
+                       if type(m).__name__ == "VoltageScaler"])
+    assert len(scales[0]) == 10 and scales[0] == scales[1]

@@ -24,6 +24,8 @@ The pieces, each usable on its own:
 * :func:`calibrate_thresholds` — threshold calibration whose per-batch statistics are computed on
   the rank that holds the batch and all-reduced, so every rank applies the same moving average
   to the same numbers and builds the same thresholds;
+* :func:`calibrate_observers` / :func:`shared_calibration` — the same for SpikingJelly 2.x
+  recipes: their calibration stage with the batches shared among the ranks;
 * :func:`sync_thresholds` — broadcast rank 0's thresholds of a converted network (after a
   converter calibrated on every rank) and report how far the ranks were apart;
 * :func:`evaluate` — accuracy (and :func:`tpp_plugin.spike_stats`) of a converted network over
@@ -57,6 +59,8 @@ __all__ = [
     "rank_seed",
     "reseed",
     "calibrate_thresholds",
+    "calibrate_observers",
+    "shared_calibration",
     "sync_thresholds",
     "evaluate",
 ]
@@ -273,6 +277,84 @@ def calibrate_thresholds(model: nn.Module, batches, modules: list, mode="max",
                 "use more calibration data or a different mode"
             )
     return thresholds
+
+
+def _observers(model: nn.Module) -> list[nn.Module]:
+    """Calibration observers of a graph being converted: SpikingJelly's ``VoltageHook`` /
+    ``ChannelVoltageHook`` (a ``scale`` buffer, a ``momentum`` and a ``num_batches_tracked``
+    count whose 0 means "take this batch's statistic as it is")."""
+    return [m for m in model.modules() if "scale" in m._buffers
+            and hasattr(m, "momentum") and hasattr(m, "num_batches_tracked")]
+
+
+@torch.no_grad()
+def calibrate_observers(model: nn.Module, batches, device=None, group=None) -> nn.Module:
+    """Run SpikingJelly's calibration observers over ``batches``, sharing the batches among the
+    ranks (in place; returns ``model``).
+
+    Batch ``b`` runs on rank ``b mod W`` only, with each observer reset before it, so the
+    observer's ``scale`` is that batch's statistic, computed by SpikingJelly's own code. The
+    per-batch statistics are all-reduced (other ranks add zeros: the numbers arrive exactly),
+    and every rank then applies the observers' moving average in batch order, with their
+    expression, ``(1 − momentum)·scale + momentum·s_b``: the same scales on every rank, equal to
+    a one-process calibration over the same batches.
+
+    :param model: the traced graph with observers (``fx_model`` of a recipe's ``calibrate``)
+    :param batches: a sequence of batches (tensors or ``(x, y)``), the same on every rank
+    :param device: device of the inputs (default: the model's)
+    """
+    observers = _observers(model)
+    batches = list(batches)
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    if not observers or not batches:
+        for batch in batches:
+            model(_convert.batch_inputs(batch).to(device))
+        return model
+    rank, size = world(group)
+    mine = list(range(rank, len(batches), size)) or [0]  # a rank without a batch learns shapes
+    stats: dict = {}
+    for b in mine:
+        for obs in observers:
+            obs.num_batches_tracked = 0
+        model(_convert.batch_inputs(batches[b]).to(device))
+        if b % size == rank:
+            stats[b] = [obs.scale.detach().clone() for obs in observers]
+    template = next(iter(stats.values()), None) or [obs.scale.detach() for obs in observers]
+    widths = [t.numel() for t in template]
+    table = torch.zeros(len(batches), sum(widths), dtype=torch.float64)
+    for b, values in stats.items():
+        table[b] = torch.cat([v.double().reshape(-1).cpu() for v in values])
+    table = all_reduce_sum(table, group)
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    for obs, ref, start, width in zip(observers, template, offsets, widths):
+        ema = None
+        for b in range(len(batches)):
+            s = table[b, start:start + width].to(ref.dtype).view(ref.shape).to(ref.device)
+            ema = s if ema is None else (1 - obs.momentum) * ema + obs.momentum * s
+        obs.scale = ema
+        obs.num_batches_tracked = sum(len(_convert.batch_inputs(b)) for b in batches)
+    return model
+
+
+def shared_calibration(recipe_class: type) -> type:
+    """A subclass of a SpikingJelly 2.x recipe (e.g. ``ann2snn.RateCodingRecipe``) whose
+    ``calibrate`` stage is :func:`calibrate_observers`: its calibration batches are shared among
+    the ranks and the statistics all-reduced. In one process it calibrates exactly like the
+    recipe itself.
+
+    Example::
+
+        Recipe = shared_calibration(ann2snn.RateCodingRecipe)
+        snn = ann2snn.Converter(Recipe(calibration_batches, mode='99.9%')).convert(ann)
+    """
+
+    class SharedCalibration(recipe_class):
+        def calibrate(self, converter, fx_model):
+            return calibrate_observers(fx_model, self.dataloader, converter.device)
+
+    SharedCalibration.__name__ = SharedCalibration.__qualname__ = f"Shared{recipe_class.__name__}"
+    return SharedCalibration
 
 
 def _threshold_tensors(net: nn.Module) -> list[torch.Tensor]:

@@ -316,7 +316,11 @@ class _SpikingJelly:
             self.conversion = f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
         else:
             mode = "Max" if args.mode == "max" else args.mode
-            recipe = ann2snn.RateCodingRecipe(calibration, mode=mode)
+            from .evaluate import shared_calibration
+
+            # SpikingJelly's recipe; under torchrun its calibration batches are shared among the
+            # ranks and the statistics all-reduced (in one process: the recipe unchanged)
+            recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
             v0 = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
             self.conversion = f"spikingjelly RateCodingRecipe(mode={mode!r})"
         v0 = v0.to(device).eval()
