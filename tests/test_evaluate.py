@@ -307,3 +307,18 @@ def test_shared_calibration_recipe_equals_spikingjelly_recipe_in_one_process(rel
         scales.append([float(m.scale) for m in snn.modules()
                        if type(m).__name__ == "VoltageScaler"])
     assert len(scales[0]) == 10 and scales[0] == scales[1]
+
+
+def test_evaluate_snntorch_network(relu_cnn, digits):
+    snt = pytest.importorskip("tpp_plugin.adapters.snntorch")
+    x_train, _, x, y = digits
+    net = snt.convert(relu_cnn, [x_train[:256]], num_steps=4, mode="99.9%", count="exact",
+                      seed=0).double()
+    x = x.double()
+    full = tpp_plugin.evaluate(net, (x, y), T=4, stats=True, batch_size=200)
+    count = tpp_plugin.evaluate(net, (x, y), T=4, count_mode=True, stats=True)
+    with torch.no_grad():
+        preds = net(x.unsqueeze(0).expand(4, *x.shape)).mean(0).argmax(1)
+    assert full["correct"] == count["correct"] == int((preds == y).sum())
+    assert full["spike_stats"]["spikes"] == count["spike_stats"]["spikes"] > 0
+    assert full["spike_stats"]["layers"][-1]["fan_out"] == 10
