@@ -1,4 +1,4 @@
-r"""Count-domain evaluation of converted TPP networks.
+r"""Count-domain evaluation of converted TPP networks (DESIGN §1 fact 4).
 
 Between two TPP layers every affine op (conv, linear, BN in eval mode, average pooling, flatten,
 add, a constant scale) sees only the *sum* of its input over the window, and an affine map ``A``
@@ -151,7 +151,7 @@ def _refuse(what: str, why: str):
     raise ValueError(
         f"count_mode: {what} {why}; count-domain evaluation needs affine ops (conv, linear, "
         "BatchNorm in eval mode, average pooling, flatten, add) between and after TPP layers "
-        "(see tpp_plugin.count_domain): run the full [T, N, ...] simulation instead"
+        "(DESIGN fact 4): run the full [T, N, ...] simulation instead"
     )
 
 
@@ -271,14 +271,17 @@ def check_count_domain(net: nn.Module) -> list:
 # ------------------------------------------------------------------------------------------------
 # the count-mode forwards
 # ------------------------------------------------------------------------------------------------
-def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str):
-    """The window's spike counts from the mean current ``x`` (``v = T·x + v_init``): one draw
-    per neuron, or the full simulation's draws."""
+def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str, pool=None):
+    """The window's spike counts from the mean current ``x`` (``v = pool(T·x + v_init)``): one
+    draw per neuron, or the full simulation's draws."""
     F.check_tensor(x, "x")
     if count == "bernoulli" and bernoulli == "one-draw":
         F.check_threshold(threshold)
-        return F._two_point_count(x, T, threshold, generator, gain=T, offset=v_init)
-    return F.tpp_count(_window_potential(x, T, v_init), T, threshold, count, generator)
+        if pool is None:  # v = T·x + v_init is formed inside the sampler, in one pass
+            return F._two_point_count(x, T, threshold, generator, gain=T, offset=v_init)
+        return F._two_point_count(pool(_window_potential(x, T, v_init)), T, threshold, generator)
+    v = _window_potential(x, T, v_init)
+    return F.tpp_count(v if pool is None else pool(v), T, threshold, count, generator)
 
 
 def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
@@ -288,24 +291,28 @@ def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
 
 
 def _sj_tpp(node, T: int, bernoulli: str, x: torch.Tensor) -> torch.Tensor:
+    pool = getattr(node, "pool", None)  # a TPP neuron that max-pools its window potential
     if node.backend == "cupy" and (node.count == "exact" or bernoulli == "draw-equal"):
         v = _window_potential(F.check_tensor(x, "x"), T, node.v_init)
+        v = v if pool is None else pool(v)
         return node._fire(v, T).sum(0) / T  # the kernel's own random stream, as in the full run
     counts = _counts(x, T, node.v_init, node.v_threshold, node.count,
-                     node._generator(x.device), bernoulli)
+                     node._generator(x.device), bernoulli, pool)
     return counts.div_(T)
 
 
 def _snn_tpp(neuron, T: int, bernoulli: str, input_: torch.Tensor, mem=None):
     from .adapters.snntorch import _returns
 
+    pool = getattr(neuron, "pool", None)  # snn.TPP(pool=...): pool the window potential
     generator = neuron._generator_for(input_.device)
     counts = _counts(input_, T, neuron.v_init, neuron.threshold, neuron.count, generator,
-                     bernoulli)
+                     bernoulli, pool)
     spk = counts.div_(T).mul_(neuron.graded_spikes_factor)
     if neuron.init_hidden and not neuron.output:
         return spk  # the membrane potential is not returned: do not compute it
-    return _returns(neuron, spk, _window_potential(input_, T, neuron.v_init))
+    v = _window_potential(input_, T, neuron.v_init)
+    return _returns(neuron, spk, v if pool is None else pool(v))
 
 
 def _identity(x, *args, **kwargs):
