@@ -141,6 +141,8 @@ def test_spikingjelly_single_step_stream():
     for m in net.modules():
         if isinstance(m, TPPNode):
             m.T = T
+            if hasattr(m, "streaming"):  # lines with a window-synchronous default
+                m.streaming = "delayed"  # causal streaming: one window of delay per layer
     steps = 3 * T  # (L + 1)·T for two TPP layers
 
     def run():
