@@ -142,7 +142,7 @@ WORKER = textwrap.dedent('''
     import tpp_plugin
     from tpp_plugin import data
     from tpp_plugin.evaluate import (ShardSampler, calibrate_thresholds, init_distributed,
-                                     sync_thresholds, world)
+                                     shutdown_distributed, sync_thresholds, world)
     from tpp_plugin.convert import calibrate_thresholds as one_process
     from tpp_plugin.adapters.spikingjelly import convert_qcfs
     from tpp_plugin.models import digits_cnn
@@ -221,6 +221,7 @@ WORKER = textwrap.dedent('''
         out["too_small"] = str(error)
     if rank == 0:
         json.dump(out, open(sys.argv[1], "w"))
+    shutdown_distributed()
 ''')
 
 

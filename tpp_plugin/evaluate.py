@@ -12,6 +12,7 @@ evaluates its own shard of the test set and the counts are summed::
     result = tpp_plugin.evaluate(snn, test_set, T=8, seed=0, stats=True)
     if result['rank'] == 0:
         print(result['accuracy'], result['images'])        # over the whole test set
+    shutdown_distributed()
 
 The pieces, each usable on its own:
 
@@ -49,6 +50,7 @@ from . import convert as _convert
 
 __all__ = [
     "init_distributed",
+    "shutdown_distributed",
     "check_process_group",
     "world",
     "ShardSampler",
@@ -98,6 +100,15 @@ def init_distributed(device: str | torch.device | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return True
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then destroy the default process group (if there is one), as
+    PyTorch's distributed examples end; a rank that exits while others still use the group can
+    abort in the backend's teardown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_process_group() -> None:

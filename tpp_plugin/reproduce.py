@@ -705,10 +705,21 @@ def run(args, echo=print) -> list[dict]:
     ``nccl`` with one GPU per process; see :mod:`tpp_plugin.evaluate`); rank 0 prints and writes
     the files, and every rank returns the same results.
     """
-    from .evaluate import check_process_group, init_distributed, world
+    import torch.distributed as dist
+
+    from .evaluate import init_distributed, shutdown_distributed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    init_distributed(device)
+    owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
+    results = _run_on(args, device, echo)
+    if owned:  # the group this call created ends with it (after an error torchrun ends it)
+        shutdown_distributed()
+    return results
+
+
+def _run_on(args, device: torch.device, echo) -> list[dict]:
+    from .evaluate import check_process_group, world
+
     check_process_group()
     rank, size = world()
     if device.type == "cuda" and size > 1:
