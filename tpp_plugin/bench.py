@@ -31,6 +31,7 @@ A backend in :data:`BACKENDS` is a pair: a function ``cases(x, T, device) -> [(n
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import platform
@@ -283,9 +284,9 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
     results = {}
     for count in ("bernoulli", "exact"):
         kwargs = {"count": count, "seed": 0}
-        if IS_LEGACY:
-            sj = ann2snn.Converter(calibration, mode="99.9%", neuron="tpp",
-                                   neuron_kwargs=kwargs)(ann)
+        if IS_LEGACY:  # the 0.0.0.0.14 converter iterates (images, labels), reuses the layers
+            sj = ann2snn.Converter([(calibration[0], y_train[:512])], mode="99.9%",
+                                   neuron="tpp", neuron_kwargs=kwargs)(copy.deepcopy(ann))
         else:
             recipe = ann2snn.RateCodingRecipe(calibration, mode="99.9%", neuron="tpp",
                                               neuron_kwargs=kwargs)
