@@ -1,5 +1,7 @@
 """Count-domain evaluation (tpp_plugin.count_mode) against the full [T, N, ...] simulation.
 
+Draw for draw (``bernoulli='draw-equal'``, and ``count='exact'``):
+
 Equality tests run in float64. The full simulation adds the T step currents of a neuron one by
 one, count mode multiplies one mean current by T; the two potentials differ by rounding only,
 which in float64 (~1e-16 relative) does not move any of these potentials across a decision
@@ -8,6 +10,7 @@ within ~1e-7 of a boundary could count one spike differently.)
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -71,7 +74,7 @@ def full_and_count_sj(snn, x, T):
     full_counts, counts[:] = list(counts), []
     reseed(snn)
     in_count_mode.append(True)
-    with torch.no_grad(), tpp_plugin.count_mode(snn, T=T):
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T=T, bernoulli="draw-equal"):
         fast = snn(x)
     for h in handles:
         h.remove()
@@ -230,7 +233,8 @@ def test_snntorch_count_mode_equals_full_simulation(relu_cnn, batch, T, count):
     counts, handles = record_counts(
         net, snt.TPP, lambda m, out: torch.round(out / m.graded_spikes_factor * T))
     reseed_snn()
-    with torch.no_grad(), tpp_plugin.count_mode(net):  # T from the layers' num_steps
+    # T from the layers' num_steps
+    with torch.no_grad(), tpp_plugin.count_mode(net, bernoulli="draw-equal"):
         fast = net(x)
     for h in handles:
         h.remove()
@@ -255,3 +259,152 @@ def test_snntorch_refusals(relu_cnn, batch):
     with pytest.raises(ValueError, match="window 4, but T=8"):
         with tpp_plugin.count_mode(tpp_net, T=8):
             pass
+
+
+# ------------------------------------------------- bernoulli counts in one draw ('one-draw')
+from tpp_plugin import functional as F  # noqa: E402
+
+N_PER_LEVEL = 100_000
+LEVELS = [-0.7, 0.0, 0.1, 0.3, 0.5, 1.0, 2.3, 2.5, 3.9, 6.99]  # w = v/θ, T = 4 clamps the last
+
+
+def _two_point_check(counts: torch.Tensor, w: float, T: int, n: int) -> None:
+    """Counts of one level: support {clamp(⌊w⌋), clamp(⌈w⌉)} (both present when p is not tiny)
+    and mean within 4 SE of expected_count; SE = sqrt(p(1-p)/n), p = E - ⌊E⌋ (the two-point
+    variance), so a certain count must be exact."""
+    low, high = min(max(math.floor(w), 0), T), min(max(math.ceil(w), 0), T)
+    values = set(counts.unique().tolist())
+    assert values <= {float(low), float(high)}, (w, T, values)
+    mean = F.expected_count(torch.tensor(w), T).item()
+    p = mean - math.floor(mean)
+    if 0.01 < p < 0.99:
+        assert values == {float(low), float(high)}
+    se = math.sqrt(p * (1 - p) / n)
+    assert abs(counts.double().mean().item() - mean) <= 4 * se + 1e-12, (w, T)
+
+
+@pytest.mark.parametrize("T", [4, 8, 32])
+@pytest.mark.parametrize("tensor_threshold", [False, True])
+def test_one_draw_count_is_two_point_with_the_rule_mean(T, tensor_threshold, gen):
+    theta = 0.5
+    w = torch.tensor(LEVELS).repeat_interleave(N_PER_LEVEL)
+    threshold = torch.full_like(w, theta) if tensor_threshold else theta
+    counts = F.tpp_count_two_point(w * theta, T, threshold, gen)
+    assert counts.dtype == torch.float32 and counts.shape == w.shape
+    for i, level in enumerate(LEVELS):
+        _two_point_check(counts[i * N_PER_LEVEL:(i + 1) * N_PER_LEVEL], level, T, N_PER_LEVEL)
+
+
+@pytest.mark.parametrize("T, dtype", [(8, torch.float64), (128, torch.float32)])
+def test_one_draw_count_float64_and_long_windows(T, dtype, gen):
+    levels = [0.3, 7.5, T - 0.5, T + 3.0]
+    w = torch.tensor(levels, dtype=dtype).repeat_interleave(N_PER_LEVEL)
+    counts = F.tpp_count_two_point(w, T, 1.0, gen)
+    assert counts.dtype == dtype
+    for i, level in enumerate(levels):
+        _two_point_check(counts[i * N_PER_LEVEL:(i + 1) * N_PER_LEVEL], level, T, N_PER_LEVEL)
+
+
+def test_full_simulation_has_the_same_two_point_law(gen):
+    """The same check on tpp_fire's counts: both samplers draw from one law."""
+    T = 8
+    for level in (0.3, 2.5, 6.99):
+        counts = F.tpp_fire(torch.full((N_PER_LEVEL,), level), T, generator=gen).sum(0)
+        _two_point_check(counts, level, T, N_PER_LEVEL)
+
+
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 32, 64])
+def test_count_table_interpolation_error_is_below_the_stated_bound(T):
+    """expected_count_table, interpolated linearly, against the dynamic programme of
+    expected_count: below 3e-6 spikes (stated in its docstring)."""
+    torch.manual_seed(T)
+    w = torch.rand(4000, dtype=torch.float64) * T
+    M = F.COUNT_TABLE_BINS
+    table = F.expected_count_table(T)
+    pos = w * M
+    i = pos.floor().long().clamp(max=T * M - 1)
+    interpolated = torch.div(i, M, rounding_mode="floor") + torch.lerp(
+        table[i, 0], table[i, 1], pos - i)
+    assert (interpolated - F.expected_count(w, T)).abs().max().item() < 3e-6
+    # the sampler's own float32 tables interpolate to the same values (probabilities to 2**-16)
+    g = torch.Generator().manual_seed(0)
+    mean = F.tpp_count_two_point(w.float().repeat(50), T, 1.0, g).double().mean()
+    expected = F.expected_count(w.float().double(), T).mean()
+    se = 0.5 / math.sqrt(len(w) * 50)  # a two-point count's std is at most 1/2
+    assert abs(mean.item() - expected.item()) <= 4 * se
+
+
+def test_one_draw_count_is_reproducible_and_draws_one_word_per_four_neurons():
+    v = torch.rand(1000) * 5
+    a = F.tpp_count_two_point(v, 8, 1.0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    b = F.tpp_count_two_point(v, 8, 1.0, g)
+    assert torch.equal(a, b)
+    after = torch.empty(1, dtype=torch.int64).random_(-(2**63), None, generator=g)
+    g2 = torch.Generator().manual_seed(3)
+    torch.empty(250, dtype=torch.int64).random_(-(2**63), None, generator=g2)
+    assert torch.equal(after, torch.empty(1, dtype=torch.int64).random_(-(2**63), None,
+                                                                        generator=g2))
+
+
+def test_count_mode_one_draw_first_layer_counts_follow_the_rule(relu_cnn, batch):
+    """The first TPP layer sees the same potentials in both modes; in count mode (one-draw, the
+    default) its total count must be Σ expected_count(v) within 4 SE, SE² = Σ p(1−p)."""
+    calibration, x = batch
+    T = 8
+    snn = sj_convert(relu_cnn, calibration, neuron="tpp",
+                     neuron_kwargs={"count": "bernoulli", "seed": 0}).double()
+    first = next(m for m in snn.modules() if isinstance(m, TPPNode))
+    seen = {}
+    handle = first.register_forward_hook(
+        lambda m, args, out: seen.update(v=args[0] * T, counts=out * T))
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T=T):
+        snn(x)
+    handle.remove()
+    E = F.expected_count(seen["v"], T, first.v_threshold)
+    p = E - E.floor()
+    se = (p * (1 - p)).sum().sqrt().item()
+    counts = seen["counts"].round()
+    assert torch.allclose(counts, seen["counts"], atol=1e-9)
+    assert abs(counts.sum().item() - E.sum().item()) <= 4 * se
+    assert se > 1  # many neurons with a fractional potential: the test can fail
+
+
+def test_count_mode_rejects_an_unknown_sampler(relu_cnn, batch):
+    snn = sj_convert(relu_cnn, batch[0], neuron="tpp")
+    with pytest.raises(ValueError, match="bernoulli must be one of"):
+        with tpp_plugin.count_mode(snn, 4, bernoulli="fast"):
+            pass
+
+
+@pytest.mark.parametrize("threshold", [0.5, "tensor"])
+def test_one_draw_count_of_a_mean_current_with_gain_and_offset(threshold):
+    """Count mode's path (v = T·x + v_init formed inside the sampler) draws as the public
+    function does on v (values chosen so that both potentials are exact in float32)."""
+    x = torch.arange(-8, 40, dtype=torch.float32).repeat(50) / 8
+    theta = torch.full_like(x, 0.5) if threshold == "tensor" else threshold
+    a = F._two_point_count(x, 4, theta, torch.Generator().manual_seed(1), gain=4, offset=0.25)
+    b = F.tpp_count_two_point(x * 4 + 0.25, 4, theta, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and len(a.unique()) > 3
+
+
+def test_bench_count_mode_prints_both_samplers(capsys):
+    """`bench --count-mode` smoke test (tiny run; timings are reported in docs, not asserted)."""
+    import re
+
+    from tpp_plugin import cli
+
+    assert cli.main(["bench", "--count-mode", "--T", "2", "--shape", "2", "--repeats", "1",
+                     "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "draw-eq ms" in out and "acc count" in out
+    rows = re.findall(r"^(SpikingJelly|snnTorch) TPP (bernoulli|exact)\s+2\s+(.*)$", out, re.M)
+    assert len(rows) == 4
+    for _, count, cells in rows:
+        values = cells.replace("%", "").split()
+        assert float(values[2]) > 0  # speed-up
+        if count == "bernoulli":
+            assert len(values) == 9 and float(values[5]) > 0  # draw-equal speed-up
+        else:
+            # exact: the same predictions, up to float32 rounding at a decision boundary
+            assert "—" in values and float(values[-1]) >= 95.0

@@ -126,7 +126,7 @@ def test_count_mode_equals_full_simulation(n, T, count, seed, threshold, data):
     with torch.no_grad():
         full = net(x.expand(T, *x.shape)).mean(0)
         tpp_plugin.reseed(net)
-        with tpp_plugin.count_mode(net, T=T):
+        with tpp_plugin.count_mode(net, T=T, bernoulli="draw-equal"):
             counted = net(x)
     assert torch.equal(full, counted)
 

@@ -6,14 +6,18 @@ snnTorch); :func:`unregister` undoes it. See :mod:`tpp_plugin.functional` for th
 
 from . import functional
 from .count_domain import count_mode
+from .evaluate import evaluate
 from .qcfs import QCFS, qcfs_levels, replace_relu
 from .registry import ADAPTERS, default_neuron, register, registered, unregister
+from .stats import spike_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
     "count_mode",
+    "spike_stats",
+    "evaluate",
     "QCFS",
     "qcfs_levels",
     "replace_relu",

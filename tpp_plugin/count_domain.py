@@ -9,13 +9,17 @@ can run on time-means instead of ``[T, N, ...]`` spike trains: one ANN-sized pas
 passing on ``count/T``. This fails across max-pooling, ReLU, IF neurons and other non-affine
 ops on spikes, which :func:`count_mode` detects and refuses.
 
-What is guaranteed. Bernoulli TPP neurons draw exactly the random numbers of the full
-simulation, so for the same seeds the spike counts are the same — up to floating-point rounding
-of the potential: the full simulation adds ``T`` step currents one by one, count mode multiplies
-one mean current by ``T``. A neuron whose potential lies within that rounding error (about
-``1e-7`` relative in float32, ``1e-16`` in float64) of a decision boundary can count one spike
-differently. ``count='exact'`` neurons draw nothing in count mode (their count is not random),
-so predictions match for any seed, with the same rounding caveat.
+What is guaranteed. ``count='exact'`` neurons draw nothing in count mode (their count is not
+random): for any seed the counts and predictions are those of the full simulation — up to
+floating-point rounding of the potential: the full simulation adds ``T`` step currents one by
+one, count mode multiplies one mean current by ``T``, so a neuron whose potential lies within
+that rounding error (about ``1e-7`` relative in float32, ``1e-16`` in float64) of a decision
+boundary can count one spike differently. Bernoulli neurons fire ``⌊w⌋`` or ``⌈w⌉`` spikes
+(``w = v/θ``), so by default (``bernoulli='one-draw'``) count mode samples that two-point count
+from one uniform per neuron (:func:`functional.tpp_count_two_point`): the counts match the full
+simulation **in distribution, not draw for draw**. ``bernoulli='draw-equal'`` instead draws
+exactly the ``T`` random numbers of the full simulation (:func:`functional.tpp_count`), giving
+the same counts for the same seeds (with the rounding caveat above), at ``T`` draws per neuron.
 """
 
 from __future__ import annotations
@@ -23,13 +27,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import weakref
 
 import torch
 from torch import fx, nn
 
 from . import functional as F
 
-__all__ = ["count_mode", "check_count_domain"]
+__all__ = ["count_mode", "check_count_domain", "count_window", "BERNOULLI_SAMPLERS"]
+
+#: how :func:`count_mode` samples a bernoulli neuron's count: ``'one-draw'`` (one uniform per
+#: neuron, the count's distribution) or ``'draw-equal'`` (the full simulation's T draws)
+BERNOULLI_SAMPLERS = ("one-draw", "draw-equal")
+
+# modules patched by an active count_mode -> its window T (read by spike statistics)
+_COUNT_WINDOWS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def count_window(module: nn.Module) -> int | None:
+    """The window ``T`` if ``module`` is a TPP neuron or permutation inside an active
+    :func:`count_mode` (its output is then ``count/T`` per neuron), else ``None``."""
+    return _COUNT_WINDOWS.get(module)
 
 _AFFINE_TYPES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -275,28 +293,48 @@ def check_count_domain(net: nn.Module) -> list:
 # ------------------------------------------------------------------------------------------------
 # the count-mode forwards
 # ------------------------------------------------------------------------------------------------
-def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str, pool=None):
+    """The window's spike counts from the mean current ``x`` (``v = pool(T·x + v_init)``): one
+    draw per neuron, or the full simulation's draws."""
     F.check_tensor(x, "x")
-    return x * T + v_init
+    if count == "bernoulli" and bernoulli == "one-draw":
+        F.check_threshold(threshold)
+        if pool is None:  # v = T·x + v_init is formed inside the sampler, in one pass
+            return F._two_point_count(x, T, threshold, generator, gain=T, offset=v_init)
+        return F._two_point_count(pool(_window_potential(x, T, v_init)), T, threshold, generator)
+    v = _window_potential(x, T, v_init)
+    return F.tpp_count(v if pool is None else pool(v), T, threshold, count, generator)
 
 
-def _sj_tpp(node, T: int, x: torch.Tensor) -> torch.Tensor:
-    v = node._pooled(_window_potential(x, T, node.v_init))
-    if node.backend == "cupy":  # the kernel's own random stream, as in the full simulation
-        return node._fire(v, T).sum(0) / T
-    counts = F.tpp_count(v, T, node.v_threshold, node.count, node._generator(v.device))
-    return counts / T
+def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+    v = x * T
+    zero = not bool(v_init.any()) if isinstance(v_init, torch.Tensor) else v_init == 0
+    return v if zero else v.add_(v_init)
 
 
-def _snn_tpp(neuron, T: int, input_: torch.Tensor, mem=None):
+def _sj_tpp(node, T: int, bernoulli: str, x: torch.Tensor) -> torch.Tensor:
+    pool = getattr(node, "pool", None)  # a TPP neuron that max-pools its window potential
+    if node.backend == "cupy" and (node.count == "exact" or bernoulli == "draw-equal"):
+        v = _window_potential(F.check_tensor(x, "x"), T, node.v_init)
+        v = v if pool is None else pool(v)
+        return node._fire(v, T).sum(0) / T  # the kernel's own random stream, as in the full run
+    counts = _counts(x, T, node.v_init, node.v_threshold, node.count,
+                     node._generator(x.device), bernoulli, pool)
+    return counts.div_(T)
+
+
+def _snn_tpp(neuron, T: int, bernoulli: str, input_: torch.Tensor, mem=None):
     from .adapters.snntorch import _returns
 
+    pool = getattr(neuron, "pool", None)  # snn.TPP(pool=...): pool the window potential
+    generator = neuron._generator_for(input_.device)
+    counts = _counts(input_, T, neuron.v_init, neuron.threshold, neuron.count, generator,
+                     bernoulli, pool)
+    spk = counts.div_(T).mul_(neuron.graded_spikes_factor)
+    if neuron.init_hidden and not neuron.output:
+        return spk  # the membrane potential is not returned: do not compute it
     v = _window_potential(input_, T, neuron.v_init)
-    if getattr(neuron, "pool", None) is not None:  # snn.TPP(pool=...): pool the window potential
-        v = neuron.pool(v)
-    generator = neuron._generator_for(v.device)
-    counts = F.tpp_count(v, T, neuron.threshold, neuron.count, generator)
-    return _returns(neuron, counts / T * neuron.graded_spikes_factor, v)
+    return _returns(neuron, spk, v if pool is None else pool(v))
 
 
 def _identity(x, *args, **kwargs):
@@ -321,29 +359,42 @@ def _infer_T(found) -> int:
 
 
 @contextlib.contextmanager
-def count_mode(net: nn.Module, T: int | None = None):
+def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-draw"):
     r"""Evaluate a converted TPP network on window means instead of spike trains.
 
     Inside the context, ``net(x)`` takes one step's input ``x`` of shape ``[N, ...]`` (the
     image, for direct encoding; the time-mean of the input sequence otherwise, if the ops before
     the first TPP layer are affine) and returns what ``net(x_seq).mean(0)`` returns for the
     constant sequence ``x_seq = x.expand(T, *x.shape)`` — the time-mean of the output — at the
-    cost of one ANN pass plus, per bernoulli TPP neuron, ``T`` cheap steps. Each TPP neuron
-    receives the mean current ``m``, forms ``v = T·m + v_init``, draws the random numbers the full
-    simulation would (bernoulli; ``'exact'`` draws none), and outputs ``count/T`` (times its
-    output scale). Temporal permutations are the identity on counts and draw nothing. All
-    modules are restored on exit (SpikingJelly step modes included); neuron state is not used.
+    cost of one ANN pass. Each TPP neuron receives the mean current ``m``, forms
+    ``v = T·m + v_init``, turns it into a spike count and outputs ``count/T`` (times its output
+    scale). Temporal permutations are the identity on counts and draw nothing. All modules are
+    restored on exit (SpikingJelly step modes included); neuron state is not used.
 
     Works for SpikingJelly converted networks (2.x and 0.0.0.0.14; ``fx.GraphModule``) and for
     the snnTorch converter's ``nn.Sequential`` (sequence or time-loop).
 
-    Guarantee: for the same seeds the same spike counts and predictions as the full simulation,
-    up to floating-point rounding of each potential (``T·m`` here, ``Σ_t x_t`` there), which can
-    flip a count only for a potential within rounding error of a decision boundary (see
-    :mod:`tpp_plugin.count_domain`); in float64 that does not happen in practice.
+    What matches the full simulation:
+
+    * ``count='exact'`` neurons: their count is not random, so counts and predictions equal the
+      full simulation's for any seed;
+    * ``count='bernoulli'`` neurons with ``bernoulli='one-draw'`` (default): the count, which is
+      ``⌊v/θ⌋`` or ``⌈v/θ⌉``, is sampled from one uniform per neuron with the exact mean
+      :func:`~tpp_plugin.functional.expected_count` — the full simulation's count **in
+      distribution, not draw for draw** (:func:`~tpp_plugin.functional.tpp_count_two_point`);
+    * ``bernoulli='draw-equal'``: each neuron draws exactly the ``T`` random numbers of the full
+      simulation and runs the firing rule on them (:func:`~tpp_plugin.functional.tpp_count`), so
+      for the same seeds the counts are the full simulation's, at ``T`` draws per neuron.
+
+    Both equalities hold up to floating-point rounding of each potential (``T·m`` here,
+    ``Σ_t x_t`` there), which can flip a count only for a potential within rounding error of a
+    decision boundary (see :mod:`tpp_plugin.count_domain`); in float64 that does not happen in
+    practice.
 
     :param net: converted network with TPP neurons
     :param T: window length; defaults to the TPP layers' own ``T``/``num_steps`` if they agree
+    :param bernoulli: how bernoulli neurons sample their count: ``'one-draw'`` (default) or
+        ``'draw-equal'`` (:data:`BERNOULLI_SAMPLERS`)
     :raises ValueError: if the network has a non-TPP spiking neuron, or a non-affine op (max-pool,
         ReLU, ...) acting on spikes, naming that module or graph node; if ``T`` contradicts a
         layer's window
@@ -357,6 +408,8 @@ def count_mode(net: nn.Module, T: int | None = None):
             out = snn(images)                                  # [N, classes], one pass
         # the same as: snn(images.expand(T, *images.shape)).mean(0) in multi-step mode
     """
+    if bernoulli not in BERNOULLI_SAMPLERS:
+        raise ValueError(f"bernoulli must be one of {BERNOULLI_SAMPLERS}, got {bernoulli!r}")
     found = check_count_domain(net)
     T = _infer_T(found) if T is None else F.check_window(T)
     for name, module in found:
@@ -377,9 +430,10 @@ def count_mode(net: nn.Module, T: int | None = None):
         if _kind(module) == "perm":
             patch(module, _identity)
         elif isinstance(module, types["snn_tpp"]):
-            patch(module, functools.partial(_snn_tpp, module, T))
+            patch(module, functools.partial(_snn_tpp, module, T, bernoulli))
         else:
-            patch(module, functools.partial(_sj_tpp, module, T))
+            patch(module, functools.partial(_sj_tpp, module, T, bernoulli))
+        _COUNT_WINDOWS[module] = T
     modes = []
     for module in net.modules():
         if isinstance(module, types["time_flatten"]):
@@ -391,6 +445,8 @@ def count_mode(net: nn.Module, T: int | None = None):
     try:
         yield net
     finally:
+        for _, module in found:
+            _COUNT_WINDOWS.pop(module, None)
         for module, forward in reversed(patches):
             if forward is None:
                 module.__dict__.pop("forward", None)

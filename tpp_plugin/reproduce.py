@@ -23,9 +23,19 @@ A per-layer diagnostic records, for every spiking layer, the share of neurons (o
 spike count differs from ``clamp(round(Σ_t x_t / θ), 0, T)`` — the count the ANN activation
 asks for — split into over-firing and under-firing: the mechanism the paper is about.
 
+Every variant also runs under :func:`tpp_plugin.spike_stats`: spikes and synaptic operations
+(SOPs) per image, and an energy estimate against the ANN's multiply-accumulates (``--e-ac``,
+``--e-mac``: pJ per accumulate and per multiply-accumulate, default 0.9 and 4.6, 45 nm).
+
 Output: tables on the terminal, and per configuration ``OUT/<name>.json`` and ``OUT/<name>.png``
-(accuracy vs ``T`` on a log-2 axis, and the diagnostic), each written as soon as that
-configuration finishes.
+(accuracy vs ``T`` on a log-2 axis, the diagnostic, and accuracy vs spikes per image), each
+written as soon as that configuration finishes.
+
+Under ``torchrun --nproc_per_node N`` the same command runs on ``N`` processes (``gloo`` on the
+CPU, ``nccl`` with one GPU each): every process evaluates its share of the test set (each image
+exactly once), counts and statistics are all-reduced, rank 0 prints and writes the files, and
+the JSON records ``environment.world_size`` and ``config.test_images_evaluated``; see
+:mod:`tpp_plugin.evaluate` and ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ __all__ = [
     "run",
     "format_accuracy_table",
     "format_diagnostic_table",
+    "format_spike_table",
     "plot_result",
     "add_arguments",
     "main",
@@ -150,8 +161,12 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     image_size = x_train.shape[-1]
     torch.manual_seed(args.train_seed)
     net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
+    from .evaluate import barrier, broadcast_module, world
+
     path = _checkpoint_path(args, model, ann, image_size)
-    if path and os.path.isfile(path):
+    found = bool(path and os.path.isfile(path))
+    barrier()  # every rank looked before rank 0 may write the file
+    if found:
         net.load_state_dict(torch.load(path, map_location=device))
         echo(f"loaded {path}")
         return net.eval(), {"checkpoint": path, "trained": False, "seconds": 0.0}
@@ -161,7 +176,8 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     bar = progress_bar(f"train {model} {ann}", unit="epoch")
     train_ann(net, batches, epochs, lr=args.lr, progress=bar)
     seconds = time.perf_counter() - start
-    if path:
+    broadcast_module(net)  # every rank trained alike; on GPUs make sure they use the same ANN
+    if path and world()[0] == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save(net.state_dict(), path)
     return net.eval(), {"checkpoint": path, "trained": True, "epochs": epochs, "seconds": seconds}
@@ -224,6 +240,14 @@ class FiringDiagnostic:
 
         return hook
 
+    def all_reduce(self, group=None) -> FiringDiagnostic:
+        """Sum the totals over the ranks of a ``torch.distributed`` group (in place)."""
+        from .evaluate import all_reduce_sum
+
+        if self.totals:
+            self.totals = all_reduce_sum(self.totals, group, torch.int64).tolist()
+        return self
+
     def summary(self) -> list[dict]:
         """``[{'layer', 'neurons', 'over', 'under'}]``: shares of the (image, neuron) pairs seen."""
         return [
@@ -251,7 +275,20 @@ def _eval_batch_size(args, T: int) -> int:
 
 
 def _variant_seed(seed: int, T: int) -> int:
-    return seed * 1_000_003 + T * 1_009
+    """The base seed of a (seed, T) run on this rank (rank 0: the one-process seed)."""
+    from .evaluate import rank_seed, world
+
+    return rank_seed(seed * 1_000_003 + T * 1_009, world()[0])
+
+
+def _spike_record(stats) -> dict:
+    """The JSON part of a reduced :class:`~tpp_plugin.stats.SpikeStats`."""
+    s = stats.all_reduce().summary()
+    return {"spikes_per_image": s["spikes_per_image"], "sops_per_image": s["sops_per_image"],
+            "energy_pj_per_image": s["energy"]["snn_pj_per_image"],
+            "ann_macs_per_image": s["ann_macs_per_image"],
+            "snn_macs_per_image": s["snn_macs_per_image"],
+            "firing_rate": [layer["firing_rate"] for layer in s["layers"]]}
 
 
 class _SpikingJelly:
@@ -280,10 +317,19 @@ class _SpikingJelly:
             self.conversion = f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
         else:
             mode = "Max" if args.mode == "max" else args.mode
-            recipe = ann2snn.RateCodingRecipe(calibration, mode=mode)
+            from .evaluate import shared_calibration
+
+            # SpikingJelly's recipe; under torchrun its calibration batches are shared among the
+            # ranks and the statistics all-reduced (in one process: the recipe unchanged)
+            recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
             v0 = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
             self.conversion = f"spikingjelly RateCodingRecipe(mode={mode!r})"
         v0 = v0.to(device).eval()
+        from .evaluate import sync_thresholds
+
+        # every rank calibrated on the same batches: make sure they all use rank 0's thresholds
+        self.threshold_gap = sync_thresholds(v0)
+        self.e_ac, self.e_mac = _energy_constants(args)
         half = sj.swap_neurons(copy.deepcopy(v0), "if", v_init=0.5)
         self.nets = {"if_v0": v0, "if_half": half}
         for scope in SCOPES:
@@ -298,18 +344,21 @@ class _SpikingJelly:
 
         import tpp_plugin
 
+        from .stats import SpikeStats
+
         net = self.nets[key]
         # every random module gets its own seed spawned from the variant's, whatever ran before
         tpp_plugin.reseed(net, _variant_seed(seed, T))
         functional.set_step_mode(net, "m")
         preds = []
-        with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag:
+        with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag, \
+                SpikeStats(net, T, self.e_ac, self.e_mac) as stats:
             for start in range(0, len(y), batch_size):
                 xb = x[start : start + batch_size]
                 functional.reset_net(net)
                 preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
         functional.reset_net(net)
-        return torch.cat(preds), diag.summary()
+        return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
 
 
 class _SnnTorch:
@@ -326,6 +375,8 @@ class _SnnTorch:
         self.mode = args.mode
         self.neuron_types = (st.TPP, st.IF)
         self.nets = {k: None for k in VARIANTS if k != "if_v0"}
+        self.threshold_gap = 0.0
+        self.e_ac, self.e_mac = _energy_constants(args)
         self.conversion = (f"tpp_plugin snnTorch convert(mode={args.mode!r})"
                            if ann_type == "relu" else "tpp_plugin snnTorch convert (threshold = λ)")
 
@@ -338,15 +389,20 @@ class _SnnTorch:
             kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
+        from .evaluate import sync_thresholds
+        from .stats import SpikeStats
+
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
+        self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
         preds = []
         with FiringDiagnostic(net, self.neuron_types, lambda m: m.threshold,
-                              lambda m: m.graded_spikes_factor) as diag:
+                              lambda m: m.graded_spikes_factor) as diag, \
+                SpikeStats(net, T, self.e_ac, self.e_mac) as stats:
             for start in range(0, len(y), batch_size):
                 xb = x[start : start + batch_size]
                 self.st.reset(net)
                 preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
-        return torch.cat(preds), diag.summary()
+        return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
 
 
 FRAMEWORKS = {"spikingjelly": _SpikingJelly, "snntorch": _SnnTorch}
@@ -361,7 +417,17 @@ def _predict(ann, x, batch_size):
 
 
 def _accuracy(preds, y) -> float:
-    return (preds == y).float().mean().item()
+    """Share of ``preds == y`` over the whole test set: this rank's counts summed over ranks."""
+    from .evaluate import all_reduce_sum
+
+    correct, n = all_reduce_sum([int((preds == y).sum()), len(y)], dtype=torch.int64).tolist()
+    return correct / n if n else float("nan")
+
+
+def _energy_constants(args) -> tuple[float, float]:
+    from .stats import E_AC_PJ, E_MAC_PJ
+
+    return getattr(args, "e_ac", None) or E_AC_PJ, getattr(args, "e_mac", None) or E_MAC_PJ
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -382,8 +448,15 @@ def config_name(args, model: str, ann: str) -> str:
 
 def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> dict:
     """Train/load, convert and evaluate one (model, ANN type); return the JSON-ready result."""
+    from .evaluate import all_reduce_sum, shard_indices, world
+
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = dataset
+    n_test = len(y_test)
+    # this rank's share of the test set (all of it in one process): every image exactly once
+    shard = shard_indices(n_test).to(x_test.device)
+    x_test, y_test = x_test[shard], y_test[shard]
+    evaluated = int(all_reduce_sum([len(y_test)], dtype=torch.int64)[0])
     Ts = list(args.T)
     ann, ann_record = get_ann(args, model, ann_type, x_train, y_train, device, echo)
     ann_preds = _predict(ann, x_test, args.batch_size)
@@ -397,7 +470,8 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             "mode": args.mode if ann_type == "relu" else None,
             "T": Ts, "seeds": args.seeds, "train_seed": args.train_seed,
             "framework": args.framework, "device": str(device),
-            "n_train": len(y_train), "n_test": len(y_test),
+            "n_train": len(y_train), "n_test": n_test, "test_images_evaluated": evaluated,
+            "world_size": world()[1],
             "calibration_images": args.calib_images if ann_type == "relu" else 0,
         },
         "ann": {"accuracy": _accuracy(ann_preds, y_test), **ann_record},
@@ -417,14 +491,16 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
     ]
     fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
     result["config"]["conversion"] = fw.conversion
+    e_ac, e_mac = _energy_constants(args)
     keys = [k for k in VARIANTS if k in fw.nets]
     jobs = [(k, s, T) for k in keys for s in range(args.seeds if VARIANTS[k][1] else 1)
             for T in Ts]
     per = {k: {} for k in keys}
     agreement = {T: [] for T in Ts}
     for key, seed, T in progress_bar(f"{model} {ann_type} SNN", len(jobs), "run")(jobs):
-        preds, diag = fw.evaluate(key, T, seed, x_test, y_test, _eval_batch_size(args, T))
-        per[key][(seed, T)] = (_accuracy(preds, y_test), diag)
+        preds, diag, spikes = fw.evaluate(key, T, seed, x_test, y_test,
+                                          _eval_batch_size(args, T))
+        per[key][(seed, T)] = (_accuracy(preds, y_test), diag, spikes)
         if key == "tpp_exact" and ann_type == "qcfs":
             agreement[T].append(_accuracy(preds, with_levels[T]))
     for key in keys:
@@ -443,10 +519,24 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             for j, layer in enumerate(layers)
         ]
         label, stochastic = VARIANTS[key]
+
+        def spike_mean(field, key=key, seeds=seeds):
+            values = [[per[key][(s, T)][2][field] for s in seeds] for T in Ts]
+            return [None if None in v else _mean_std(v)[0] for v in values]
+
         result["variants"][key] = {
             "label": label, "stochastic": stochastic, "seeds": seeds, "per_seed": acc,
             "mean": [m for m, _ in stats], "std": [s for _, s in stats], "diagnostic": diagnostic,
+            "spikes_per_image": spike_mean("spikes_per_image"),
+            "sops_per_image": spike_mean("sops_per_image"),
+            "energy_pj_per_image": spike_mean("energy_pj_per_image"),
         }
+        if "macs_per_image" not in result["ann"]:
+            first = per[key][(seeds[0], Ts[0])][2]
+            result["ann"]["macs_per_image"] = first["ann_macs_per_image"]
+            result["ann"]["energy_pj_per_image"] = e_mac * first["ann_macs_per_image"]
+            result["config"]["energy_pj"] = {"accumulate": e_ac, "multiply_accumulate": e_mac}
+    result["config"]["threshold_gap_between_ranks"] = fw.threshold_gap
     if ann_type == "qcfs":
         agree = [min(agreement[T]) for T in Ts]
         result["oracle"] = {
@@ -519,6 +609,37 @@ def format_diagnostic_table(result, T: int) -> str:
     return "\n".join(lines)
 
 
+def format_spike_table(result) -> str:
+    """Spikes and synaptic operations (SOPs) per image per variant and ``T`` (mean over seeds),
+    and the SNN's energy estimate against the ANN's."""
+    cfg, ann = result["config"], result["ann"]
+    Ts = cfg["T"]
+    variants = [v for v in result["variants"].values() if "spikes_per_image" in v]
+    if not variants:
+        return ""
+    width = max(len(v["label"]) for v in variants) + 2
+    head = f"{'':<{width}}" + "".join(f"{f'T={T}':>19}" for T in Ts)
+
+    def cell(spikes, sops):
+        return "—".rjust(19) if spikes is None else f"{spikes:,.0f} / {sops:,.0f}".rjust(19)
+
+    energy = cfg.get("energy_pj", {})
+    lines = [f"spikes / SOPs per image (SOP = a spike reaching a synapse); ANN: "
+             f"{ann.get('macs_per_image', 0):,} MACs per image", head, "-" * len(head)]
+    for v in variants:
+        cells = "".join(cell(a, b) for a, b in zip(v["spikes_per_image"], v["sops_per_image"]))
+        lines.append(f"{v['label']:<{width}}{cells}")
+    if energy and ann.get("energy_pj_per_image"):
+        lines.append(f"energy per image, {energy['accumulate']} pJ/AC and "
+                     f"{energy['multiply_accumulate']} pJ/MAC: ANN "
+                     f"{ann['energy_pj_per_image'] / 1e3:,.1f} nJ; SNN as % of the ANN:")
+        for v in variants:
+            cells = "".join(("—" if e is None else f"{100 * e / ann['energy_pj_per_image']:.1f}%")
+                            .rjust(19) for e in v["energy_pj_per_image"])
+            lines.append(f"{v['label']:<{width}}{cells}")
+    return "\n".join(lines)
+
+
 def plot_result(result, path: str, diag_T: int) -> None:
     """Accuracy vs ``T`` (log-2 axis, error bars = std over seeds) and the per-layer diagnostic
     at ``diag_T``, saved as a PNG."""
@@ -529,13 +650,16 @@ def plot_result(result, path: str, diag_T: int) -> None:
 
     cfg = result["config"]
     Ts = cfg["T"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4.8),
+                                       gridspec_kw={"width_ratios": [3, 2, 3]})
+    colors = {}
     for label, cells in _rows(result).items():
         means = [100 * m for m, _ in cells]
         stds = [100 * s for _, s in cells]
         style = {"linestyle": "--", "color": "black" if label.startswith("ANN (") else "gray"} \
             if label.startswith("ANN") else {"marker": "o", "markersize": 3}
-        ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
+        bars = ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
+        colors[label] = bars.lines[0].get_color()
     ax.set_xscale("log", base=2)
     ax.set_xticks(Ts, [str(T) for T in Ts])
     ax.set_xlabel("time steps T")
@@ -556,6 +680,19 @@ def plot_result(result, path: str, diag_T: int) -> None:
     ax2.set_ylabel("% of neurons (▼ under-firing, ^ over-firing)")
     ax2.set_title(f"count ≠ round(Σx/θ) at T={diag_T}", fontsize=10)
     ax2.grid(alpha=0.3)
+    for v in result["variants"].values():  # accuracy against the spike budget, per variant
+        points = [(s, 100 * m) for s, m in zip(v.get("spikes_per_image", []), v["mean"])
+                  if s is not None and s > 0]
+        if points:
+            ax3.plot(*zip(*points), marker="o", markersize=3, label=v["label"],
+                     color=colors.get(v["label"]))
+    if ax3.lines:
+        ax3.set_xscale("log")
+    ax3.axhline(100 * result["ann"]["accuracy"], linestyle="--", color="black", linewidth=1)
+    ax3.set_xlabel("spikes per image (points: T)")
+    ax3.set_ylabel("test accuracy (%)")
+    ax3.set_title("accuracy vs spikes per image", fontsize=10)
+    ax3.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -566,8 +703,33 @@ def _diag_T(args) -> int:
 
 
 def run(args, echo=print) -> list[dict]:
-    """Run every requested (model, ANN type) and write its JSON and PNG; return the results."""
+    """Run every requested (model, ANN type) and write its JSON and PNG; return the results.
+
+    Under ``torchrun`` every process evaluates its shard of the test set (``gloo`` on the CPU,
+    ``nccl`` with one GPU per process; see :mod:`tpp_plugin.evaluate`); rank 0 prints and writes
+    the files, and every rank returns the same results.
+    """
+    import torch.distributed as dist
+
+    from .evaluate import init_distributed, shutdown_distributed
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
+    results = _run_on(args, device, echo)
+    if owned:  # the group this call created ends with it (after an error torchrun ends it)
+        shutdown_distributed()
+    return results
+
+
+def _run_on(args, device: torch.device, echo) -> list[dict]:
+    from .evaluate import check_process_group, world
+
+    check_process_group()
+    rank, size = world()
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+    if rank != 0:
+        echo = _silent
     if device.type != "cuda":
         return _run(args, device, echo)
     # full fp32 everywhere: TF32 rounding would make the SNN and the ANN round activations near a
@@ -580,14 +742,21 @@ def run(args, echo=print) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _run(args, device: torch.device, echo) -> list[dict]:
+    from .evaluate import world
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_dataset(
         args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)
     dataset = tuple(t.to(device) for t in (x_train, y_train, x_test, y_test))
     echo(f"{args.dataset}: {len(y_train)} train / {len(y_test)} test images "
-         f"{tuple(x_test.shape[1:])}, device {device}")
-    if args.out:
+         f"{tuple(x_test.shape[1:])}, device {device}"
+         + (f", {world()[1]} processes" if world()[1] > 1 else ""))
+    writes = bool(args.out) and world()[0] == 0  # rank 0 writes the files
+    if writes:
         os.makedirs(args.out, exist_ok=True)
     results = []
     for model in args.model:
@@ -599,8 +768,10 @@ def _run(args, device: torch.device, echo) -> list[dict]:
             echo(format_accuracy_table(result))
             echo("")
             echo(format_diagnostic_table(result, _diag_T(args)))
+            echo("")
+            echo(format_spike_table(result))
             echo(f"({result['seconds']:.0f} s)")
-            if args.out:
+            if writes:
                 stem = os.path.join(args.out, result["name"])
                 with open(stem + ".json", "w") as f:
                     json.dump(result, f, indent=1)
@@ -614,7 +785,14 @@ def _run(args, device: torch.device, echo) -> list[dict]:
 
 
 def _environment() -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__}
+    from .evaluate import world
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "world_size": world()[1]}
+    if env["world_size"] > 1:
+        import torch.distributed as dist
+
+        env["backend"] = dist.get_backend()
     for name in ("spikingjelly", "snntorch"):
         module = sys.modules.get(name)
         if module is not None:
@@ -627,6 +805,17 @@ def _environment() -> dict:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
+def _energy_argument(text: str) -> float:
+    import argparse
+
+    from .stats import check_energy_constant
+
+    try:
+        return check_energy_constant(float(text), "the energy")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (got {text!r})") from None
+
+
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
     from .cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
@@ -673,6 +862,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--diag-T", type=positive_int, default=4,
                         help="T of the printed diagnostic")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    # energy estimate of the spike statistics (runs under torchrun unchanged: see docs)
+    parser.add_argument("--e-ac", type=_energy_argument, default=None, metavar="PJ",
+                        help="energy per accumulate (SOP), pJ (default 0.9, 45 nm)")
+    parser.add_argument("--e-mac", type=_energy_argument, default=None, metavar="PJ",
+                        help="energy per multiply-accumulate, pJ (default 4.6, 45 nm)")
 
 
 def check_arguments(args) -> None:
