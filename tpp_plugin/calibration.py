@@ -41,7 +41,6 @@ summarises it.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import operator
 import time
@@ -61,7 +60,6 @@ __all__ = [
     "CalibrationResult",
     "activation_nodes",
     "quantise",
-    "expected_count_fast",
     "quantised_ann",
     "apply_bias_shifts",
     "fuse_conv_bn",
@@ -134,27 +132,6 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -
     return scale * torch.clamp(torch.floor(a * T / theta + 0.5), 0, T) / T
 
 
-_TABLE_RESOLUTION = 256  # table points per unit of w = v/θ
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_count_table(T: int) -> torch.Tensor:
-    """:func:`tpp_plugin.functional.expected_count` of bernoulli TPP on ``w ∈ [0, T]`` in steps
-    of ``1/_TABLE_RESOLUTION`` (float64, CPU)."""
-    w = torch.arange(T * _TABLE_RESOLUTION + 1, dtype=torch.float64) / _TABLE_RESOLUTION
-    return F.expected_count(w, T)
-
-
-def expected_count_fast(w: torch.Tensor, T: int) -> torch.Tensor:
-    """The mean spike count of a bernoulli TPP neuron with potential ``w`` thresholds
-    (:func:`tpp_plugin.functional.expected_count`), by linear interpolation in a table (error
-    below ``1e-4`` spikes); shaped and typed like ``w``."""
-    table = _expected_count_table(T).to(device=w.device, dtype=w.dtype)
-    pos = (w.clamp(0, T) * _TABLE_RESOLUTION)
-    i0 = pos.floor().clamp_(max=T * _TABLE_RESOLUTION - 1)
-    frac = pos - i0
-    i0 = i0.long()
-    return table[i0] * (1 - frac) + table[i0 + 1] * frac
 
 
 def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
@@ -167,7 +144,7 @@ def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
     theta = _channel_view(theta, a, dim) if theta.dim() else theta.to(a)
     scale = theta if scale is None else torch.as_tensor(scale)
     scale = _channel_view(scale, a, dim) if scale.dim() else scale.to(a)
-    return scale * expected_count_fast(a * T / theta, T) / T
+    return scale * F.expected_count_fast(a * T / theta, T) / T
 
 
 class _Probe(nn.Module):
@@ -580,7 +557,7 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
             err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
         else:  # two-point count: floor(w) or floor(w) + 1, with the bernoulli mean
             low = torch.floor(w_bin).clamp_(0, T)
-            p_up = (expected_count_fast(w_bin, T) - low).clamp_(0, 1)
+            p_up = (F.expected_count_fast(w_bin, T) - low).clamp_(0, 1)
             q_lo, q_hi = low * theta / T, (low + 1) * theta / T
             err = ((1 - p_up) * (n * q_lo * q_lo - 2 * q_lo * s + ss)
                    + p_up * (n * q_hi * q_hi - 2 * q_hi * s + ss)).sum(-1)

@@ -63,6 +63,7 @@ __all__ = [
     "COUNT_TABLE_BINS",
     "expected_count_table",
     "tpp_count_two_point",
+    "expected_count_fast",
 ]
 
 COUNT_MODES = ("bernoulli", "exact")
@@ -887,6 +888,25 @@ def _table_on(T: int, dtype: torch.dtype, device) -> tuple:
         tables = tuple((t * 2.0**16).to(device=device, dtype=dtype) for t in (start, slope))
         _DEVICE_TABLES[key] = tables
     return tables
+
+
+def expected_count_fast(w: torch.Tensor, T: int) -> torch.Tensor:
+    """:func:`expected_count` (bernoulli) of potentials ``w = v/θ`` by linear interpolation in
+    :func:`expected_count_table` (error below ``3e-6`` spikes for ``T ≤ 64``): the cheap form
+    for many neurons at once. Shaped and typed like ``w``.
+
+    Example::
+
+        >>> w = torch.tensor([0.3, 2.3], dtype=torch.float64)
+        >>> torch.allclose(expected_count_fast(w, 8), expected_count(w, 8), atol=1e-5)
+        True
+    """
+    T = check_window(T)
+    start, slope = _table_on(T, torch.float64, w.device)
+    pos = w.to(torch.float64).clamp(0, T) * COUNT_TABLE_BINS
+    i = pos.floor().clamp_(max=T * COUNT_TABLE_BINS)
+    frac, i = pos - i, i.long()
+    return ((start[i] + slope[i] * frac) / 2.0**16).to(w.dtype)
 
 
 def tpp_count_two_point(
