@@ -98,3 +98,17 @@ def test_missing_fashion_mnist_exits_with_install_hint(tmp_path, capsys):
     code = cli_main(["reproduce", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
     assert code == 2
     assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_checkpoint_name_holds_every_training_setting():
+    """A run on another subset, or with other epochs, must not load another run's ANN."""
+    import argparse
+
+    from tpp_plugin.reproduce import _checkpoint_path
+
+    args = argparse.Namespace(checkpoint="ck", dataset="fashion-mnist", L=4, lr=2e-3, train_seed=0)
+    names = {_checkpoint_path(args, "resnet", "relu", 14, n, e)
+             for n, e in ((6000, 8), (12000, 8), (6000, 4))}
+    assert len(names) == 3
+    assert _checkpoint_path(argparse.Namespace(**{**vars(args), "checkpoint": None}),
+                            "resnet", "relu", 14, 6000, 8) is None

@@ -148,11 +148,15 @@ def load_dataset(dataset: str, data_dir=None, subset=None, resize=None, seed: in
     return data.resize(x_train, resize), y_train, data.resize(x_test, resize), y_test
 
 
-def _checkpoint_path(args, model: str, ann: str, image_size: int) -> str | None:
+def _checkpoint_path(args, model: str, ann: str, image_size: int, n_train: int,
+                     epochs: int) -> str | None:
+    """The checkpoint of one training setting: every option that changes the ANN is in the name
+    (a run on another subset or with other epochs must not load it)."""
     if not args.checkpoint:
         return None
     levels = f"-L{args.L}" if ann == "qcfs" else ""
-    name = f"{args.dataset}-{model}-{ann}{levels}-{image_size}px-seed{args.train_seed}.pt"
+    name = (f"{args.dataset}-{model}-{ann}{levels}-{image_size}px-n{n_train}-e{epochs}"
+            f"-lr{args.lr:g}-seed{args.train_seed}.pt")
     return os.path.join(args.checkpoint, name)
 
 
@@ -163,7 +167,8 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
     from .evaluate import barrier, broadcast_module, world
 
-    path = _checkpoint_path(args, model, ann, image_size)
+    epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
+    path = _checkpoint_path(args, model, ann, image_size, len(x_train), epochs)
     found = bool(path and os.path.isfile(path))
     barrier()  # every rank looked before rank 0 may write the file
     if found:
@@ -172,7 +177,6 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
         return net.eval(), {"checkpoint": path, "trained": False, "seconds": 0.0}
     start = time.perf_counter()
     batches = TensorBatches(x_train, y_train, args.train_batch_size, True, args.train_seed)
-    epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
     bar = progress_bar(f"train {model} {ann}", unit="epoch")
     train_ann(net, batches, epochs, lr=args.lr, progress=bar)
     seconds = time.perf_counter() - start
