@@ -26,12 +26,13 @@ from tpp_plugin.models import cnn5_maxpool, resnet
 needs_recipes = pytest.mark.skipif(IS_LEGACY, reason="recipes exist on 2.x only")
 
 
-def rate_convert(ann, batches, mode="99.9%", **hook):
+def rate_convert(ann, batches, mode="99.9%", momentum=0.1, **hook):
     ann = copy.deepcopy(ann)  # the 0.0.0.0.14 converter reuses the ANN's layers
     if IS_LEGACY:
         loader = [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches]
-        return ann2snn.Converter(loader, mode=mode, **hook)(ann)
-    return ann2snn.Converter(ann2snn.RateCodingRecipe(batches, mode=mode, **hook)).convert(ann)
+        return ann2snn.Converter(loader, mode=mode, momentum=momentum, **hook)(ann)
+    recipe = ann2snn.RateCodingRecipe(batches, mode=mode, momentum=momentum, **hook)
+    return ann2snn.Converter(recipe).convert(ann)
 
 
 @torch.no_grad()
@@ -347,3 +348,29 @@ def test_count_mode_on_a_residual_net_equals_the_full_simulation():
         fast = snn(x)
     assert torch.equal(fast.argmax(1), full.argmax(1))
     assert torch.allclose(fast, full, atol=1e-9)
+
+
+# ---------------------------------------------------------------- bad calibration input
+@pytest.mark.parametrize(
+    "kwargs, batches, exc, match",
+    [
+        ({"mode": "bogus"}, None, ValueError, r"mode must be 'max'"),
+        ({"momentum": 5}, None, ValueError, r"momentum must be"),
+        ({}, [], ValueError, r"calibration dataloader is empty"),
+        ({}, [torch.rand(4, 3, 8, 8)], ValueError, r"first batch of shape \(4, 3, 8, 8\)"),
+    ],
+)
+def test_bad_calibration_through_the_hook_is_refused_clearly(kwargs, batches, exc, match):
+    batches = [torch.rand(8, 1, 8, 8)] if batches is None else batches
+    with pytest.raises(exc, match=match):
+        rate_convert(small_models()["maxpool"], batches, neuron="tpp", **kwargs)
+
+
+def test_count_mode_refuses_a_sequence_input():
+    snn = rate_convert(small_models()["maxpool"], [torch.rand(8, 1, 8, 8)], neuron="tpp",
+                       neuron_kwargs={"T": 4, "seed": 0})
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad(), tpp_plugin.count_mode(snn, 4):
+        assert snn(x).shape == (3, 10)
+        with pytest.raises(ValueError, match=r"\[T, N, \.\.\.\] sequence"):
+            snn(x.unsqueeze(0).expand(4, *x.shape))

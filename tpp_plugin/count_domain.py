@@ -358,6 +358,26 @@ def _infer_T(found) -> int:
     return windows.pop()
 
 
+def _guard_sequence_input(net: nn.Module):
+    """A pre-hook on the first convolution that refuses a ``[T, N, ...]`` sequence (count mode
+    takes one step's input): a convolution sees one more dimension than it takes. ``None`` for
+    nets without a convolution (a linear layer takes any leading dimensions: nothing to see)."""
+    conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        return None
+    expected = len(conv.kernel_size) + 2
+
+    def check(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == expected + 1:
+            raise ValueError(
+                f"count_mode: the network takes one step's input [N, ...] (e.g. the image), but "
+                f"its first convolution got {tuple(args[0].shape)}, a [T, N, ...] sequence: "
+                "count mode replaces the time loop; feed x, not x.expand(T, ...)"
+            )
+
+    return conv.register_forward_pre_hook(check)
+
+
 @contextlib.contextmanager
 def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-draw"):
     r"""Evaluate a converted TPP network on window means instead of spike trains.
@@ -442,9 +462,12 @@ def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-dr
             modes.append((module, module.step_mode))
             # a window-synchronous network's driver steps aside: count mode is one pass
             module.step_mode = "m" if isinstance(module, types["sync"]) else "s"
+    guard = _guard_sequence_input(net)
     try:
         yield net
     finally:
+        if guard is not None:
+            guard.remove()
         for _, module in found:
             _COUNT_WINDOWS.pop(module, None)
         for module, forward in reversed(patches):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import warnings
 
@@ -30,7 +31,13 @@ from spikingjelly.activation_based.ann2snn.modules import VoltageScaler
 from torch import fx, nn
 
 from .. import functional as F
-from ..convert import named_modules_of_type, set_submodule
+from ..convert import (
+    batch_inputs,
+    check_calibration_mode,
+    check_momentum,
+    named_modules_of_type,
+    set_submodule,
+)
 from ..qcfs import QCFS
 from ..registry import NEURON_NAMES, _warn_once, current_default_neuron
 
@@ -1332,9 +1339,50 @@ def _wrap_recipe_init(original):
 
     def __init__(self, *args, neuron=None, neuron_kwargs=None, **kwargs):
         self._tpp_factory = _neuron_hook_kwargs(neuron, neuron_kwargs, kwargs.get("neuron_factory"))
+        if self._tpp_factory is not None:
+            _check_calibration_arguments(original, self, args, kwargs)
         original(self, *args, **kwargs)
 
     return __init__
+
+
+def _check_calibration_arguments(init, owner, args, kwargs) -> None:
+    """Refuse, before the framework sees them, what SpikingJelly would refuse late, obscurely or
+    not at all (for a recipe or 0.0.0.0.14 converter the plugin switches): a bad
+    ``mode``/``momentum``, an empty calibration loader."""
+    try:
+        bound = inspect.signature(init).bind(owner, *args, **kwargs)
+    except TypeError:
+        return  # the framework's own error says which argument is wrong
+    bound.apply_defaults()
+    values = bound.arguments
+    if "mode" in values:
+        check_calibration_mode(values["mode"])
+    if "momentum" in values:
+        check_momentum(values["momentum"])
+    loader = values.get("dataloader")
+    if loader is not None and hasattr(loader, "__len__") and len(loader) == 0:
+        raise ValueError(
+            f"{type(owner).__name__}: the calibration dataloader is empty; thresholds come from "
+            "its batches"
+        )
+
+
+def _run_calibration(convert, owner, ann):
+    """``convert(ann)`` with a model error during calibration named as the data's fault it is."""
+    try:
+        return convert(ann)
+    except RuntimeError as exc:
+        loader = getattr(owner, "dataloader", None)
+        first = next(iter(loader), None) if loader is not None else None
+        if first is None:
+            raise
+        shape = tuple(batch_inputs(first).shape)
+        raise ValueError(
+            f"{type(owner).__name__}: running the model on the calibration batches failed "
+            f"(first batch of shape {shape}; the model's error: {exc}); calibrate with batches "
+            "shaped like the model's input"
+        ) from exc
 
 
 def _swap_recipe_neurons(net: nn.Module, factory: NeuronFactory) -> None:
@@ -1364,9 +1412,11 @@ def _wrap_converter_convert(original):
                 f"neuron=; its result keeps them (the default neuron {default[0]!r} applies to "
                 "RateCodingRecipe, LocalThresholdBalancingRecipe and QCFSRecipe)"
             )
-        snn = original(self, ann)
         factory = getattr(recipe, "_tpp_factory", None)
-        if factory is not None:
+        if factory is None:
+            snn = original(self, ann)
+        else:
+            snn = _run_calibration(functools.partial(original, self), recipe, ann)
             _swap_recipe_neurons(snn, factory)
         return _finish(snn)
 
@@ -1375,18 +1425,21 @@ def _wrap_converter_convert(original):
 
 def _wrap_legacy_converter_init(original):
     def __init__(self, *args, neuron=None, neuron_kwargs=None, **kwargs):
+        factory = _neuron_hook_kwargs(neuron, neuron_kwargs, None)
+        if factory is not None:
+            _check_calibration_arguments(original, self, args, kwargs)
         original(self, *args, **kwargs)
-        self.neuron_factory = _neuron_hook_kwargs(neuron, neuron_kwargs, None)
+        self.neuron_factory = factory
 
     return __init__
 
 
 def _wrap_legacy_converter_forward(original):
     def forward(self, ann):
-        snn = original(self, ann)
         factory = getattr(self, "neuron_factory", None)
         if factory is None:
-            return snn
+            return original(self, ann)
+        snn = _run_calibration(functools.partial(original, self), self, ann)
         _swap_recipe_neurons(snn, factory)
         return _finish(make_step_mode_capable(snn))
 
