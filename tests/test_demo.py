@@ -1,5 +1,6 @@
 """`python -m tpp_plugin demo`, reduced: it runs, prints both tables, rows are consistent."""
 
+from tpp_plugin.adapters.spikingjelly import IS_LEGACY
 from tpp_plugin.cli import main
 from tpp_plugin.demo import format_table, run_demo
 
@@ -10,7 +11,11 @@ def test_demo_reduced_run():
     text = "\n".join(lines)
     assert "SpikingJelly IF (default)" in text and "TPP exact" in text
     relu, qcfs = result["relu"], result["qcfs"]
-    assert set(relu) == {"ANN (ReLU)", "SpikingJelly IF (default)", "TPP bernoulli", "TPP exact"}
+    expected = {"ANN (ReLU)", "SpikingJelly IF (default)", "TPP bernoulli", "TPP exact",
+                "TPP calibrated for T, exact"}
+    if not IS_LEGACY:  # SpikingJelly 2.x's own channel-wise recipe, with its IF and with TPP
+        expected |= {"SJ LocalThresholdBalancing + IF", "SJ LocalThresholdBalancing + TPP exact"}
+    assert set(relu) == expected
     assert qcfs["TPP exact"] == qcfs["ANN with L=T"]  # the exact-count oracle, in the table
     assert all(0.0 <= a <= 1.0 for row in relu.values() for a in row)
 
