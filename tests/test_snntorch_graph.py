@@ -574,3 +574,24 @@ def test_reproduce_snntorch_resnet_and_cnn5_maxpool(tmp_path):
         result = json.loads((tmp_path / f"digits-{model}-qcfs-L4-snntorch.json").read_text())
         assert result["config"]["spiking_layers"] == layers
         assert result["oracle"]["holds"] is True  # exact TPP == QCFS ANN with L=T, per image
+
+
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("build", [cnn5_maxpool, resnet])
+def test_calibrated_conversion_equals_the_quantised_ann(build, T):
+    """mode='tpp': per-channel thresholds, output steps and bias corrections chosen for T
+    (tpp_plugin.calibration); exact TPP equals the calibration's quantised ANN (float64)."""
+    from tpp_plugin.calibration import calibrate_for_T, quantised_ann
+
+    torch.manual_seed(0)
+    ann = build(image_size=SIZE, channels=4).double().eval()
+    x = torch.rand(64, 1, SIZE, SIZE, dtype=torch.float64)
+    net = convert(ann, [x], num_steps=T, mode="tpp", count="exact", seed=0)
+    assert any(m.threshold.dim() == 3 for m in net.modules() if isinstance(m, TPP))  # [C, 1, 1]
+    with torch.no_grad():
+        got = net(x.expand(T, *x.shape)).mean(0)
+        expected = quantised_ann(ann, calibrate_for_T(ann, [x], T, fuse=False), T)(x)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="mode='tpp'.*calibration="):
+        convert(ann, num_steps=T, mode="tpp")

@@ -989,7 +989,9 @@ def convert(
         :func:`tpp_plugin.registry.default_neuron` (whose arguments then come first in
         ``neuron_kwargs``), else ``'tpp'``
     :param mode: ReLU threshold statistic: ``'max'``, a percentile like ``'99.9%'``, or a
-        fraction of the max. Defaults to ``'max'``
+        fraction of the max; or ``'tpp'``: per-channel thresholds and bias corrections chosen for
+        ``num_steps`` (:func:`tpp_plugin.calibration.calibrate_for_T`, docs/calibration.md).
+        Defaults to ``'max'``
     :param momentum: moving-average momentum of the statistic across batches
     :param sequence: If `True` (default) the net takes whole sequences ``[T, B, ...]``; if
         `False` it takes one time step ``[B, ...]`` per call (snnTorch's time loop; run
@@ -1046,7 +1048,16 @@ def convert(
     seed = neuron_kwargs.pop("seed", None)
     generator = neuron_kwargs.pop("generator", None)
     _check_seed(seed, generator)
-    mode = check_calibration_mode(mode)
+    calibrated = None
+    if isinstance(mode, str) and mode.lower() == "tpp":  # thresholds chosen for num_steps
+        if calibration is None:
+            raise ValueError("convert: mode='tpp' calibrates for num_steps: pass calibration=")
+        from ..calibration import apply_bias_shifts, calibrate_for_T
+
+        calibrated = calibrate_for_T(ann, calibration, num_steps, fuse=False)
+        ann = apply_bias_shifts(copy.deepcopy(ann), calibrated)
+    else:
+        mode = check_calibration_mode(mode)
 
     traced = _trace(ann)
     graph, modules = traced.graph, dict(traced.named_modules())
@@ -1062,7 +1073,11 @@ def convert(
         uses[node.target] = uses.get(node.target, 0) + 1
     relu_calls = [i for i, (m, _) in enumerate(calls) if isinstance(m, nn.ReLU)]
     thresholds = [m.threshold if isinstance(m, QCFS) else None for m, _ in calls]
-    if relu_calls:
+    scales = list(thresholds)  # graded_spikes_factor: the threshold, or a calibrated step
+    if calibrated is not None:
+        _use_calibration(calibrated, [activations[i] for i in relu_calls], relu_calls,
+                         thresholds, scales, ann, calibration)
+    elif relu_calls:
         if calibration is None:
             raise ValueError(
                 "convert: the ANN has nn.ReLU activations, whose thresholds come from "
@@ -1072,7 +1087,7 @@ def convert(
             ann, calibration, [calls[i] for i in relu_calls], mode, momentum,
             names=[f"convert: activation {activations[i].name!r}" for i in relu_calls])
         for i, th in zip(relu_calls, values):
-            thresholds[i] = th
+            thresholds[i] = scales[i] = th
 
     ref = next(iter(ann.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -1089,8 +1104,9 @@ def convert(
 
     def make_cell(i: int, depth: int) -> list:
         """The neuron of activation call ``i`` (and its permutation), ``depth`` TPP layers deep."""
-        theta = torch.tensor(thresholds[i], dtype=dtype, device=device)
-        common = dict(threshold=theta, graded_spikes_factor=theta.clone(), init_hidden=True)
+        theta = torch.as_tensor(thresholds[i], dtype=dtype, device=device)
+        scale = torch.as_tensor(scales[i], dtype=dtype, device=device).clone()
+        common = dict(threshold=theta, graded_spikes_factor=scale, init_hidden=True)
         if neuron == "tpp":
             pools = [_layer_copy(modules[p.target]) for p in pool_of.get(activations[i], ())]
             pool = nn.Sequential(*pools) if len(pools) > 1 else (pools[0] if pools else None)
@@ -1110,6 +1126,58 @@ def convert(
     build = _build_sequential if chain else _build_graph
     net = build(traced, activations, pool_of, make_cell, neuron, num_steps, sequence)
     return net.eval()
+
+
+def _use_calibration(result, nodes, relu_calls, thresholds, scales, ann, calibration) -> None:
+    """Put a :func:`tpp_plugin.calibration.calibrate_for_T` result into the per-call lists:
+    per-channel values shaped to broadcast over each call's output ``[B, C, *spatial]``."""
+    if list(result.names) != [n.name for n in nodes]:
+        raise RuntimeError(
+            f"convert: the calibration's ReLU calls {list(result.names)} do not match the "
+            f"converter's {[n.name for n in nodes]}"
+        )
+    ranks = _output_ranks(ann, calibration, nodes)
+    steps = result.output_scales or result.thresholds
+    for j, i in enumerate(relu_calls):
+        def shaped(t, rank=ranks[j]):
+            t = torch.as_tensor(t)
+            return t.reshape(-1, *[1] * (rank - 2)) if t.dim() == 1 else t
+
+        thresholds[i], scales[i] = shaped(result.thresholds[j]), shaped(steps[j])
+
+
+@torch.no_grad()
+def _output_ranks(ann: nn.Module, calibration, nodes) -> list:
+    """The number of dimensions of each activation call's output, from one calibration batch."""
+    from ..convert import batch_inputs
+
+    modules = [ann.get_submodule(n.target) for n in nodes]
+    ranks, seen = [], {}
+    wanted = {(id(m), k) for m, k in _call_keys(modules)}
+
+    def hook(module, _inputs, output):
+        k = seen.get(id(module), 0)
+        seen[id(module)] = k + 1
+        if (id(module), k) in wanted:
+            ranks.append(output.dim())
+
+    handles = [m.register_forward_hook(hook) for m in set(modules)]
+    try:
+        ann(batch_inputs(next(iter(calibration))))
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def _call_keys(modules) -> list:
+    """``(module, k)``: the ``k``-th call of each module, in call order."""
+    count: dict = {}
+    keys = []
+    for m in modules:
+        keys.append((m, count.get(id(m), 0)))
+        count[id(m)] = count.get(id(m), 0) + 1
+    return keys
 
 
 def _is_chain(graph: fx.Graph) -> bool:
