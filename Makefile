@@ -41,10 +41,10 @@ fashion-data:
 
 test: $(STAMP) $(SJ_LEGACY)/spikingjelly/__init__.py fashion-data
 	$(PY) -m pytest -m "not slow"
-	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -m "not slow" -p no:cacheprovider $(SJ_TESTS)
+	PYTHONPATH=$(abspath $(SJ_LEGACY)) $(PY) -m pytest -m "not slow" -p no:cacheprovider $(SJ_TESTS)
 	# every docstring example, on both SpikingJelly lines
 	$(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
-	PYTHONPATH=$(SJ_LEGACY) $(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
+	PYTHONPATH=$(abspath $(SJ_LEGACY)) $(PY) -m pytest -p no:cacheprovider --doctest-modules tpp_plugin
 
 test-all: test
 	$(PY) -m pytest -m slow

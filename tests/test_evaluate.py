@@ -33,8 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(args, tmp_path, nproc=2, timeout=240):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]), "OMP_NUM_THREADS": "1"}
+    inherited = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                 if p]  # the workers run in tmp_path: a relative entry would point elsewhere
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*inherited, ROOT]),
+           "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

@@ -82,9 +82,10 @@ EXAMPLE_STYLE_SCRIPT = textwrap.dedent(
 
 
 def run_plugin(args, cwd, timeout=600):
+    inherited = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                 if p]  # the script runs in tmp_path: a relative entry would point elsewhere
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (os.path.dirname(os.path.dirname(tpp_plugin.__file__)),
-                    os.environ.get("PYTHONPATH")) if p)}
+        [*inherited, os.path.dirname(os.path.dirname(tpp_plugin.__file__))])}
     done = subprocess.run([sys.executable, "-m", "tpp_plugin", "run", "--neuron", "tpp",
                            "--neuron-kwargs", *(f"{k}={v}" for k, v in NEURON_KWARGS.items()),
                            *args], cwd=cwd, env=env, capture_output=True, text=True,
