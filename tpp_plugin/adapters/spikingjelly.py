@@ -1114,26 +1114,25 @@ def _qcfs_default_kwargs(neuron, neuron_kwargs) -> dict:
 def _replace_activation_nodes(gm: fx.GraphModule, thresholds: dict, factory: NeuronFactory):
     """Replace each ``call_module`` node whose target is in ``thresholds`` by
     ``VoltageScaler(1/θ) → neuron → VoltageScaler(θ)``, named like SpikingJelly's converters."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in thresholds:
-            continue
-        theta = thresholds[node.target]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in thresholds]
+    blocks = [(n, VoltageScaler(1.0 / thresholds[n.target]), factory.create(thresholds[n.target]),
+               VoltageScaler(thresholds[n.target])) for n in nodes]
+    return _insert_spiking_blocks(gm, blocks, "tpp_spiking")
+
+
+def _insert_spiking_blocks(gm: fx.GraphModule, blocks, stem: str) -> fx.GraphModule:
+    """Replace each activation node of ``blocks = [(node, scaler0, neuron, scaler1)]`` by
+    ``scaler0 → neuron → scaler1``, registered as ``<parent>.<stem>_<i>.{scaler0,if_node,
+    scaler1}`` like SpikingJelly's converters (in place)."""
+    for count, (node, *modules) in enumerate(blocks):
         parent = node.target.rpartition(".")[0]
-        prefix = f"{parent}.tpp_spiking_{count}" if parent else f"tpp_spiking_{count}"
-        count += 1
+        prefix = f"{parent}.{stem}_{count}" if parent else f"{stem}_{count}"
         last = node
-        for leaf, module in (
-            ("scaler0", VoltageScaler(1.0 / theta)),
-            ("if_node", factory.create(theta)),
-            ("scaler1", VoltageScaler(theta)),
-        ):
+        for leaf, module in zip(("scaler0", "if_node", "scaler1"), modules):
             gm.add_submodule(f"{prefix}.{leaf}", module)
             with gm.graph.inserting_after(last):
-                new = gm.graph.call_module(
-                    f"{prefix}.{leaf}", args=node.args if leaf == "scaler0" else (last,)
-                )
-            last = new
+                last = gm.graph.call_module(
+                    f"{prefix}.{leaf}", args=node.args if leaf == "scaler0" else (last,))
         node.replace_all_uses_with(last)
         gm.graph.erase_node(node)
     gm.graph.lint()
@@ -1163,6 +1162,16 @@ if not IS_LEGACY:
         _RATE_CODING_STATELESS_MODULE_TYPES,
         adapt_step_mode_graph,
     )
+
+    def _adapt_step_modes(fx_model, recipe: str, device):
+        """SpikingJelly 2.x's step-mode adaptation of a converted graph, as its own recipes do."""
+        return adapt_step_mode_graph(
+            fx_model,
+            context=f"{recipe} step-mode backend",
+            wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
+            safe_module_types=_RATE_CODING_SAFE_MODULE_TYPES,
+            safe_call_functions=(torch.nn.functional.dropout,),
+        ).to(device)
 
     class QCFSRecipe(ann2snn.ConversionRecipe):
         """SpikingJelly 2.x recipe for QCFS-trained ANNs: each ``QCFS(λ, L)`` becomes a spiking
@@ -1196,14 +1205,7 @@ if not IS_LEGACY:
 
         def replace(self, converter, fx_model):
             fx_model = _replace_activation_nodes(fx_model, self._thresholds, self.factory)
-            fx_model = adapt_step_mode_graph(
-                fx_model,
-                context="QCFSRecipe step-mode backend",
-                wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
-                safe_module_types=_RATE_CODING_SAFE_MODULE_TYPES,
-                safe_call_functions=(torch.nn.functional.dropout,),
-            )
-            return fx_model.to(converter.device)
+            return _adapt_step_modes(fx_model, "QCFSRecipe", converter.device)
 
         def finalize(self, converter, fx_model):
             return _finish(fx_model)
@@ -1557,27 +1559,13 @@ def _replace_calibrated(gm: fx.GraphModule, result, factory: NeuronFactory) -> f
         raise ValueError("the calibration does not belong to this graph (its ReLU calls differ)")
     scales = dict(zip(result.names, result.output_scales or [None] * len(result.names)))
     device = next(gm.parameters(), torch.empty(0)).device
-    for count, node in enumerate(nodes):
+    blocks = []
+    for node in nodes:
         theta = by_name[node.name].to(device)
         scale = theta if scales[node.name] is None else scales[node.name].to(device)
-        parent = node.target.rpartition(".")[0]
-        prefix = f"{parent}.tpp_calibrated_{count}" if parent else f"tpp_calibrated_{count}"
-        last = node
-        for leaf, module in (
-            ("scaler0", _channel_scaler(1.0 / theta, result.channel_dim)),
-            ("if_node", factory.create()),
-            ("scaler1", _channel_scaler(scale, result.channel_dim)),
-        ):
-            gm.add_submodule(f"{prefix}.{leaf}", module)
-            with gm.graph.inserting_after(last):
-                last = gm.graph.call_module(
-                    f"{prefix}.{leaf}", args=node.args if leaf == "scaler0" else (last,))
-        node.replace_all_uses_with(last)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+        blocks.append((node, _channel_scaler(1.0 / theta, result.channel_dim), factory.create(),
+                       _channel_scaler(scale, result.channel_dim)))
+    return _insert_spiking_blocks(gm, blocks, "tpp_calibrated")
 
 
 def _calibration_kwargs(kwargs: dict) -> dict:
@@ -1667,14 +1655,7 @@ if not IS_LEGACY:
 
         def replace(self, converter, fx_model):
             fx_model = _replace_calibrated(fx_model, self.result, self.factory)
-            fx_model = adapt_step_mode_graph(
-                fx_model,
-                context="TPPCalibrationRecipe step-mode backend",
-                wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
-                safe_module_types=_RATE_CODING_SAFE_MODULE_TYPES,
-                safe_call_functions=(torch.nn.functional.dropout,),
-            )
-            return fx_model.to(converter.device)
+            return _adapt_step_modes(fx_model, "TPPCalibrationRecipe", converter.device)
 
         def finalize(self, converter, fx_model):
             return _finish(fx_model)
