@@ -363,9 +363,12 @@ def quantised_ann(ann: nn.Module, thresholds, T: int, bias_shifts=None,
 
     Example::
 
-        >>> result = calibrate_for_T(ann, loader, T=4)
+        >>> ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> x = torch.rand(32, 4)
+        >>> result = calibrate_for_T(ann, [x], T=4)
         >>> qann = quantised_ann(ann, result, T=4)
-        >>> qann(x).argmax(1)   # == the exact-count TPP network's predictions
+        >>> qann(x).shape   # its predictions are the exact-count TPP network's
+        torch.Size([32, 3])
     """
     T = F.check_window(T)
     model = _trace(copy.deepcopy(ann)).eval()
@@ -723,10 +726,12 @@ def calibrate_for_T(
 
     Example::
 
-        >>> result = calibrate_for_T(ann, train_loader, T=4)
+        >>> ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+        ...                     nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).eval()
+        >>> result = calibrate_for_T(ann, [torch.rand(16, 1, 8, 8)], T=4)
         >>> [tuple(t.shape) for t in result.thresholds]      # per channel
-        [(16,), (32,), (32,), (64,), (64,)]
-        >>> print(format_report(calibration_report(result)))
+        [(4,), (6,)]
+        >>> table = format_report(calibration_report(result))   # print(table) shows it
     """
     start = time.perf_counter()
     T = F.check_window(T)
@@ -910,8 +915,11 @@ def calibration_report(result: CalibrationResult, references: dict | None = None
 
     Example::
 
-        >>> report = calibration_report(result, {'ltb': ltb_thresholds})
-        >>> print(format_report(report))
+        >>> ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> result = calibrate_for_T(ann, [torch.rand(32, 4)], T=2)
+        >>> report = calibration_report(result, {'2θ': [2 * t for t in result.thresholds]})
+        >>> report['T'], len(report['layers']), sorted(report['layers'][0]['references'])
+        (2, 1, ['2θ', '99.9%'])
     """
     references = dict(references or {})
     references.setdefault("99.9%", [layer["p99.9"] for layer in result.layers])
@@ -945,7 +953,10 @@ def format_report(report: dict) -> str:
 
     Example::
 
-        >>> print(format_report(calibration_report(result)))
+        >>> ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> table = format_report(calibration_report(calibrate_for_T(ann, [torch.rand(32, 4)], 2)))
+        >>> table.splitlines()[0].split()[:3]
+        ['layer', 'C', 'θ']
     """
     refs = list(report["layers"][0]["references"]) if report["layers"] else []
 

@@ -483,8 +483,15 @@ def evaluate(net: nn.Module, data, T: int, *, count_mode: bool = False,
 
     Example::
 
-        >>> result = tpp_plugin.evaluate(snn, (x_test, y_test), T=8, seed=0, stats=True)
-        >>> result['accuracy'], result['spike_stats']['spikes_per_image']
+        >>> import torch, tpp_plugin
+        >>> from tpp_plugin.adapters.snntorch import convert
+        >>> ann = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(8, 3)).eval()
+        >>> x, y = torch.rand(20, 4), torch.randint(3, (20,))
+        >>> snn = convert(ann, [x], num_steps=4, count='exact', seed=0)
+        >>> result = tpp_plugin.evaluate(snn, (x, y), T=4, seed=0, stats=True)
+        >>> result['images'], 0 <= result['accuracy'] <= 1, result['spike_stats'] is not None
+        (20, True, True)
     """
     from . import count_domain, reseed
     from . import reset as reset_net

@@ -422,9 +422,15 @@ def spike_stats(net: nn.Module, T: int | None = None, *, e_ac: float = E_AC_PJ,
 
     Example::
 
+        >>> import tpp_plugin
+        >>> from tpp_plugin.adapters.snntorch import convert
+        >>> ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> x = torch.rand(20, 4)
+        >>> snn = convert(ann, [x], num_steps=4, count='exact', seed=0)
         >>> with torch.no_grad(), tpp_plugin.spike_stats(snn) as stats:
-        ...     snn(x_seq)                                  # [T, N, ...], multi-step
+        ...     _ = snn(x.expand(4, 20, 4))                 # [T, N, ...], sequence mode
         >>> s = stats.summary()
-        >>> s['spikes_per_image'], s['sops_per_image'], s['energy']['snn_over_ann']
+        >>> sorted(k for k in ('spikes_per_image', 'sops_per_image', 'energy') if k in s)
+        ['energy', 'sops_per_image', 'spikes_per_image']
     """
     return SpikeStats(net, T, e_ac, e_mac)

@@ -817,6 +817,7 @@ def window_synchronous(net: nn.Module) -> nn.Module:
 
     Example::
 
+        >>> import tpp_plugin
         >>> from spikingjelly.activation_based import functional
         >>> net = nn.Sequential(nn.Linear(3, 3), TPPNode(T=4, count='exact', seed=0),
         ...                     nn.Linear(3, 2), TPPNode(T=4, count='exact', seed=1))
@@ -824,6 +825,7 @@ def window_synchronous(net: nn.Module) -> nn.Module:
         >>> x = torch.rand(5, 3)
         >>> steps = torch.stack([net(x) for _ in range(4)])   # single-step loop
         >>> functional.reset_net(net)
+        >>> tpp_plugin.reseed(net)           # restart the seeded streams, to compare draw for draw
         >>> functional.set_step_mode(net, 'm')
         >>> torch.equal(steps, net(x.expand(4, 5, 3)))
         True
@@ -1614,11 +1616,16 @@ if not IS_LEGACY:
 
         Example::
 
+            >>> from spikingjelly.activation_based import functional
+            >>> ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+            ...                     nn.Linear(4 * 6 * 6, 3)).eval()
+            >>> loader, x = [torch.rand(16, 1, 8, 8)], torch.rand(5, 1, 8, 8)
             >>> recipe = ann2snn.TPPCalibrationRecipe(loader, T=4, neuron='tpp',
             ...                                       neuron_kwargs={'count': 'exact'})
             >>> snn = ann2snn.Converter(recipe).convert(ann)
             >>> functional.set_step_mode(snn, 'm')
-            >>> out = snn(x.unsqueeze(0).repeat(4, 1, 1, 1, 1)).mean(0)
+            >>> snn(x.unsqueeze(0).repeat(4, 1, 1, 1, 1)).mean(0).shape
+            torch.Size([5, 3])
         """
 
         _tpp_switchable = True  # it takes neuron= itself
@@ -1685,9 +1692,14 @@ def convert_calibrated(ann: nn.Module, dataloader, T: int, neuron="tpp",
 
     Example::
 
+        >>> from spikingjelly.activation_based import functional
+        >>> ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+        ...                     nn.Linear(4 * 6 * 6, 3)).eval()
+        >>> loader, x = [torch.rand(16, 1, 8, 8)], torch.rand(5, 1, 8, 8)
         >>> snn = convert_calibrated(ann, loader, T=4, neuron_kwargs={'count': 'exact'})
         >>> functional.set_step_mode(snn, 'm')
-        >>> out = snn(x.unsqueeze(0).repeat(4, 1, 1, 1, 1)).mean(0)
+        >>> snn(x.unsqueeze(0).repeat(4, 1, 1, 1, 1)).mean(0).shape
+        torch.Size([5, 3])
     """
     from ..calibration import calibrate_for_T, fuse_conv_bn
 
@@ -1726,8 +1738,11 @@ def calibrated_thresholds(snn: nn.Module) -> list:
 
     Example::
 
-        >>> ltb = ann2snn.Converter(ann2snn.LocalThresholdBalancingRecipe(loader)).convert(ann)
-        >>> [t.shape for t in calibrated_thresholds(ltb)]
+        >>> ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+        ...                     nn.Linear(4 * 6 * 6, 3)).eval()
+        >>> snn = convert_calibrated(ann, [torch.rand(16, 1, 8, 8)], T=2)
+        >>> [tuple(t.shape) for t in calibrated_thresholds(snn)]  # one per channel
+        [(4,)]
     """
     modules = dict(snn.named_modules())
     out = []
