@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from sj_helpers import multi_step, single_step_loop
 from spikingjelly.activation_based import ann2snn, functional
 from torch import nn
 
@@ -51,20 +52,6 @@ def inputs(n=64, seed=1):
     return torch.rand(n, 1, 8, 8, dtype=torch.float64, generator=gen)
 
 
-@torch.no_grad()
-def multi_step(net, x, T):
-    functional.set_step_mode(net, "m")
-    functional.reset_net(net)
-    out = net(x.unsqueeze(0).expand(T, *x.shape))
-    functional.set_step_mode(net, "s")
-    return out
-
-
-@torch.no_grad()
-def single_step_loop(net, x, T):
-    functional.set_step_mode(net, "s")
-    functional.reset_net(net)
-    return torch.stack([net(x) for _ in range(T)])
 
 
 # ---------------------------------------------------------------- the quantiser

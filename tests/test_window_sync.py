@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from sj_helpers import multi_step, single_step_loop
 from spikingjelly.activation_based import ann2snn, functional
 from torch import nn
 
@@ -35,21 +36,8 @@ def rate_convert(ann, batches, mode="99.9%", momentum=0.1, **hook):
     return ann2snn.Converter(recipe).convert(ann)
 
 
-@torch.no_grad()
-def single_step_loop(net, x, T):
-    """SpikingJelly's example loop: reset, then T single-step calls with the same input."""
-    functional.set_step_mode(net, "s")
-    functional.reset_net(net)
-    return torch.stack([net(x) for _ in range(T)])
 
 
-@torch.no_grad()
-def multi_step(net, x, T):
-    functional.set_step_mode(net, "m")
-    functional.reset_net(net)
-    out = net(x.unsqueeze(0).expand(T, *x.shape))
-    functional.set_step_mode(net, "s")
-    return out
 
 
 def small_models():
