@@ -7,6 +7,7 @@ and chi-square tests compare against the 99.9 % quantile of the chi-square distr
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2
@@ -335,3 +336,52 @@ def test_spike_trains_are_permuted_as_exact_count_firing(dtype):
     x[0, 0, 0] = 0.5
     fy = F.permute_time(x, "neuron", generator=torch.Generator().manual_seed(4))
     assert torch.equal(fy.sort(0).values, x.sort(0).values)
+
+
+# ---------------------------------------------------------------- count='unbiased'
+@pytest.mark.parametrize("T", [4, 32])
+def test_unbiased_count_has_mean_w_and_two_point_support(T):
+    """floor(w) + Bernoulli(frac w): mean clamp(w, 0, T) within 4 standard errors on 10⁵
+    neurons per level (SE = sqrt(f(1−f)/n)), plus the 2**-16 grid of the uniforms."""
+    n = 100_000
+    g = torch.Generator().manual_seed(7)
+    for w in (0.3, 2.3, T - 0.5, -0.7, T + 3.2):
+        v = torch.full((n,), w, dtype=torch.float64)
+        counts = F.tpp_fire(v, T, 1.0, "unbiased", g).sum(0)
+        target = min(max(w, 0.0), float(T))
+        low = float(np.floor(target))
+        assert set(counts.unique().tolist()) <= {low, low + 1}
+        f = target - low
+        se = max((f * (1 - f) / n) ** 0.5, 1e-12)
+        assert abs(counts.mean().item() - target) <= 4 * se + 2**-16, (w, counts.mean())
+        assert torch.allclose(F.expected_count(v[:1], T, count="unbiased"),
+                              torch.tensor([target], dtype=torch.float64))
+
+
+def test_unbiased_spike_positions_are_uniform():
+    """A neuron's k spikes land on a uniformly random k-subset: each slot fires with k/T."""
+    n, T = 100_000, 8
+    spikes = F.tpp_fire(torch.full((n,), 3.0), T, 1.0, "unbiased",
+                        torch.Generator().manual_seed(3))
+    freq, p = spikes.mean(1).double(), 3 / T
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n) ** 0.5).all(), freq
+
+
+@pytest.mark.parametrize("draw_steps", [True, False])
+def test_unbiased_count_equals_fire_and_keeps_the_stream_in_step(draw_steps):
+    v = torch.rand(3, 100) * 6 - 1
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    fired = F.tpp_fire(v, 4, 0.9, "unbiased", g1).sum(0)
+    counted = F.tpp_count(v, 4, 0.9, "unbiased", g2, draw_steps=draw_steps)
+    assert torch.equal(fired, counted)
+    next_fire, next_count = torch.rand(1, generator=g1), torch.rand(1, generator=g2)
+    assert torch.equal(next_fire, next_count) == draw_steps
+
+
+def test_unbiased_reference_and_errors():
+    v, T = torch.rand(64) * 5, 5
+    uniforms, rounding = torch.rand(T, 64), torch.rand(64)
+    assert torch.equal(F.tpp_fire(v, T, 1.0, "unbiased", uniforms=uniforms, rounding=rounding),
+                       F.tpp_fire_reference(v, T, 1.0, "unbiased", uniforms, rounding))
+    with pytest.raises(ValueError, match="rounding="):
+        F.tpp_fire(v, T, 1.0, "unbiased", uniforms=uniforms)

@@ -91,8 +91,12 @@ def test_tensor_threshold_equals_scalar_threshold(v, T, count, seed, data):
 def test_predrawn_window_uniforms_equal_drawing_inside(v, T, count, seed):
     """Randomness drawn at the window boundary: a streaming caller that pre-draws the window's
     uniforms gets the spikes of a one-shot call."""
-    u = F.window_uniforms(v.shape, T, "cpu", v.dtype, generator(seed))
-    assert torch.equal(F.tpp_fire(v, T, 1.0, count, uniforms=u),
+    g = generator(seed)
+    rounding = None  # 'unbiased' draws its rounding uniforms first, then the window's
+    if count == "unbiased":
+        rounding = F._rounding_uniforms(v.numel(), "cpu", g, torch.float32).view(v.shape)
+    u = F.window_uniforms(v.shape, T, "cpu", v.dtype, g)
+    assert torch.equal(F.tpp_fire(v, T, 1.0, count, uniforms=u, rounding=rounding),
                        F.tpp_fire(v, T, 1.0, count, generator(seed)))
 
 

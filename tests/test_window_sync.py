@@ -362,3 +362,22 @@ def test_count_mode_refuses_a_sequence_input():
         assert snn(x).shape == (3, 10)
         with pytest.raises(ValueError, match=r"\[T, N, \.\.\.\] sequence"):
             snn(x.unsqueeze(0).expand(4, *x.shape))
+
+
+def test_unbiased_tpp_runs_single_step_multi_step_and_count_mode_alike():
+    """count='unbiased' through a converter: the single-step loop equals multi-step, and
+    draw-equal count mode equals the full simulation (same seeds, float64)."""
+    T = 4
+    ann = small_models()["resnet"].double()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    snn = rate_convert(ann, [x], neuron="tpp", neuron_kwargs={"T": T, "seed": 0,
+                                                               "count": "unbiased"})
+    twin = copy.deepcopy(snn)
+    assert torch.equal(single_step_loop(snn, x, T), multi_step(twin, x, T))
+    tpp_plugin.reseed(snn)
+    full = multi_step(snn, x, T).mean(0)
+    tpp_plugin.reseed(snn)
+    with torch.no_grad(), tpp_plugin.count_mode(snn, T, bernoulli="draw-equal"):
+        assert torch.allclose(snn(x), full, atol=1e-9)
+    with pytest.raises(ValueError, match="unbiased.*backend='torch'"):
+        TPPNode(count="unbiased", backend="cupy")

@@ -303,7 +303,8 @@ def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str,
             return F._two_point_count(x, T, threshold, generator, gain=T, offset=v_init)
         return F._two_point_count(pool(_window_potential(x, T, v_init)), T, threshold, generator)
     v = _window_potential(x, T, v_init)
-    return F.tpp_count(v if pool is None else pool(v), T, threshold, count, generator)
+    return F.tpp_count(v if pool is None else pool(v), T, threshold, count, generator,
+                       draw_steps=bernoulli == "draw-equal")  # ('unbiased': one draw, or T + 1)
 
 
 def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:

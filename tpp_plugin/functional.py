@@ -66,7 +66,7 @@ __all__ = [
     "expected_count_fast",
 ]
 
-COUNT_MODES = ("bernoulli", "exact")
+COUNT_MODES = ("bernoulli", "exact", "unbiased")
 PERMUTATION_SCOPES = ("neuron", "sample", "layer")
 
 
@@ -426,6 +426,8 @@ def expected_count(v: torch.Tensor, T: int, threshold=1.0, count: str = "bernoul
     w = w / threshold
     if count == "exact":
         return torch.floor(w + 0.5).clamp(0, T)
+    if count == "unbiased":  # floor(w) + Bernoulli(frac w), up to the uniforms' 2**-16 grid
+        return w.clamp(0, T)
     fired_so_far = torch.arange(T + 1, dtype=torch.float64).view(-1, *([1] * w.dim()))
     prob = torch.zeros((T + 1, *w.shape), dtype=torch.float64)
     prob[0] = 1.0
@@ -449,8 +451,9 @@ def _check_fire_args(v, T, threshold, count):
     return T, check_threshold(threshold, shape=v.shape), check_count(count)
 
 
-def _potential_in_thresholds(v, T, threshold, count, rdtype) -> torch.Tensor:
-    """``w = v/θ`` in the uniforms' dtype (rounded to a whole count for ``'exact'``).
+def _potential_in_thresholds(v, T, threshold, count, rdtype, rounding=None) -> torch.Tensor:
+    """``w = v/θ`` in the uniforms' dtype, rounded to a whole count for ``'exact'`` (to nearest)
+    and ``'unbiased'`` (``floor(w + u)`` with the uniforms ``rounding``, mean ``w``).
 
     The division itself runs in ``rdtype`` (``float32`` at least): a 16-bit ``v/θ`` would round
     to 11 (float16) or 8 (bfloat16) bits, moving counts near a rounding boundary.
@@ -458,11 +461,19 @@ def _potential_in_thresholds(v, T, threshold, count, rdtype) -> torch.Tensor:
     w = (v.to(rdtype) / threshold).to(rdtype)
     if count == "exact":
         w = torch.floor(w + 0.5).clamp_(0, T)
+    elif count == "unbiased":
+        w = torch.floor(w.clamp(-1, T) + rounding.reshape(w.shape).to(rdtype)).clamp_(0, T)
     return w
 
 
+def _rounding_uniforms(n: int, device, generator, rdtype) -> torch.Tensor:
+    """The ``n`` uniforms of ``count='unbiased'``'s rounding, drawn before the window's ``T``
+    step uniforms (so :func:`tpp_count` and :func:`tpp_fire` draw in the same order)."""
+    return _draw_bits(n, device, generator).to(rdtype).mul_(_UNIFORM_SCALE)
+
+
 def tpp_fire_reference(
-    v: torch.Tensor, T: int, threshold, count: str, uniforms: torch.Tensor
+    v: torch.Tensor, T: int, threshold, count: str, uniforms: torch.Tensor, rounding=None
 ) -> torch.Tensor:
     r"""The firing rule written out plainly: the reference :func:`tpp_fire` must equal bit for bit.
 
@@ -471,12 +482,16 @@ def tpp_fire_reference(
 
     :param v: potential ``[*shape]``
     :param uniforms: ``[T, *shape]``, e.g. from :func:`window_uniforms`
+    :param rounding: ``[*shape]`` uniforms of ``count='unbiased'``: ``w ← clamp(floor(w + u),
+        0, T)``
     :return: spikes ``[T, *shape]`` in ``v``'s dtype
     """
     T, threshold, count = _check_fire_args(v, T, threshold, count)
     w = (v.to(uniforms.dtype) / threshold).to(uniforms.dtype)
     if count == "exact":
         w = torch.floor(w + 0.5).clamp(0, T)
+    elif count == "unbiased":
+        w = torch.floor(w.clamp(-1, T) + rounding).clamp(0, T)
     spikes = []
     for t in range(T):
         fired = uniforms[t] * (T - t) < w
@@ -509,6 +524,7 @@ def tpp_fire(
     generator: torch.Generator | None = None,
     *,
     uniforms: torch.Tensor | None = None,
+    rounding: torch.Tensor | None = None,
     return_v_seq: bool = False,
 ):
     r"""Phase 2: fire ``T`` steps from membrane potential ``v``.
@@ -526,7 +542,9 @@ def tpp_fire(
     :param v: membrane potential after the accumulation phase, any shape ``[*shape]``
     :param T: number of firing steps (the window length), ``>= 1``
     :param threshold: firing threshold θ, a positive number or a tensor broadcastable to ``v``
-    :param count: ``'bernoulli'`` (the paper's rule, default) or ``'exact'``
+    :param count: ``'bernoulli'`` (the paper's rule, default), ``'exact'`` or ``'unbiased'``
+        (``floor(w)`` spikes plus one with probability ``frac(w)``: mean exactly ``clamp(w, 0,
+        T)``; one extra uniform per neuron, drawn before the step uniforms)
     :param generator: optional ``torch.Generator`` on ``v``'s device
     :param uniforms: pre-drawn uniforms ``[T, *shape]`` from :func:`window_uniforms` (instead of
         drawing them here)
@@ -552,8 +570,12 @@ def tpp_fire(
                 f"uniforms must have shape {(T, *v.shape)}, got {tuple(uniforms.shape)}"
             )
         rdtype = uniforms.dtype
-    # everything is checked and w computed before the first random number is drawn
-    w = _potential_in_thresholds(v, T, threshold, count, rdtype).view(n)
+    if count == "unbiased" and rounding is None:
+        if uniforms is not None:
+            raise ValueError("count='unbiased' with uniforms= needs rounding= ([*shape] uniforms)")
+        rounding = _rounding_uniforms(n, v.device, generator, rdtype)  # drawn first
+    # everything is checked and w computed before the window's step uniforms are drawn
+    w = _potential_in_thresholds(v, T, threshold, count, rdtype, rounding).view(n)
     spikes = torch.empty((T, *v.shape), dtype=v.dtype, device=v.device)
     if uniforms is None:
         words = _bits_inside(spikes, T * n)
@@ -584,19 +606,24 @@ def tpp_count(
     threshold=1.0,
     count: str = "bernoulli",
     generator: torch.Generator | None = None,
+    *,
+    draw_steps: bool = True,
 ) -> torch.Tensor:
     r"""The number of spikes :func:`tpp_fire` would fire from ``v``, without the spike train.
 
     ``count='bernoulli'`` draws the same random numbers as :func:`tpp_fire` (so for the same
     generator state the count equals ``tpp_fire(...).sum(0)`` bit for bit) but keeps only a running
     count. ``count='exact'`` returns ``clamp(floor(v/θ + ½), 0, T)`` and draws nothing: its
-    count is not random. This is the neuron of count-domain evaluation
+    count is not random. ``count='unbiased'`` returns ``clamp(floor(v/θ + u), 0, T)`` from one
+    uniform ``u`` per neuron (the same as :func:`tpp_fire`'s), and with ``draw_steps`` (default)
+    also draws the window's step uniforms, so the generator stays in step with the full
+    simulation. This is the neuron of count-domain evaluation
     (:func:`tpp_plugin.count_mode`).
 
     :param v: membrane potential, any shape ``[*shape]``
     :param T: window length
     :param threshold: firing threshold θ (number or tensor broadcastable to ``v``)
-    :param count: ``'bernoulli'`` or ``'exact'``
+    :param count: ``'bernoulli'``, ``'exact'`` or ``'unbiased'``
     :param generator: optional ``torch.Generator`` on ``v``'s device
     :return: spike counts in ``v``'s dtype, shape ``[*shape]``
 
@@ -608,11 +635,18 @@ def tpp_count(
     """
     T, threshold, count = _check_fire_args(v, T, threshold, count)
     rdtype = _random_dtype(v.dtype)
-    w = _potential_in_thresholds(v, T, threshold, count, rdtype)
-    if count == "exact":
+    n = v.numel()
+    rounding = None
+    if count == "unbiased":
+        _check_generator(generator, v.device)
+        rounding = _rounding_uniforms(n, v.device, generator, rdtype)
+    w = _potential_in_thresholds(v, T, threshold, count, rdtype, rounding)
+    if count == "unbiased" and draw_steps:  # the positions' draws: keep the stream in step
+        for _ in _step_draws(T, n, v.device, generator):
+            pass
+    if count != "bernoulli":
         return w.to(v.dtype)
     _check_generator(generator, v.device)
-    n = v.numel()
     steps = _step_draws(T, n, v.device, generator)
     # w >= T fires at every step (u·(T−t) < T−t <= w − t): clamping changes no spike but keeps
     # w0 − w_T exact (w − 1 == w once |w| >= 2**24 in float32, 2**53 in float64)
@@ -638,7 +672,7 @@ def tpp_forward(
     :param x_seq: input currents, shape ``[T, *shape]``; the whole sequence is one window
     :param threshold: firing threshold θ (positive number or broadcastable tensor)
     :param v_init: initial potential (``0`` is the paper's rule; ``θ/2`` over-fires)
-    :param count: ``'bernoulli'`` or ``'exact'``
+    :param count: ``'bernoulli'``, ``'exact'`` or ``'unbiased'``
     :param generator: optional ``torch.Generator``
     :return: spikes (0/1), shape ``[T, *shape]``
 

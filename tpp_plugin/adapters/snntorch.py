@@ -196,7 +196,9 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
     :param num_steps: the window length :math:`T` (>= 1). Required
     :type num_steps: int
 
-    :param count: ``'bernoulli'`` (the paper's rule) or ``'exact'``. Defaults to ``'bernoulli'``
+    :param count: ``'bernoulli'`` (the paper's rule), ``'exact'`` or ``'unbiased'`` (``floor(w)``
+        spikes plus one with probability ``frac(w)``: mean exactly ``clamp(w, 0, T)``).
+        Defaults to ``'bernoulli'``
     :type count: str, optional
 
     :param v_init: potential each window starts from. Defaults to 0 — the paper's rule;

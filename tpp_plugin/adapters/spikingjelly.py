@@ -265,7 +265,9 @@ class TPPNode(_TPPModule):
         SpikingJelly's neuron factories can build it
     :param v_init: potential each window starts from; ``0`` is the paper's rule (``θ/2`` over-fires
         by about half a spike per neuron)
-    :param count: ``'bernoulli'`` (default) or ``'exact'``
+    :param count: ``'bernoulli'`` (default), ``'exact'`` or ``'unbiased'`` (``floor(v/θ)``
+        spikes plus one with probability ``frac(v/θ)``, at uniform positions: mean count exactly
+        ``clamp(v/θ, 0, T)``; torch backend)
     :param T: window length. Required in single-step mode; in multi-step mode the sequence length
         must be a multiple of it (default: the whole sequence is one window)
     :param step_mode: ``'s'`` (single-step, default like every SpikingJelly neuron) or ``'m'``
@@ -352,6 +354,9 @@ class TPPNode(_TPPModule):
         self.v_reset = None
         self.v_init = _check_v_init(v_init)
         self.count = F.check_count(count)
+        if self.count == "unbiased" and self.backend == "cupy":
+            raise ValueError("count='unbiased' runs on backend='torch' only (the CuPy kernel "
+                             "implements 'bernoulli' and 'exact')")
         self.store_v_seq = bool(store_v_seq)
         self.register_memory("v", self.v_init)
         if self.store_v_seq:

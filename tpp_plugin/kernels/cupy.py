@@ -465,6 +465,11 @@ def tpp_window(
     T = F.check_window(T)
     steps_in = T if steps_in is None else F.check_window(steps_in, "steps_in")
     F.check_count(count)
+    if count == "unbiased":
+        raise NotImplementedError(
+            "count='unbiased' runs on the torch backend only (backend='torch'); the CuPy kernel "
+            "implements 'bernoulli' and 'exact'"
+        )
     if isinstance(threshold, torch.Tensor):
         raise TypeError("the 'cupy' backend needs a scalar threshold; use backend='torch'")
     threshold = F.check_threshold(threshold)
