@@ -207,14 +207,23 @@ def _walk_module(module: nn.Module, name: str, on_spikes: bool, found: list) -> 
     return False
 
 
-def _call_is_affine(node: fx.Node, carries) -> bool:
+def _carries(arg, spiking: dict) -> bool:
+    """Whether a node argument (a node, or a container of them) depends on spikes."""
+    nodes = []
+    fx.node.map_arg(arg, nodes.append)
+    return any(spiking.get(n, False) for n in nodes)
+
+
+def _call_is_affine(node: fx.Node, spiking: dict) -> bool:
+    """Whether a function or method node is affine in its spiking operands (``spiking``: node →
+    carries spikes)."""
     target = node.target
     if target in _PRODUCTS:
         args = list(node.args) + list(node.kwargs.values())
-        spiking = [carries(a) for a in args]
+        operands = [_carries(a, spiking) for a in args]
         if target in (operator.truediv, torch.div, "div"):
-            return not any(spiking[1:])
-        return sum(spiking) <= 1
+            return not any(operands[1:])
+        return sum(operands) <= 1
     if target in _DROPOUT_FUNCTIONS:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         return training is False
@@ -225,19 +234,13 @@ def _call_is_affine(node: fx.Node, carries) -> bool:
 
 def _walk_graph(gm: nn.Module, graph: fx.Graph, found: list) -> None:
     spiking: dict = {}
-
-    def carries(arg) -> bool:
-        nodes = []
-        fx.node.map_arg(arg, nodes.append)
-        return any(spiking.get(n, False) for n in nodes)
-
     for node in graph.nodes:
         on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes)
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             spiking[node] = _walk_module(module, node.target, on_spikes, found)
         elif node.op in ("call_function", "call_method"):
-            if _call_is_affine(node, carries):
+            if _call_is_affine(node, spiking):
                 spiking[node] = on_spikes
             elif on_spikes:
                 target = node.target if isinstance(node.target, str) else getattr(

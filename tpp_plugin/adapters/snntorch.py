@@ -886,12 +886,6 @@ def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> 
 
     merged = {p for pools in pool_of.values() for p in pools}
     spiking: dict = {}
-
-    def carries(arg) -> bool:
-        found = []
-        fx.node.map_arg(arg, found.append)
-        return any(spiking.get(n, False) for n in found)
-
     for node in graph.nodes:
         on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes)
         spiking[node] = on_spikes
@@ -920,7 +914,7 @@ def _check_graph(graph: fx.Graph, modules: dict, pool_of: dict, neuron: str) -> 
                     "Move it next to an activation, use average pooling, or neuron='if'"
                 )
         elif node.op in ("call_function", "call_method") and on_spikes \
-                and not _call_is_affine(node, carries):
+                and not _call_is_affine(node, spiking):
             raise TypeError(
                 f"convert: {_node_label(node)} is not affine and acts on spikes; between "
                 "spiking layers only affine ops (conv, linear, BatchNorm, average pooling, "
