@@ -112,6 +112,20 @@ def test_fp16_window_overflow_names_input_and_dtype():
 # ------------------------------------------------------------------------------------------------
 # 16-bit potentials computed in float32
 # ------------------------------------------------------------------------------------------------
+def near_rounding_boundaries(T: int, threshold: float, dtype):
+    """16-bit potentials within ±0.01θ of every rounding boundary ``(k + ½)·θ``: ``v``, a window
+    ``x_seq`` whose sum is ``v`` (adding zeros is exact), the float64 exact counts of those very
+    values, and the mask of values whose float32 division may straddle a boundary."""
+    k = torch.arange(0, T, dtype=torch.float64).repeat_interleave(2000)
+    delta = (torch.rand(len(k), generator=gen(2), dtype=torch.float64) - 0.5) * 0.02
+    v = ((k + 0.5 + delta) * threshold).to(dtype)
+    w64 = v.double() / threshold
+    near = ((w64 - w64.floor()) - 0.5).abs() < 1e-6
+    x_seq = torch.zeros((T, len(v)), dtype=dtype)
+    x_seq[0] = v
+    return v, x_seq, torch.floor(w64 + 0.5).clamp(0, T), near
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("threshold", [0.37, 1.0, 0.1])
 def test_exact_counts_of_16bit_inputs_match_float64(dtype, threshold):
@@ -119,14 +133,7 @@ def test_exact_counts_of_16bit_inputs_match_float64(dtype, threshold):
     neuron sees; its count must be the float64 count of that very value, except where float32's
     division rounding (relative 6e-8) straddles a boundary (|w − (k+½)| < 1e-6)."""
     T = 8
-    k = torch.arange(0, T, dtype=torch.float64).repeat_interleave(2000)
-    delta = (torch.rand(len(k), generator=gen(2), dtype=torch.float64) - 0.5) * 0.02
-    v = ((k + 0.5 + delta) * threshold).to(dtype)
-    w64 = v.double() / threshold
-    near = ((w64 - w64.floor()) - 0.5).abs() < 1e-6
-    expected = torch.floor(w64 + 0.5).clamp(0, T)
-    x_seq = torch.zeros((T, len(v)), dtype=dtype)
-    x_seq[0] = v  # the window sum is v itself (adding zeros is exact)
+    v, x_seq, expected, near = near_rounding_boundaries(T, threshold, dtype)
     for counts in (
         F.tpp_count(v, T, threshold, "exact").double(),
         F.tpp_fire(v, T, threshold, "exact", generator=gen()).sum(0).double(),
@@ -151,14 +158,7 @@ def _cupy_available() -> bool:
 def test_cupy_exact_counts_of_16bit_inputs_match_float64(dtype):
     """The kernel twin: 16-bit potentials divided in float32, as on the torch backend."""
     T, threshold = 8, 0.37
-    k = torch.arange(0, T, dtype=torch.float64).repeat_interleave(2000)
-    delta = (torch.rand(len(k), generator=gen(2), dtype=torch.float64) - 0.5) * 0.02
-    v = ((k + 0.5 + delta) * threshold).to(dtype)
-    w64 = v.double() / threshold
-    near = ((w64 - w64.floor()) - 0.5).abs() < 1e-6
-    expected = torch.floor(w64 + 0.5).clamp(0, T)
-    x_seq = torch.zeros((T, len(v)), dtype=dtype)
-    x_seq[0] = v
+    _, x_seq, expected, near = near_rounding_boundaries(T, threshold, dtype)
     node = TPPNode(v_threshold=threshold, count="exact", step_mode="m", seed=0, backend="cupy")
     counts = node(x_seq.cuda()).sum(0).double().cpu()
     assert torch.equal(counts[~near], expected[~near])
