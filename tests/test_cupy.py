@@ -1,12 +1,15 @@
 """The 'cupy' backend (tpp_plugin/kernels/cupy.py) of TPPNode and TemporalPermutation.
 
 CPU part (runs in CI): the kernel source compiles with NVRTC without a GPU for every kernel the
-backend can launch, the Philox reference below matches Random123's published known answers, and
-the backend refuses what it cannot run with a clear message.
+backend can launch (a window kernel for every count mode), the Philox reference below matches
+Random123's published known answers, the emulation of the window kernel's uniforms below runs on
+it, and the backend refuses what it cannot run with a clear message.
 
-GPU part (skipped without CUDA + CuPy): the kernels against the torch backend (exact counts neuron
-for neuron), the firing statistics, the permutation, reproducibility and a converted network.
-Statistical checks use fixed seeds and a tolerance of 4 standard errors, as stated in each test.
+GPU part (skipped without CUDA + CuPy): the window kernel against the functional reference on the
+kernel's own uniforms (bit for bit, every count mode), the kernels against the torch backend
+(exact counts neuron for neuron; bernoulli and unbiased counts in distribution), the firing
+statistics, the permutation, reproducibility and a converted network. Statistical checks use
+fixed seeds and a tolerance of 4 standard errors, as stated in each test.
 """
 
 import copy
@@ -53,6 +56,42 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
+def kernel_uniforms(words, m: int, dtype) -> torch.Tensor:
+    """The first ``m`` uniforms ``[m, n]`` of a window as the window kernel computes them
+    (``uniform`` in kernels/cupy.py): uniform ``j`` is word ``j % 4`` of draw ``j // 4``, its top
+    24 bits times 2**-24; in float64 words ``2(j % 2)`` and ``2(j % 2) + 1`` of draw ``j // 2``,
+    27 + 26 bits times 2**-53. ``words(d)`` returns draw ``d``'s Philox words, ``[n, 4]`` int64."""
+    per_draw = 2 if dtype == torch.float64 else 4
+    draws = [words(d) for d in range(-(-m // per_draw))]
+    rows = []
+    for j in range(m):
+        r = draws[j // per_draw]
+        if dtype == torch.float64:
+            hi, lo = r[:, 2 * (j % 2)], r[:, 2 * (j % 2) + 1]
+            rows.append(((hi >> 5).double() * 2.0**26 + (lo >> 6).double()) * 2.0**-53)
+        else:
+            rows.append((r[:, j % 4] >> 8).float() * 2.0**-24)
+    return torch.stack(rows)
+
+
+def kernel_window_uniforms(words, T: int, dtype, count: str):
+    """``(uniforms [T, n], rounding [n] or None)`` of one window of the kernel, the arguments of
+    ``F.tpp_fire_reference``: ``'unbiased'`` rounds with the top 16 bits of word 0 (uniform 0
+    truncated to 16 bits) and fires step ``t`` with uniform ``t + 1``, the other counts fire step
+    ``t`` with uniform ``t``."""
+    if count != "unbiased":
+        return kernel_uniforms(words, T, dtype), None
+    uniforms = kernel_uniforms(words, T + 1, dtype)[1:]
+    rdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return uniforms, (words(0)[:, 0] >> 16).to(rdtype) * 2.0**-16
+
+
+def python_philox_words(n: int, window: int, seed: int):
+    """``words(d)`` for :func:`kernel_uniforms` from the plain-Python Philox (CPU)."""
+    key = (seed & MASK, seed >> 32)
+    return lambda d: torch.tensor([philox4x32_10((i, 0, window, d), key) for i in range(n)])
+
+
 # ================================================================ CPU: always
 def test_philox_reference_matches_random123_known_answers():
     assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
@@ -67,10 +106,71 @@ def test_every_kernel_compiles_with_nvrtc_without_a_gpu(arch):
     image = kernels.compile_kernels(arch)
     assert len(image) > 0
     names = kernels.kernel_names()
-    # 4 dtypes of the window kernel, 4 element sizes x 8 capacities of the permutation, Philox
-    assert len(names) == 4 + 4 * 8 + 1
+    # 3 count modes x 4 dtypes of the window kernel, 4 element sizes x 8 capacities of the
+    # permutation, Philox
+    assert len(names) == 3 * 4 + 4 * 8 + 1
+    for count in F.COUNT_MODES:  # 'unbiased' included
+        for dtype in ("f16", "bf16", "f32", "f64"):
+            assert f"tpp_window_{count}_{dtype}" in names
     for name in names:
         assert name.encode() in image, f"{name} missing from the {arch} image"
+
+
+def test_every_count_mode_has_a_window_kernel():
+    """A count mode added to functional.COUNT_MODES without its rule in the kernel fails here."""
+    assert tuple(kernels._COUNT_CODES) == F.COUNT_MODES
+    source = kernels.kernel_source()
+    for count, code in kernels._COUNT_CODES.items():
+        assert f"#define {code} " in source
+        for dtype in ("f16", "bf16", "f32", "f64"):
+            assert f'extern "C" __global__ void tpp_window_{count}_{dtype}(' in source
+
+
+def test_window_kernel_takes_every_count_mode_and_checks_it_first():
+    stream = kernels.PhiloxStream(0)
+    for count in F.COUNT_MODES:  # accepted: the refusal is about the CPU tensor
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            kernels.tpp_window(torch.ones(4, 3), 4, 1.0, count, stream)
+    with pytest.raises(ValueError, match="count must be one of"):
+        kernels.tpp_window(torch.ones(4, 3), 4, 1.0, "bogus", stream)
+    assert stream.offset == 0  # refused calls take no window
+
+
+def test_kernel_uniforms_emulation_on_the_python_philox():
+    """The emulation the GPU twin test compares the kernel with, run on the Python Philox: the
+    uniforms lie on the kernel's 24-bit (float64: 53-bit) grid; 'unbiased' rounds with uniform 0
+    truncated to 16 bits and fires with the uniforms after it; on them the reference fires
+    floor(w) or ceil(w) spikes, exactly w for a whole w."""
+    n, T, seed = 37, 6, 0xDEADBEEF12345678
+    words = python_philox_words(n, 3, seed)
+    for dtype, bits in ((torch.float32, 24), (torch.float64, 53)):
+        plain, none = kernel_window_uniforms(words, T + 1, dtype, "bernoulli")
+        steps, rounding = kernel_window_uniforms(words, T, dtype, "unbiased")
+        assert none is None and plain.dtype == rounding.dtype == dtype and plain.shape == (T + 1, n)
+        assert torch.equal(steps, plain[1:])
+        assert torch.equal(rounding, torch.floor(plain[0] * 2**16) / 2**16)
+        assert ((plain >= 0) & (plain < 1)).all() and len(plain.unique()) == plain.numel()
+        assert torch.equal(plain * 2**bits, (plain * 2**bits).floor())
+        w = torch.linspace(-1.5, T + 1.5, n, dtype=torch.float64)
+        w[::3] = w[::3].round()
+        v = (w * 0.5).to(dtype)  # θ = 0.5: v/θ is exact, as a division and as v·(1/θ)
+        counts = F.tpp_fire_reference(v, T, 0.5, "unbiased", steps, rounding).sum(0).double()
+        target = w.clamp(0, T)
+        assert ((counts == target.floor()) | (counts == target.ceil())).all()
+
+
+def test_16_bit_rounding_uniform_keeps_whole_potentials_exact():
+    """Why the kernel truncates 'unbiased''s rounding uniform to 16 bits (the torch backend's
+    grid): w + u is then exact in float32 for every whole w < 2**8, even for the largest u, so a
+    whole potential fires exactly w spikes; a 24-bit u rounds 1 + (1 − 2**-24) up to 2."""
+    T, v = 256, torch.arange(256, dtype=torch.float32)
+    fire_all = torch.zeros(T, len(v))  # u = 0: fire at every step while w > 0
+
+    def counts(u):
+        return F.tpp_fire_reference(v, T, 1.0, "unbiased", fire_all, torch.full_like(v, u)).sum(0)
+
+    assert torch.equal(counts(1 - 2**-16), v)
+    assert counts(1 - 2**-24)[1] == 2
 
 
 @needs_nvrtc
@@ -98,6 +198,17 @@ def test_cpu_tensor_is_refused_with_advice(module):
     node = module(step_mode="m", backend="cupy", seed=0)
     with pytest.raises(ValueError, match="CUDA tensors.*backend='torch'"):
         node(torch.rand(4, 2, 3))
+
+
+@needs_nvrtc
+def test_unbiased_tppnode_takes_the_cupy_backend():
+    node = TPPNode(count="unbiased", step_mode="m", backend="cupy", seed=0)
+    assert node.backend == "cupy" and node.count == "unbiased"
+    with pytest.raises(ValueError, match="CUDA tensors.*backend='torch'"):
+        node(torch.rand(4, 2, 3))
+    other = TPPNode(count="unbiased", step_mode="m")
+    other.backend = "cupy"  # what functional.set_backend does
+    assert other.backend == "cupy"
 
 
 @needs_nvrtc
@@ -148,6 +259,64 @@ def test_philox_kernel_matches_reference():
 
 
 @needs_gpu
+@pytest.mark.parametrize("count", F.COUNT_MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 3, 4, 8, 32])
+def test_window_kernel_fires_the_reference_on_its_own_uniforms(count, dtype, T):
+    """The twin property: given the kernel's uniforms (its Philox words, emulated by
+    kernel_window_uniforms), functional's reference and fast path fire the kernel's spikes bit
+    for bit, window by window (window k takes Philox window number k)."""
+    n, theta, seed = 4099, 0.7, 0x5EED
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    w = torch.rand(2, n, generator=g, device=DEVICE, dtype=torch.float64) * (T + 3) - 1.5
+    w[:, ::7] = w[:, ::7].round()  # whole potentials too
+    v = (w * theta).to(dtype)
+    spikes = kernels.tpp_window(v, T, theta, count, kernels.PhiloxStream(seed), steps_in=1)
+    assert spikes.shape == (2 * T, n) and spikes.dtype == dtype
+    for k in range(2):
+        def words(d, k=k):
+            return kernels.philox4x32(n, window=k, draw=d, seed=seed)
+
+        uniforms, rounding = kernel_window_uniforms(words, T, dtype, count)
+        expected = F.tpp_fire_reference(v[k], T, theta, count, uniforms, rounding)
+        assert torch.equal(spikes[k * T:(k + 1) * T], expected)
+        fast = F.tpp_fire(v[k], T, theta, count, uniforms=uniforms, rounding=rounding)
+        assert torch.equal(fast, expected)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 4, 8, 32])
+def test_unbiased_counts_agree_with_torch_backend(dtype, T):
+    """TPPNode(count='unbiased'): each backend rounds the same potential w = v/θ with its own
+    (16-bit) uniform, so every count is floor(w) or ceil(w) of the torch backend's w (clamped to
+    [0, T]), whole potentials give equal counts neuron for neuron, and the window totals of the
+    two backends differ by at most 4 standard errors (SE² = Σ 2·f(1 − f), f = frac(w))."""
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    x_seq = (torch.rand(2 * T, 64, 513, generator=g, device=DEVICE) * 0.8 - 0.15).to(dtype)
+    halves = torch.randint(-1, 3, (2 * T, 64, 128), generator=g, device=DEVICE) * 0.5
+    x_seq[..., :128] = halves.to(dtype)  # window sums k/2: whole potentials w = k at θ = 0.5
+    kwargs = dict(v_threshold=0.5, count="unbiased", T=T, step_mode="m", seed=1)
+    torch_spikes = TPPNode(backend="torch", **kwargs)(x_seq)
+    cupy_spikes = TPPNode(backend="cupy", **kwargs)(x_seq)
+    assert cupy_spikes.dtype == dtype and cupy_spikes.shape == x_seq.shape
+    assert set(cupy_spikes.unique().tolist()) <= {0.0, 1.0}
+    rdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for k in range(2):
+        window = slice(k * T, (k + 1) * T)
+        w = (F.tpp_accumulate(x_seq[window]).to(rdtype) / 0.5).clamp(0, T).double()
+        whole = w == w.floor()
+        assert whole[..., :128].all()
+        counts = [s[window].sum(0).double() for s in (torch_spikes, cupy_spikes)]
+        for c in counts:
+            assert ((c == w.floor()) | (c == w.ceil())).all()
+        assert torch.equal(counts[1][whole], counts[0][whole])
+        f = w - w.floor()
+        se = (2 * (f * (1 - f)).sum()).sqrt().item()
+        assert abs(counts[1].sum().item() - counts[0].sum().item()) <= 4 * se + 1e-9
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("T", [1, 4, 8, 32])
 def test_exact_counts_equal_torch_backend_for_every_neuron(dtype, T):
@@ -179,10 +348,30 @@ def test_bernoulli_mean_count_within_4_standard_errors(dtype):
 
 
 @needs_gpu
-def test_positions_uniform_within_4_standard_errors():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unbiased_mean_count_is_w_within_4_standard_errors(dtype):
+    """floor(w) or ceil(w) spikes, mean clamp(w, 0, T) within 4 SE plus the 2**-16 grid of the
+    rounding uniform; whole potentials (and those outside [0, T]) fire deterministically."""
+    T, theta, n = 8, 0.5, 20_000
+    w = torch.tensor([0.0, 0.3, 1.0, 2.5, 4.0, 6.2, 7.7, 8.0, 9.0, -1.0], dtype=torch.float64)
+    v = (w * theta).repeat_interleave(n).to(dtype).to(DEVICE)
+    spikes = kernels.tpp_window(v[None], T, theta, "unbiased", kernels.PhiloxStream(7), steps_in=1)
+    counts = spikes.sum(0).double().view(len(w), n).cpu()
+    expected = F.expected_count(w * theta, T, theta, count="unbiased")  # clamp(w, 0, T)
+    low = expected.floor()[:, None]
+    assert ((counts == low) | (counts == low + 1)).all()
+    whole = expected == expected.floor()
+    assert (counts[whole] == expected[whole, None]).all()
+    se = counts.std(1) / n**0.5
+    assert ((counts.mean(1) - expected).abs() <= 4 * se + 2**-16).all(), (counts.mean(1), expected)
+
+
+@needs_gpu
+@pytest.mark.parametrize("count", ["exact", "unbiased"])
+def test_positions_uniform_within_4_standard_errors(count):
     T, k, n = 8, 3, 40_000
     v = torch.full((1, n), float(k), device=DEVICE)
-    spikes = kernels.tpp_window(v, T, 1.0, "exact", kernels.PhiloxStream(11), steps_in=1)
+    spikes = kernels.tpp_window(v, T, 1.0, count, kernels.PhiloxStream(11), steps_in=1)
     assert (spikes.sum(0) == k).all()
     p = k / T
     freq = spikes.mean(1).cpu()
@@ -191,7 +380,7 @@ def test_positions_uniform_within_4_standard_errors():
 
 
 @needs_gpu
-@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+@pytest.mark.parametrize("count", F.COUNT_MODES)
 def test_same_seed_same_spikes_and_streaming_equals_multi_step(count):
     T = 4
     x_seq = torch.rand(3 * T, 8, 100, device=DEVICE)
@@ -208,10 +397,11 @@ def test_same_seed_same_spikes_and_streaming_equals_multi_step(count):
 
 
 @needs_gpu
-def test_store_v_seq_ends_at_the_torch_backend_residual():
+@pytest.mark.parametrize("count", ["exact", "unbiased"])
+def test_store_v_seq_ends_at_the_torch_backend_residual(count):
     T = 8
     x_seq = torch.rand(T, 4, 300, device=DEVICE, dtype=torch.float64)
-    kwargs = dict(count="exact", step_mode="m", store_v_seq=True, v_threshold=0.5)
+    kwargs = dict(count=count, step_mode="m", store_v_seq=True, v_threshold=0.5)
     node_c, node_t = TPPNode(backend="cupy", seed=0, **kwargs), TPPNode(seed=0, **kwargs)
     node_c(x_seq), node_t(x_seq)
     assert torch.allclose(node_c.v_seq[-1], node_t.v_seq[-1])
@@ -273,10 +463,11 @@ def test_converted_network_exact_same_predictions_as_torch_backend(qcfs_cnn, dig
 
 
 @needs_gpu
-def test_converted_network_bernoulli_same_accuracy_as_torch_backend(qcfs_cnn, digits):
+@pytest.mark.parametrize("count", ["bernoulli", "unbiased"])
+def test_converted_network_random_counts_same_accuracy_as_torch_backend(qcfs_cnn, digits, count):
     T, seeds = 4, 5
     x, y = digits[2].to(DEVICE), digits[3].to(DEVICE)
-    snn = convert_qcfs(copy.deepcopy(qcfs_cnn).to(DEVICE), "tpp", {"count": "bernoulli"})
+    snn = convert_qcfs(copy.deepcopy(qcfs_cnn).to(DEVICE), "tpp", {"count": count})
     functional.set_step_mode(snn, "m")
     accuracy = {
         backend: sum(
@@ -292,7 +483,7 @@ def test_converted_network_bernoulli_same_accuracy_as_torch_backend(qcfs_cnn, di
 
 
 @needs_gpu
-@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+@pytest.mark.parametrize("count", F.COUNT_MODES)
 def test_count_mode_on_the_cupy_backend_equals_its_full_simulation(qcfs_cnn, digits, count):
     # float64 so that T·mean and the step-by-step sum land on the same side of every decision
     T = 4

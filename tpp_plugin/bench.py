@@ -15,10 +15,10 @@ the CPU, the allocations and frees the PyTorch profiler records (``profile_memor
 time order, whose running total's maximum is the peak. Both count tensor memory from PyTorch's
 allocator only.
 
-``--backend cupy`` (CUDA device) times the fused kernels of :mod:`tpp_plugin.kernels.cupy`
-against the same modules on the torch backend and against ``x.clone()`` (a device-to-device copy
-of the input: the memory-bandwidth limit, since the kernel reads ``x`` once and writes the spikes
-once).
+``--backend cupy`` (CUDA device) times the fused kernels of :mod:`tpp_plugin.kernels.cupy` (the
+TPP kernel with each of the three ``count`` values) against the same modules on the torch backend
+and against ``x.clone()`` (a device-to-device copy of the input: the memory-bandwidth limit, since
+the kernel reads ``x`` once and writes the spikes once).
 
 ``--count-mode`` also times the converted demo CNN (sklearn digits) in the full ``[T, N, ...]``
 simulation against :func:`tpp_plugin.count_mode` (bernoulli networks with both of its samplers,
@@ -102,6 +102,9 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
         "TPPNode bernoulli": lambda backend: TPPNode(step_mode="m", seed=0, backend=backend),
         "TPPNode exact": lambda backend: TPPNode(
             count="exact", step_mode="m", seed=0, backend=backend
+        ),
+        "TPPNode unbiased": lambda backend: TPPNode(
+            count="unbiased", step_mode="m", seed=0, backend=backend
         ),
         "TemporalPermutation neuron": lambda backend: TemporalPermutation(
             step_mode="m", seed=0, backend=backend

@@ -267,7 +267,7 @@ class TPPNode(_TPPModule):
         by about half a spike per neuron)
     :param count: ``'bernoulli'`` (default), ``'exact'`` or ``'unbiased'`` (``floor(v/θ)``
         spikes plus one with probability ``frac(v/θ)``, at uniform positions: mean count exactly
-        ``clamp(v/θ, 0, T)``; torch backend)
+        ``clamp(v/θ, 0, T)``)
     :param T: window length. Required in single-step mode; in multi-step mode the sequence length
         must be a multiple of it (default: the whole sequence is one window)
     :param step_mode: ``'s'`` (single-step, default like every SpikingJelly neuron) or ``'m'``
@@ -281,8 +281,9 @@ class TPPNode(_TPPModule):
     :param store_v_seq: in multi-step mode keep ``v_seq``, the potential after each firing step
     :param backend: ``'torch'`` (reference, any device) or ``'cupy'`` (one fused CUDA kernel
         launch for all windows, :mod:`tpp_plugin.kernels.cupy`; CUDA tensors, scalar threshold;
-        its own Philox random stream, so its spikes differ from the torch backend's except for
-        the counts with ``count='exact'``; inputs are not checked for NaN/inf)
+        every ``count``; its own Philox random stream, so its spikes differ from the torch
+        backend's except for the counts with ``count='exact'``; inputs are not checked for
+        NaN/inf)
     :param surrogate_function: must be ``None``: TPP is an inference neuron without a surrogate
         gradient (accepted as a keyword for SpikingJelly's neuron factories)
     :param detach_reset: must be ``False`` (as above)
@@ -354,9 +355,6 @@ class TPPNode(_TPPModule):
         self.v_reset = None
         self.v_init = _check_v_init(v_init)
         self.count = F.check_count(count)
-        if self.count == "unbiased" and self.backend == "cupy":
-            raise ValueError("count='unbiased' runs on backend='torch' only (the CuPy kernel "
-                             "implements 'bernoulli' and 'exact')")
         self.store_v_seq = bool(store_v_seq)
         self.register_memory("v", self.v_init)
         if self.store_v_seq:

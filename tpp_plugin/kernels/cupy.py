@@ -2,19 +2,33 @@ r"""CuPy backend: fused CUDA kernels for the TPP window and the temporal permuta
 
 The kernel twin of :mod:`tpp_plugin.functional`. One CUDA thread owns one neuron:
 
-* ``tpp_window`` accumulates the neuron's window of input (phase 1), applies ``count``
-  (``'bernoulli'``/``'exact'``) and fires ``T`` steps (phase 2) with the rule of
-  :func:`tpp_plugin.functional.tpp_fire`: spike at step ``t`` when ``u_t·(T − t + 1) < w``, then
-  ``w ← w − 1``, with ``w = v·(1/θ)`` (how torch evaluates ``v / θ`` for a CUDA tensor and a number,
-  so ``count='exact'`` gives the torch backend's counts neuron for neuron).
+* ``tpp_window_<count>_<dtype>`` accumulates the neuron's window of input (phase 1), applies
+  ``count`` and fires ``T`` steps (phase 2) with the rule of
+  :func:`tpp_plugin.functional.tpp_fire`: spike at step ``t = 1..T`` when ``u·(T − t + 1) < w``
+  for the step's uniform ``u``, then ``w ← w − 1``, with ``w = v·(1/θ)`` (how torch evaluates
+  ``v / θ`` for a CUDA tensor and a number, so ``count='exact'`` gives the torch backend's counts
+  neuron for neuron). ``'exact'`` first rounds ``w ← clamp(floor(w + ½), 0, T)``, ``'unbiased'``
+  ``w ← clamp(floor(clamp(w, −1, T) + u), 0, T)``. A window's uniforms are numbered
+  ``j = 0, 1, …``: ``'bernoulli'`` and ``'exact'`` fire step ``t`` with uniform ``t − 1``;
+  ``'unbiased'`` rounds with uniform ``0`` truncated to 16 bits, ``u = ⌊u_0·2¹⁶⌋/2¹⁶`` (the torch
+  backend's grid: ``w + u`` is then exact for a whole ``w < 2⁸`` in float32, which fires exactly
+  ``w`` spikes), and fires step ``t`` with uniform ``t`` (the rounding uniform comes first, as in
+  :func:`~tpp_plugin.functional.tpp_fire`). One kernel per count mode and dtype.
 * ``tpp_permute`` shuffles each neuron's ``T`` slots with a Fisher–Yates shuffle in O(T), no sort.
 
 Random numbers come from Philox4x32-10 (Salmon et al., SC 2011) computed inside the kernels: the
 key is the 64-bit seed, the counter is ``(neuron index, window number, draw index)``. Nothing is
 stored, results are reproducible for a seed, and a window's draws do not depend on how the work is
 split into launches (so streaming and multi-step give the same spikes). ``float32``/``float16``/
-``bfloat16`` windows use 24-bit uniforms (one Philox word per step), ``float64`` windows 53-bit
-ones; permutation indices use Lemire's multiply-shift on one 32-bit word (bias ≤ T·2⁻³²).
+``bfloat16`` windows use 24-bit uniforms (one Philox word each, four per Philox call), ``float64``
+windows 53-bit ones (two words each, two per call): uniform ``j`` of a window is word ``j mod 4``
+(words ``2·(j mod 2)``, ``2·(j mod 2) + 1``) of draw ``⌊j/4⌋`` (``⌊j/2⌋``). Permutation indices use
+Lemire's multiply-shift on one 32-bit word (bias ≤ T·2⁻³²). On the same uniforms the window
+kernel is to fire what :func:`tpp_plugin.functional.tpp_fire_reference` fires, bit for bit (the GPU
+tests of ``tests/test_cupy.py`` check it on the kernel's own uniforms); its uniforms come from
+another generator than the torch backend's, so only ``'exact'`` counts (which are not random)
+equal the torch backend's neuron for neuron, ``'bernoulli'`` and ``'unbiased'`` ones agree in
+distribution.
 
 The sources are compiled with NVRTC. CuPy for CUDA 13 (``pip install cupy-cuda13x``, matching the
 CUDA 13 build of ``torch==2.14.1``) finds ``libnvrtc.so.13`` in the ``nvidia/cu13/lib`` folder that
@@ -71,6 +85,16 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 #define LOADS 8  // global loads issued together per thread
 
+// the count rules of tpp_plugin.functional (COUNT_MODES), applied to w = v/θ before firing
+#define COUNT_BERNOULLI 0  // w as it is: the paper's sequential rule
+#define COUNT_EXACT 1      // clamp(floor(w + 1/2), 0, T)
+#define COUNT_UNBIASED 2   // clamp(floor(clamp(w, -1, T) + u), 0, T), u the window's uniform 0
+
+// a product rounded on its own, never fused with a following add into one FMA: torch rounds
+// v/θ (as v·(1/θ)) before it rounds or fires, so must the kernel
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3").
 __device__ __forceinline__ void philox4x32_10(u32 c[4], u32 k0, u32 k1) {
     #pragma unroll
@@ -122,14 +146,20 @@ __device__ __forceinline__ double uniform(const u32 r[4], int t, double) {
     return ((double)(r[j] >> 5) * 67108864.0 + (double)(r[j + 1] >> 6))
            * 1.1102230246251565e-16;                                      // 2^-53
 }
+// uniform 0 truncated to 16 bits (the top 16 bits of word 0, either dtype): 'unbiased' rounds
+// with it. On this grid (the torch backend's) w + u is exact for a whole w below 2^8 (float32;
+// 2^36 in float64), so such a w fires exactly w spikes; a 24-bit u could round it up to w + 1
+template <typename acc_t> __device__ __forceinline__ acc_t rounding_uniform(const u32 r[4]) {
+    return (acc_t)(r[0] >> 16) * (acc_t)1.52587890625e-05;                 // 2^-16
+}
 
-// Phase 1 and phase 2 for `windows` consecutive windows of one neuron per thread.
+// Phase 1 and phase 2 for `windows` consecutive windows of one neuron per thread, count rule COUNT.
 // x: [windows * steps_in, n]; spikes (and v_seq when not null): [windows * T, n].
-template <typename scalar_t, typename acc_t, int IS_BF16>
+template <typename scalar_t, typename acc_t, int IS_BF16, int COUNT>
 __device__ void tpp_window_impl(
         const scalar_t* __restrict__ x, scalar_t* __restrict__ spikes,
         scalar_t* __restrict__ v_seq, long long n, int steps_in, int T, int windows,
-        acc_t inv_theta, acc_t theta, acc_t v_init, int exact, u32 k0, u32 k1, u32 offset) {
+        acc_t inv_theta, acc_t theta, acc_t v_init, u32 k0, u32 k1, u32 offset) {
     typedef Cast<scalar_t, acc_t, IS_BF16> C;
     const int per_draw = sizeof(acc_t) == 8 ? 2 : 4;
     const scalar_t one = C::store((acc_t)1), zero = C::store((acc_t)0);
@@ -152,14 +182,25 @@ __device__ void tpp_window_impl(
             }
             // v/θ in acc_t (float32 for 16-bit storage), not rounded back to the storage dtype:
             // the torch backend widens 16-bit potentials before dividing, too
-            acc_t w = v * inv_theta;
-            if (exact) w = fmin(fmax(floor(w + (acc_t)0.5), (acc_t)0), (acc_t)T);
+            acc_t w = mul_rn(v, inv_theta);
             const long long base = (long long)k * T * n + i;
+            const u32 window = offset + (u32)k;
+            // the window's uniforms j = 0, 1, ...: 'unbiased' rounds w with uniform 0 (drawn
+            // first, as in functional.tpp_fire; truncated to 16 bits) and fires step t with
+            // uniform t + 1; the other rules fire step t with uniform t
+            const int first = COUNT == COUNT_UNBIASED ? 1 : 0;
             u32 r[4];
+            if (COUNT == COUNT_EXACT) w = fmin(fmax(floor(w + (acc_t)0.5), (acc_t)0), (acc_t)T);
+            if (COUNT == COUNT_UNBIASED) {
+                draw_words(r, (u64)i, window, 0u, k0, k1);
+                const acc_t u = rounding_uniform<acc_t>(r);
+                w = fmin(fmax(floor(fmin(fmax(w, (acc_t)-1), (acc_t)T) + u), (acc_t)0), (acc_t)T);
+            }
             for (int t = 0; t < T; ++t) {
-                if (t % per_draw == 0)
-                    draw_words(r, (u64)i, offset + (u32)k, (u32)(t / per_draw), k0, k1);
-                const bool fired = uniform(r, t, w) * (acc_t)(T - t) < w;
+                const int j = t + first;
+                if (j % per_draw == 0)
+                    draw_words(r, (u64)i, window, (u32)(j / per_draw), k0, k1);
+                const bool fired = uniform(r, j, w) * (acc_t)(T - t) < w;
                 spikes[base + (long long)t * n] = fired ? one : zero;
                 if (fired) w -= (acc_t)1;
                 if (v_seq) v_seq[base + (long long)t * n] = C::store(w * theta);
@@ -211,12 +252,12 @@ extern "C" __global__ void tpp_philox4x32(u32* out, long long n, u32 window, u32
 """
 
 _WINDOW_ENTRY = r"""
-extern "C" __global__ void tpp_window_{name}(
+extern "C" __global__ void tpp_window_{count}_{name}(
         const {storage}* x, {storage}* spikes, {storage}* v_seq, long long n, int steps_in,
-        int T, int windows, {acc} inv_theta, {acc} theta, {acc} v_init, int exact,
+        int T, int windows, {acc} inv_theta, {acc} theta, {acc} v_init,
         u32 k0, u32 k1, u32 offset) {{
-    tpp_window_impl<{storage}, {acc}, {is_bf16}>(x, spikes, v_seq, n, steps_in, T, windows,
-        inv_theta, theta, v_init, exact, k0, k1, offset);
+    tpp_window_impl<{storage}, {acc}, {is_bf16}, {code}>(x, spikes, v_seq, n, steps_in, T,
+        windows, inv_theta, theta, v_init, k0, k1, offset);
 }}
 """
 
@@ -235,12 +276,21 @@ _WINDOW_TYPES = {
     "f32": ("float", "float", 0),
     "f64": ("double", "double", 0),
 }
+#: count mode (:data:`tpp_plugin.functional.COUNT_MODES`) -> its rule in the kernel source
+_COUNT_CODES = {
+    "bernoulli": "COUNT_BERNOULLI",
+    "exact": "COUNT_EXACT",
+    "unbiased": "COUNT_UNBIASED",
+}
 
 
 def kernel_source() -> str:
     """The CUDA C++ source of every kernel of this backend (one NVRTC program)."""
     entries = [
-        _WINDOW_ENTRY.format(name=name, storage=storage, acc=acc, is_bf16=flag)
+        _WINDOW_ENTRY.format(
+            count=count, code=code, name=name, storage=storage, acc=acc, is_bf16=flag
+        )
+        for count, code in _COUNT_CODES.items()
         for name, (storage, acc, flag) in _WINDOW_TYPES.items()
     ]
     entries += [
@@ -253,7 +303,7 @@ def kernel_source() -> str:
 
 def kernel_names() -> list[str]:
     """Names of the ``extern "C"`` kernels in :func:`kernel_source`."""
-    names = [f"tpp_window_{name}" for name in _WINDOW_TYPES]
+    names = [f"tpp_window_{count}_{name}" for count in _COUNT_CODES for name in _WINDOW_TYPES]
     names += [
         f"tpp_permute_{size}_{capacity}"
         for size in _ELEMENT_TYPES
@@ -452,7 +502,9 @@ def tpp_window(
     :param x_seq: CUDA tensor ``[windows·steps_in, *shape]`` (float16/bfloat16/float32/float64)
     :param T: firing steps per window
     :param threshold: θ, a positive number
-    :param count: ``'bernoulli'`` or ``'exact'``
+    :param count: ``'bernoulli'``, ``'exact'`` or ``'unbiased'`` (which uniforms each uses: see
+        the module docstring; ``'unbiased'`` rounds with uniform 0 truncated to 16 bits, step
+        ``t = 1..T`` fires with uniform ``t``)
     :param stream: the module's :class:`PhiloxStream` (advanced by the number of windows)
     :param v_init: potential each window starts from
     :param steps_in: input steps per window (default ``T``; ``1`` fires an already accumulated
@@ -465,11 +517,6 @@ def tpp_window(
     T = F.check_window(T)
     steps_in = T if steps_in is None else F.check_window(steps_in, "steps_in")
     F.check_count(count)
-    if count == "unbiased":
-        raise NotImplementedError(
-            "count='unbiased' runs on the torch backend only (backend='torch'); the CuPy kernel "
-            "implements 'bernoulli' and 'exact'"
-        )
     if isinstance(threshold, torch.Tensor):
         raise TypeError("the 'cupy' backend needs a scalar threshold; use backend='torch'")
     threshold = F.check_threshold(threshold)
@@ -489,10 +536,10 @@ def tpp_window(
         k0, k1, offset = stream.take(windows)
         args = (
             _ptr(x), _ptr(spikes), _ptr(v_seq), np.int64(n), np.int32(steps_in), np.int32(T),
-            np.int32(windows), inv, acc(threshold), acc(v_init), np.int32(count == "exact"),
+            np.int32(windows), inv, acc(threshold), acc(v_init),
             np.uint32(k0), np.uint32(k1), np.uint32(offset),
         )
-        _launch(f"tpp_window_{_DTYPE_NAMES[x.dtype]}", x.device.index or 0, n, args)
+        _launch(f"tpp_window_{count}_{_DTYPE_NAMES[x.dtype]}", x.device.index or 0, n, args)
     return (spikes, v_seq) if return_v_seq else spikes
 
 
