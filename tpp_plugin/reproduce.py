@@ -53,6 +53,7 @@ from torch import nn
 
 from . import data
 from . import functional as F
+from .count_domain import count_window
 from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
 from .qcfs import qcfs_levels
 
@@ -197,6 +198,8 @@ class FiringDiagnostic:
     input currents ``x`` ``[T, N, ...]`` and the spikes ``[T, N, ...]`` of each window. A neuron is
     *over-firing* if its count exceeds ``clamp(round(Σ_t x_t / θ), 0, T)`` (round half up, the
     QCFS rule; the sum is taken in time order, as the neurons do), *under-firing* if it falls short.
+    Under :func:`tpp_plugin.count_mode` a TPP neuron sees its mean current ``m`` ``[N, ...]`` and
+    outputs ``s·count/T``: the same comparison with ``Σ_t x_t = T·m``.
 
     :param net: the spiking network
     :param neuron_types: module types to watch (one hook each, in ``named_modules`` order)
@@ -228,15 +231,18 @@ class FiringDiagnostic:
         def hook(module, inputs, output):
             x_seq = inputs[0]
             spikes = output[0] if isinstance(output, tuple) else output
-            if x_seq.dim() < 2 or spikes.dim() != x_seq.dim() or len(spikes) != len(x_seq):
+            T = count_window(module)
+            if T is not None:  # count mode: mean current in, s·count/T out
+                potential, count = T * x_seq, spikes * T
+            elif x_seq.dim() < 2 or spikes.dim() != x_seq.dim() or len(spikes) != len(x_seq):
                 return  # single-step call: nothing to compare
-            T = x_seq.shape[0]
+            else:
+                T, potential, count = x_seq.shape[0], F.tpp_accumulate(x_seq), spikes.sum(0)
             theta = self.threshold(module)
-            potential = F.tpp_accumulate(x_seq)
             if getattr(module, "pool", None) is not None:  # a TPP neuron max-pools its potential
                 potential = module.pool(potential)
             wanted = torch.clamp(torch.floor(potential / theta + 0.5), 0, T)
-            count = torch.round(spikes.sum(0) / self.spike_scale(module))
+            count = torch.round(count / self.spike_scale(module))
             totals = self.totals[i]
             totals[0] += count.numel()
             totals[1] += int((count > wanted).sum())
@@ -295,39 +301,92 @@ def _spike_record(stats) -> dict:
             "firing_rate": [layer["firing_rate"] for layer in s["layers"]]}
 
 
+@torch.no_grad()
+def evaluate_net(net, T: int, x, y, batch_size: int, diagnostic: dict, energy, *, seed=None,
+                 count: bool = False, reset=None):
+    """Predictions, per-layer firing diagnostic and spike record of one network on ``(x, y)``
+    (this rank's shard; the diagnostic and the spike statistics are all-reduced).
+
+    :param net: converted network; SpikingJelly ones already in multi-step mode
+    :param T: time steps
+    :param batch_size: images per forward
+    :param diagnostic: keyword arguments of :class:`FiringDiagnostic` (``neuron_types``,
+        ``threshold``, optionally ``spike_scale``)
+    :param energy: ``(e_ac, e_mac)`` in pJ
+    :param seed: reseed the random modules with :func:`tpp_plugin.reseed` first (``None``: keep
+        their streams)
+    :param count: evaluate under :func:`tpp_plugin.count_mode` (one pass per batch) instead of
+        the full ``[T, N, ...]`` simulation
+    :param reset: resets the network's state before each batch of the full simulation (default
+        :func:`tpp_plugin.reset`)
+    :return: ``(predictions, diagnostic summary, spike record)``
+    """
+    import tpp_plugin
+
+    from .stats import SpikeStats
+
+    reset = reset or tpp_plugin.reset
+    if seed is not None:  # every random module gets its own seed spawned from this one
+        tpp_plugin.reseed(net, seed)
+    preds = []
+    with FiringDiagnostic(net, **diagnostic) as diag, SpikeStats(net, T, *energy) as stats:
+        for start in range(0, len(y), batch_size):
+            xb = x[start : start + batch_size]
+            if count:
+                with tpp_plugin.count_mode(net, T):
+                    preds.append(net(xb).argmax(1))
+            else:
+                reset(net)
+                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
+    if not count:
+        reset(net)
+    return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
+
+
+def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]:
+    """SpikingJelly's own conversion of a ReLU ANN with thresholds from ``mode`` (``max`` or a
+    percentile): ``RateCodingRecipe`` on 2.x (under torchrun with the calibration batches shared
+    among the ranks), the ``Converter`` on 0.0.0.0.14; IF neurons starting at ``v = 0``.
+
+    :return: ``(network, description)``; the ANN is not modified
+    """
+    from spikingjelly.activation_based import ann2snn
+
+    from .adapters import spikingjelly as sj
+
+    mode = "Max" if mode == "max" else mode
+    if sj.IS_LEGACY:
+        # the plain 0.0.0.0.14 result runs single-step only: neuron='if' builds the same IFNode
+        # (v = 0) and makes the graph multi-step capable
+        net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
+            copy.deepcopy(ann))
+        return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
+    from .evaluate import shared_calibration
+
+    # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
+    # and the statistics all-reduced (in one process: the recipe unchanged)
+    recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
+    net = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
+    return net, f"spikingjelly RateCodingRecipe(mode={mode!r})"
+
+
 class _SpikingJelly:
     """Variants through the SpikingJelly adapter (2.x and 0.0.0.0.14)."""
 
     name = "spikingjelly"
 
     def __init__(self, args, ann, ann_type, calibration, device):
-        from spikingjelly.activation_based import ann2snn, neuron
-
         import tpp_plugin  # noqa: F401  (registers the hooks)
 
         from .adapters import spikingjelly as sj
 
         self.sj, self.device = sj, device
-        self.neuron_types = (neuron.IFNode, sj.TPPNode)
+        self.diagnostic = sj_diagnostic()
         if ann_type == "qcfs":
             v0 = sj.convert_qcfs(ann, "if", {"v_init": 0.0})
             self.conversion = "tpp_plugin convert_qcfs (threshold = λ)"
-        elif sj.IS_LEGACY:
-            # the plain 0.0.0.0.14 result runs single-step only: neuron='if' builds the same IFNode
-            # (v = 0) and makes the graph multi-step capable
-            mode = "Max" if args.mode == "max" else args.mode
-            v0 = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
-                copy.deepcopy(ann))
-            self.conversion = f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
         else:
-            mode = "Max" if args.mode == "max" else args.mode
-            from .evaluate import shared_calibration
-
-            # SpikingJelly's recipe; under torchrun its calibration batches are shared among the
-            # ranks and the statistics all-reduced (in one process: the recipe unchanged)
-            recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
-            v0 = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
-            self.conversion = f"spikingjelly RateCodingRecipe(mode={mode!r})"
+            v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
         v0 = v0.to(device).eval()
         from .evaluate import sync_thresholds
 
@@ -342,27 +401,29 @@ class _SpikingJelly:
             self.nets[f"tpp_{count}"] = sj.swap_neurons(
                 copy.deepcopy(half), "tpp", count=count, seed=0)
 
-    @torch.no_grad()
     def evaluate(self, key, T, seed, x, y, batch_size):
         from spikingjelly.activation_based import functional
 
-        import tpp_plugin
-
-        from .stats import SpikeStats
-
         net = self.nets[key]
-        # every random module gets its own seed spawned from the variant's, whatever ran before
-        tpp_plugin.reseed(net, _variant_seed(seed, T))
         functional.set_step_mode(net, "m")
-        preds = []
-        with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag, \
-                SpikeStats(net, T, self.e_ac, self.e_mac) as stats:
-            for start in range(0, len(y), batch_size):
-                xb = x[start : start + batch_size]
-                functional.reset_net(net)
-                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
-        functional.reset_net(net)
-        return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
+        # every random module gets its own seed spawned from the variant's, whatever ran before
+        return evaluate_net(net, T, x, y, batch_size, self.diagnostic, (self.e_ac, self.e_mac),
+                            seed=_variant_seed(seed, T), reset=functional.reset_net)
+
+
+def sj_diagnostic() -> dict:
+    """:class:`FiringDiagnostic` arguments for SpikingJelly networks (IF and TPP neurons)."""
+    from .adapters.spikingjelly import _SPIKING_TYPES  # IF, half-threshold IF (2.x), TPP
+
+    return {"neuron_types": _SPIKING_TYPES, "threshold": lambda m: m.v_threshold}
+
+
+def snntorch_diagnostic() -> dict:
+    """:class:`FiringDiagnostic` arguments for the plugin's snnTorch networks (graded spikes)."""
+    from .adapters.snntorch import IF, TPP
+
+    return {"neuron_types": (TPP, IF), "threshold": lambda m: m.threshold,
+            "spike_scale": lambda m: m.graded_spikes_factor}
 
 
 class _SnnTorch:
@@ -377,7 +438,7 @@ class _SnnTorch:
         self.st, self.ann = st, ann
         self.calibration = calibration if ann_type == "relu" else None
         self.mode = args.mode
-        self.neuron_types = (st.TPP, st.IF)
+        self.diagnostic = snntorch_diagnostic()
         self.nets = {k: None for k in VARIANTS if k != "if_v0"}
         self.threshold_gap = 0.0
         self.e_ac, self.e_mac = _energy_constants(args)
@@ -394,19 +455,11 @@ class _SnnTorch:
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
         from .evaluate import sync_thresholds
-        from .stats import SpikeStats
 
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
         self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
-        preds = []
-        with FiringDiagnostic(net, self.neuron_types, lambda m: m.threshold,
-                              lambda m: m.graded_spikes_factor) as diag, \
-                SpikeStats(net, T, self.e_ac, self.e_mac) as stats:
-            for start in range(0, len(y), batch_size):
-                xb = x[start : start + batch_size]
-                self.st.reset(net)
-                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
-        return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
+        return evaluate_net(net, T, x, y, batch_size, self.diagnostic, (self.e_ac, self.e_mac),
+                            reset=self.st.reset)
 
 
 FRAMEWORKS = {"spikingjelly": _SpikingJelly, "snntorch": _SnnTorch}
