@@ -94,6 +94,27 @@ def test_diagnostic_sees_under_firing_of_an_if_neuron_starting_at_zero():
         assert layer["under"] == expected_under and layer["over"] == 0.0
 
 
+def test_diagnostic_under_count_mode_equals_the_full_simulation():
+    """Under count mode a TPP neuron sees its mean current and outputs count/T: the diagnostic
+    reads the same counts as in the full simulation (same draws with bernoulli='draw-equal')."""
+    import tpp_plugin
+    from tpp_plugin.adapters.spikingjelly import TPPNode
+
+    T, x = 4, torch.rand(64, 16) * 0.8  # Σx up to 3.2θ: fractional potentials over-fire
+    summaries = []
+    for count in (False, True):
+        net = torch.nn.Sequential(torch.nn.Identity(), TPPNode(step_mode="m", seed=0))
+        with FiringDiagnostic(net, (TPPNode,), lambda m: m.v_threshold) as diag:
+            if count:
+                with tpp_plugin.count_mode(net, T, bernoulli="draw-equal"):
+                    net(x)
+            else:
+                net(x.unsqueeze(0).expand(T, *x.shape))
+        summaries.append(diag.summary())
+    assert summaries[0] == summaries[1]
+    assert summaries[0][0]["neurons"] == x.numel() and summaries[0][0]["over"] > 0.05
+
+
 def test_missing_fashion_mnist_exits_with_install_hint(tmp_path, capsys):
     code = cli_main(["reproduce", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
     assert code == 2
