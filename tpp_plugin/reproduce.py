@@ -27,6 +27,12 @@ Every variant also runs under :func:`tpp_plugin.spike_stats`: spikes and synapti
 (SOPs) per image, and an energy estimate against the ANN's multiply-accumulates (``--e-ac``,
 ``--e-mac``: pJ per accumulate and per multiply-accumulate, default 0.9 and 4.6, 45 nm).
 
+With ``--calibration RECIPE [RECIPE ...]`` (RateCoding modes such as ``99.9%``, ``ltb``,
+``tpp``) a ReLU configuration compares threshold calibrations instead, on the same ANN and
+calibration images: each recipe with its own IF neuron and with TPP of every count rule, the
+calibration time of each recipe and the per-layer report of the T-aware calibration
+(:mod:`tpp_plugin.reproduce_calibration`).
+
 Output: tables on the terminal, and per configuration ``OUT/<name>.json`` and ``OUT/<name>.png``
 (accuracy vs ``T`` on a log-2 axis, the diagnostic, and accuracy vs spikes per image), each
 written as soon as that configuration finishes.
@@ -493,9 +499,15 @@ def _mean_std(values) -> tuple[float, float]:
 
 
 def config_name(args, model: str, ann: str) -> str:
-    """File stem of one configuration's outputs, e.g. ``fashion-mnist-cnn5-relu-p99.9``."""
+    """File stem of one configuration's outputs, e.g. ``fashion-mnist-cnn5-relu-p99.9``, and
+    ``...-relu-calib-p99.9-ltb-tpp`` for ``--calibration 99.9% ltb tpp``."""
+    recipes = getattr(args, "calibration", None)
     if ann == "qcfs":
         detail = f"L{args.L}"
+    elif recipes:
+        from .reproduce_calibration import recipe_slug
+
+        detail = "calib-" + "-".join(recipe_slug(r) for r in recipes)
     else:
         detail = "p" + args.mode[:-1] if args.mode.endswith("%") else args.mode
     size = f"-{args.resize}px" if args.resize else ""
@@ -515,6 +527,7 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
     x_test, y_test = x_test[shard], y_test[shard]
     evaluated = int(all_reduce_sum([len(y_test)], dtype=torch.int64)[0])
     Ts = list(args.T)
+    recipes = getattr(args, "calibration", None)
     ann, ann_record = get_ann(args, model, ann_type, x_train, y_train, device, echo)
     ann_preds = _predict(ann, x_test, args.batch_size)
     result = {
@@ -524,7 +537,8 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             "dataset": args.dataset, "model": model, "ann": ann_type,
             "spiking_layers": spiking_layers(ann), "image_size": int(x_test.shape[-1]),
             "L": args.L if ann_type == "qcfs" else None,
-            "mode": args.mode if ann_type == "relu" else None,
+            "mode": args.mode if ann_type == "relu" and not recipes else None,
+            "calibration": list(recipes) if recipes else None,
             "T": Ts, "seeds": args.seeds, "train_seed": args.train_seed,
             "framework": args.framework, "device": str(device),
             "n_train": len(y_train), "n_test": n_test, "test_images_evaluated": evaluated,
@@ -546,11 +560,17 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
         (x_train[s : min(s + 256, n_calib)], y_train[s : min(s + 256, n_calib)])
         for s in range(0, n_calib, 256)
     ]
-    fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
+    if recipes:  # calibration recipes side by side (reproduce_calibration)
+        from .reproduce_calibration import CalibrationComparison
+
+        fw = CalibrationComparison(args, ann, calibration, device, echo)
+    else:
+        fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
+    variants = getattr(fw, "variants", VARIANTS)
     result["config"]["conversion"] = fw.conversion
     e_ac, e_mac = _energy_constants(args)
-    keys = [k for k in VARIANTS if k in fw.nets]
-    jobs = [(k, s, T) for k in keys for s in range(args.seeds if VARIANTS[k][1] else 1)
+    keys = [k for k in variants if k in fw.nets]
+    jobs = [(k, s, T) for k in keys for s in range(args.seeds if variants[k][1] else 1)
             for T in Ts]
     per = {k: {} for k in keys}
     agreement = {T: [] for T in Ts}
@@ -575,7 +595,7 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             }
             for j, layer in enumerate(layers)
         ]
-        label, stochastic = VARIANTS[key]
+        label, stochastic = variants[key]
 
         def spike_mean(field, key=key, seeds=seeds):
             values = [[per[key][(s, T)][2][field] for s in seeds] for T in Ts]
@@ -588,12 +608,16 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             "sops_per_image": spike_mean("sops_per_image"),
             "energy_pj_per_image": spike_mean("energy_pj_per_image"),
         }
+        if hasattr(fw, "row_details"):
+            result["variants"][key].update(fw.row_details(key))
         if "macs_per_image" not in result["ann"]:
             first = per[key][(seeds[0], Ts[0])][2]
             result["ann"]["macs_per_image"] = first["ann_macs_per_image"]
             result["ann"]["energy_pj_per_image"] = e_mac * first["ann_macs_per_image"]
             result["config"]["energy_pj"] = {"accumulate": e_ac, "multiply_accumulate": e_mac}
     result["config"]["threshold_gap_between_ranks"] = fw.threshold_gap
+    if recipes:
+        result["calibration"] = fw.record()
     if ann_type == "qcfs":
         agree = [min(agreement[T]) for T in Ts]
         result["oracle"] = {
@@ -639,6 +663,10 @@ def format_accuracy_table(result) -> str:
             for m, s in cells
         )
         lines.append(f"{label:<{width}}{text}")
+    if "calibration" in result:
+        from .reproduce_calibration import format_calibration_times
+
+        lines.append(format_calibration_times(result))
     if "oracle" in result:
         o = result["oracle"]
         agreement = ", ".join(f"{100 * a:.2f}%" for a in o["agreement_min_over_seeds"])
@@ -710,28 +738,33 @@ def plot_result(result, path: str, diag_T: int) -> None:
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4.8),
                                        gridspec_kw={"width_ratios": [3, 2, 3]})
     colors = {}
+    lines = _line_styles(result)  # calibration rows: colour per recipe, line style per neuron
     for label, cells in _rows(result).items():
         means = [100 * m for m, _ in cells]
         stds = [100 * s for _, s in cells]
         style = {"linestyle": "--", "color": "black" if label.startswith("ANN (") else "gray"} \
-            if label.startswith("ANN") else {"marker": "o", "markersize": 3}
+            if label.startswith("ANN") else {"marker": "o", "markersize": 3, **lines.get(label, {})}
         bars = ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
         colors[label] = bars.lines[0].get_color()
     ax.set_xscale("log", base=2)
     ax.set_xticks(Ts, [str(T) for T in Ts])
     ax.set_xlabel("time steps T")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg['dataset']} {cfg['model']} {cfg['ann']}"
-                 + (f" L={cfg['L']}" if cfg["L"] else f" mode={cfg['mode']}"), fontsize=10)
+    detail = (f" L={cfg['L']}" if cfg["L"] else f" mode={cfg['mode']}" if cfg.get("mode")
+              else " calibration: " + ", ".join(cfg.get("calibration") or []))
+    ax.set_title(f"{cfg['dataset']} {cfg['model']} {cfg['ann']}{detail}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     i = Ts.index(diag_T)
     for v in result["variants"].values():
         layers = range(1, len(v["diagnostic"]) + 1)
+        style = lines.get(v["label"], {})
         line, = ax2.plot(layers, [100 * d["under"][i] for d in v["diagnostic"]], marker="v",
-                         label=v["label"])
+                         label=v["label"], **style)
         ax2.plot(layers, [100 * d["over"][i] for d in v["diagnostic"]], marker="^",
-                 linestyle=":", color=line.get_color())
+                 **({"linestyle": ":"} if not style else {"linestyle": style["linestyle"],
+                                                          "alpha": 0.5}),
+                 color=line.get_color())
     ax2.set_xticks(list(layers))
     ax2.set_xlabel("spiking layer")
     ax2.set_ylabel("% of neurons (▼ under-firing, ^ over-firing)")
@@ -742,7 +775,7 @@ def plot_result(result, path: str, diag_T: int) -> None:
                   if s is not None and s > 0]
         if points:
             ax3.plot(*zip(*points), marker="o", markersize=3, label=v["label"],
-                     color=colors.get(v["label"]))
+                     **{"color": colors.get(v["label"]), **lines.get(v["label"], {})})
     if ax3.lines:
         ax3.set_xscale("log")
     ax3.axhline(100 * result["ann"]["accuracy"], linestyle="--", color="black", linewidth=1)
@@ -753,6 +786,18 @@ def plot_result(result, path: str, diag_T: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _line_styles(result) -> dict:
+    """``{label: {'color', 'linestyle'}}`` of the rows of a calibration comparison (colour per
+    recipe, line style per neuron); ``{}`` otherwise."""
+    if "calibration" not in result:
+        return {}
+    recipes = list(result["config"]["calibration"])
+    dashes = {None: "-", "exact": "--", "bernoulli": ":", "unbiased": "-."}
+    return {v["label"]: {"color": f"C{recipes.index(v['recipe']) % 10}",
+                         "linestyle": dashes.get(v["count"], "-")}
+            for v in result["variants"].values()}
 
 
 def _diag_T(args) -> int:
@@ -823,6 +868,11 @@ def _run(args, device: torch.device, echo) -> list[dict]:
             results.append(result)
             echo("")
             echo(format_accuracy_table(result))
+            if "calibration" in result and "tpp" in result["calibration"]["recipes"]:
+                from .reproduce_calibration import format_calibration_report
+
+                echo("")
+                echo(format_calibration_report(result, _diag_T(args)))
             echo("")
             echo(format_diagnostic_table(result, _diag_T(args)))
             echo("")
@@ -876,6 +926,7 @@ def _energy_argument(text: str) -> float:
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
     from .cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
+    from .reproduce_calibration import recipe_argument
 
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
@@ -886,8 +937,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ann", nargs="+", choices=["relu", "qcfs"], default=["relu"],
                         help="ReLU ANN (threshold calibration) or QCFS ANN (one or more)")
     parser.add_argument("--L", type=positive_int, default=4, help="QCFS levels")
-    parser.add_argument("--mode", type=calibration_mode, default="99.9%",
-                        help="ReLU threshold calibration: max or a percentile like 99.9%%")
+    parser.add_argument("--mode", type=calibration_mode, default=None,
+                        help="ReLU threshold calibration: max or a percentile like 99.9%% "
+                        "(default 99.9%%)")
+    parser.add_argument("--calibration", type=recipe_argument, nargs="+", default=None,
+                        metavar="RECIPE",
+                        help="compare threshold calibrations of the ReLU ANN instead of the IF/"
+                        "permutation/TPP variants, all on the same --calib-images images: a "
+                        "RateCoding mode (max, 99.9%%, 99.99%%, ...: the converter's IF and TPP), "
+                        "ltb (SpikingJelly 2.x's LocalThresholdBalancingRecipe: its half-"
+                        "threshold IF and TPP) and/or tpp (tpp_plugin's calibration for each T: "
+                        "TPP); TPP with count exact, bernoulli and unbiased, in count mode. "
+                        "Records each recipe's calibration time and the tpp calibration's per-"
+                        "layer report. E.g. --calibration 99.9%% ltb tpp")
     parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
                         help="time steps")
     parser.add_argument("--seeds", type=positive_int, default=1,
@@ -933,12 +995,22 @@ def check_arguments(args) -> None:
     """
     if args.subset is not None and len(args.subset) > 2:
         raise ValueError(f"--subset takes N_TRAIN [N_TEST], got {len(args.subset)} values")
+    if args.calibration:
+        from .reproduce_calibration import check_recipes
+
+        if args.mode is not None:
+            raise ValueError(
+                "--mode sets the thresholds of the IF/permutation/TPP comparison; with "
+                "--calibration give RateCoding modes as recipes instead (e.g. --calibration "
+                f"{args.mode} ltb tpp)"
+            )
+        check_recipes(args.calibration, args.framework, args.ann)
 
 
 def _fill_defaults(args) -> None:
     from .convert import check_calibration_mode
 
-    args.mode = check_calibration_mode(args.mode)
+    args.mode = check_calibration_mode("99.9%" if args.mode is None else args.mode)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.train_batch_size is None:
         args.train_batch_size = 64 if args.dataset == "digits" else 256
