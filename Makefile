@@ -14,7 +14,7 @@ SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion win
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 FASHION     := $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test test-all lint clean bench fashion-data
+.PHONY: demo test test-all lint clean bench bench-calib fashion-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ bench: $(STAMP) fashion-data
 	@[ -f $(FASHION) ] || exit 1
 	$(PY) -m tpp_plugin reproduce --dataset fashion-mnist --data-dir $(FASHION_DIR) \
 	  --out results/fashion-mnist --checkpoint results/checkpoints $(BENCH_ARGS)
+
+# Threshold calibrations side by side (RateCoding 99.9%, SpikingJelly's LTB, the T-aware tpp
+# calibration) on the same ANNs and calibration images; see docs/results.md.
+BENCH_CALIB_ARGS ?= --model cnn5 vgg cnn5_maxpool resnet --calibration 99.9% ltb tpp --seeds 3 \
+                    --T 1 2 4 8
+bench-calib: $(STAMP) fashion-data
+	@[ -f $(FASHION) ] || exit 1
+	$(PY) -m tpp_plugin reproduce --dataset fashion-mnist --data-dir $(FASHION_DIR) \
+	  --out results/fashion-mnist-calibration --checkpoint results/checkpoints $(BENCH_CALIB_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -94,6 +94,27 @@ def test_diagnostic_sees_under_firing_of_an_if_neuron_starting_at_zero():
         assert layer["under"] == expected_under and layer["over"] == 0.0
 
 
+def test_diagnostic_under_count_mode_equals_the_full_simulation():
+    """Under count mode a TPP neuron sees its mean current and outputs count/T: the diagnostic
+    reads the same counts as in the full simulation (same draws with bernoulli='draw-equal')."""
+    import tpp_plugin
+    from tpp_plugin.adapters.spikingjelly import TPPNode
+
+    T, x = 4, torch.rand(64, 16) * 0.8  # Σx up to 3.2θ: fractional potentials over-fire
+    summaries = []
+    for count in (False, True):
+        net = torch.nn.Sequential(torch.nn.Identity(), TPPNode(step_mode="m", seed=0))
+        with FiringDiagnostic(net, (TPPNode,), lambda m: m.v_threshold) as diag:
+            if count:
+                with tpp_plugin.count_mode(net, T, bernoulli="draw-equal"):
+                    net(x)
+            else:
+                net(x.unsqueeze(0).expand(T, *x.shape))
+        summaries.append(diag.summary())
+    assert summaries[0] == summaries[1]
+    assert summaries[0][0]["neurons"] == x.numel() and summaries[0][0]["over"] > 0.05
+
+
 def test_missing_fashion_mnist_exits_with_install_hint(tmp_path, capsys):
     code = cli_main(["reproduce", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
     assert code == 2
@@ -112,3 +133,186 @@ def test_checkpoint_name_holds_every_training_setting():
     assert len(names) == 3
     assert _checkpoint_path(argparse.Namespace(**{**vars(args), "checkpoint": None}),
                             "resnet", "relu", 14, 6000, 8) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# --calibration: recipes side by side on one ANN
+# ------------------------------------------------------------------------------------------------
+CALIB_TS = [1, 2]
+CALIB_ARGS = ["--dataset", "digits", "--subset", "600", "300", "--epochs", "15",
+              "--calib-images", "512", "--T", *map(str, CALIB_TS)]
+
+
+def _has_ltb() -> bool:
+    from spikingjelly.activation_based import ann2snn
+
+    return hasattr(ann2snn, "LocalThresholdBalancingRecipe")
+
+
+def _trained(folder, model):
+    """The run's ANN (from its --checkpoint folder) and its data: the calibration batches and
+    the test set, as reproduce made them."""
+    from tpp_plugin.models import build_model
+    from tpp_plugin.reproduce import load_dataset
+
+    (path,) = folder.glob(f"*-{model}-*.pt")
+    ann = build_model(model, 8)
+    ann.load_state_dict(torch.load(path))
+    x_train, y_train, x_test, y_test = load_dataset("digits", subset=[600, 300])
+    batches = [(x_train[s:s + 256], y_train[s:s + 256]) for s in (0, 256)]
+    return ann.eval(), batches, x_test, y_test
+
+
+def _accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).double().mean())
+
+
+@pytest.fixture(scope="module")
+def calibration_run(tmp_path_factory):
+    import contextlib
+    import io
+
+    out, ckpt = tmp_path_factory.mktemp("calibration"), tmp_path_factory.mktemp("checkpoint")
+    recipes = ["99.9%", "ltb", "tpp"] if _has_ltb() else ["99.9%", "tpp"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli_main(["reproduce", *CALIB_ARGS, "--model", "cnn5", "--seeds", "2",
+                         "--calibration", *recipes, "--diag-T", "2", "--checkpoint", str(ckpt),
+                         "--out", str(out)])
+    assert code == 0
+    name = "digits-cnn5-relu-calib-" + "-".join(r.replace("99.9%", "p99.9") for r in recipes)
+    assert sorted(p.name for p in out.iterdir()) == [name + ".json", name + ".png"]
+    result = json.loads((out / (name + ".json")).read_text())
+    return result, recipes, printed.getvalue(), ckpt
+
+
+def test_calibration_json_holds_every_recipe_neuron_and_count_per_T(calibration_run):
+    result, recipes, _, _ = calibration_run
+    cfg = result["config"]
+    assert cfg["calibration"] == recipes and cfg["T"] == CALIB_TS and cfg["mode"] is None
+    expected = {f"{r}/{n}" for r in recipes for n in ("if", "tpp_exact", "tpp_bernoulli",
+                                                       "tpp_unbiased") if (r, n) != ("tpp", "if")}
+    assert set(result["variants"]) == expected
+    for key, row in result["variants"].items():
+        recipe, neuron = key.split("/")
+        assert row["recipe"] == recipe and len(row["mean"]) == len(CALIB_TS)
+        assert all(0.0 <= a <= 1.0 for a in row["mean"])
+        assert len(row["diagnostic"]) == cfg["spiking_layers"]
+        if neuron == "if":
+            assert row["evaluation"] == "multi-step" and row["count"] is None
+        else:  # TPP rows run in count mode; only random counts are repeated over seeds
+            assert row["evaluation"] == "count mode" and row["count"] == neuron[len("tpp_"):]
+            assert len(row["per_seed"]) == (1 if row["count"] == "exact" else 2)
+    for recipe in recipes:
+        record = result["calibration"]["recipes"][recipe]
+        seconds = record["seconds"] if recipe == "tpp" else [record["seconds"]]
+        assert record["per_T"] == (recipe == "tpp")
+        assert len(seconds) == (len(CALIB_TS) if recipe == "tpp" else 1)
+        assert all(s > 0 for s in seconds)
+    assert result["calibration"]["images"] == 512
+
+
+def test_calibration_report_per_T_with_the_other_recipes_as_references(calibration_run):
+    result, recipes, printed, _ = calibration_run
+    reports = result["calibration"]["recipes"]["tpp"]["reports"]
+    assert [r["T"] for r in reports] == CALIB_TS
+    for report in reports:
+        assert len(report["layers"]) == result["config"]["spiking_layers"]
+        for layer in report["layers"]:
+            assert set(layer["references"]) == set(recipes) - {"tpp"}
+            assert 0.0 <= layer["clipped"] <= 1.0 and layer["threshold"]["max"] > 0
+    # printed: the table with the calibration times, and the report at --diag-T
+    assert "TPP calibration for T + TPP exact" in printed
+    assert "calibration time (conversion wall clock, 512 calibration images): 99.9%" in printed
+    assert "tpp calibration for T=2, per layer" in printed and "θ (T=2)" in printed
+    if "ltb" in recipes:
+        assert "θ ltb" in printed and "LTB + its half-threshold IF (SJ)" in printed
+
+
+def test_calibration_rows_equal_direct_conversions(calibration_run):
+    """The deterministic rows against conversions done here, on the same ANN and images: the
+    tpp + exact TPP row is the accuracy of calibrate_for_T's quantised ANN (which exact TPP
+    computes), the IF row SpikingJelly's own network simulated by tpp_plugin.evaluate, the LTB
+    + exact TPP row the ANN quantised with LTB's thresholds."""
+    from spikingjelly.activation_based import ann2snn
+
+    import tpp_plugin
+    from tpp_plugin.adapters.spikingjelly import IS_LEGACY, calibrated_thresholds
+    from tpp_plugin.calibration import calibrate_for_T, quantised_ann
+
+    result, recipes, _, ckpt = calibration_run
+    rows = result["variants"]
+    ann, batches, x, y = _trained(ckpt, "cnn5")
+    assert result["ann"]["accuracy"] == _accuracy(ann, x, y)
+    for i, T in enumerate(CALIB_TS):
+        calibrated = calibrate_for_T(ann, batches, T, max_samples=None)
+        assert rows["tpp/tpp_exact"]["mean"][i] == _accuracy(quantised_ann(ann, calibrated, T),
+                                                             x, y)
+    if IS_LEGACY:
+        rate = ann2snn.Converter(batches, mode="99.9%", neuron="if")(ann)
+    else:
+        rate = ann2snn.Converter(ann2snn.RateCodingRecipe(batches, mode="99.9%")).convert(ann)
+    assert rows["99.9%/if"]["mean"][1] == tpp_plugin.evaluate(rate, (x, y), T=2)["accuracy"]
+    if "ltb" in recipes:
+        ltb = ann2snn.Converter(ann2snn.LocalThresholdBalancingRecipe(batches)).convert(ann)
+        quantised = quantised_ann(ann, calibrated_thresholds(ltb), 2, fuse=True)
+        assert rows["ltb/tpp_exact"]["mean"][1] == _accuracy(quantised, x, y)
+    # the comparison is not vacuous: the ANN learned, and calibrating for T matters at T=1
+    assert result["ann"]["accuracy"] > 0.8
+    assert rows["tpp/tpp_exact"]["mean"][0] > rows["99.9%/tpp_exact"]["mean"][0]
+
+
+def test_calibration_with_snntorch(tmp_path):
+    """--framework snntorch: a RateCoding mode through the plugin's converter (IF θ/2 and TPP),
+    tpp through convert(mode=...); the tpp + exact row is calibrate_for_T's quantised ANN
+    (the converter keeps batch norms: fuse=False)."""
+    pytest.importorskip("snntorch")
+    from tpp_plugin.calibration import calibrate_for_T, quantised_ann
+
+    code = cli_main(["reproduce", *CALIB_ARGS, "--model", "mlp8", "--framework", "snntorch",
+                     "--calibration", "max", "tpp", "--no-plot", "--checkpoint", str(tmp_path),
+                     "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "digits-mlp8-relu-calib-max-tpp-snntorch.json").read_text())
+    rows = result["variants"]
+    assert set(rows) == {"max/if", "max/tpp_exact", "max/tpp_bernoulli", "max/tpp_unbiased",
+                         "tpp/tpp_exact", "tpp/tpp_bernoulli", "tpp/tpp_unbiased"}
+    assert rows["max/if"]["evaluation"] == "sequence"
+    assert rows["max/if"]["label"] == "RateCoding max + IF (plugin's, v starts at θ/2)"
+    ann, batches, x, y = _trained(tmp_path, "mlp8")
+    for i, T in enumerate(CALIB_TS):
+        calibrated = calibrate_for_T(ann, batches, T, fuse=False, max_samples=None)
+        assert rows["tpp/tpp_exact"]["mean"][i] == _accuracy(quantised_ann(ann, calibrated, T),
+                                                             x, y)
+    reports = result["calibration"]["recipes"]["tpp"]["reports"]
+    assert set(reports[0]["layers"][0]["references"]) == {"max", "99.9%"}  # + the ANN's own
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--calibration", "99.9%", "rate"], "unknown calibration recipe 'rate'"),
+    (["--calibration", "tpp", "tpp"], "'tpp' is given twice"),
+    (["--calibration", "ltb", "--framework", "snntorch"], "snnTorch converter has no LTB"),
+    (["--calibration", "tpp", "--ann", "qcfs"], "run --ann qcfs without --calibration"),
+    (["--calibration", "tpp", "--mode", "max"], "give RateCoding modes as recipes"),
+])
+def test_calibration_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["reproduce", "--dataset", "digits", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibration_ltb_needs_spikingjelly_2(capsys):
+    """0.0.0.0.14 has no LocalThresholdBalancingRecipe: a usage error naming the reason; on 2.x
+    the same arguments parse."""
+    from tpp_plugin.cli import parse_args
+
+    argv = ["reproduce", "--dataset", "digits", "--calibration", "99.9%", "ltb", "tpp"]
+    if _has_ltb():
+        assert parse_args(argv).calibration == ["99.9%", "ltb", "tpp"]
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    assert "the 0.0.0.0.14 line) has none" in capsys.readouterr().err

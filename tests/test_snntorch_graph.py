@@ -595,3 +595,25 @@ def test_calibrated_conversion_equals_the_quantised_ann(build, T):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="mode='tpp'.*calibration="):
         convert(ann, num_steps=T, mode="tpp")
+
+
+def test_a_calibration_result_as_mode_builds_the_mode_tpp_network():
+    """mode=<CalibrationResult>: one calibration, several networks (e.g. one per count); the
+    network equals mode='tpp''s; a result for another T, or of a fused graph, is refused."""
+    from tpp_plugin.calibration import calibrate_for_T
+
+    torch.manual_seed(0)
+    ann = cnn5_maxpool(image_size=SIZE, channels=4).double().eval()
+    x = torch.rand(64, 1, SIZE, SIZE, dtype=torch.float64)
+    result = calibrate_for_T(ann, [x], 2, fuse=False)
+    with torch.no_grad():
+        x_seq = x.expand(2, *x.shape)
+        expected = convert(ann, [x], num_steps=2, mode="tpp", count="exact", seed=0)(x_seq)
+        got = convert(ann, [x], num_steps=2, mode=result, count="exact", seed=0)(x_seq)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="made for T=2, but num_steps=4"):
+        convert(ann, [x], num_steps=4, mode=result)
+    with pytest.raises(ValueError, match="fuse=False"):
+        convert(ann, [x], num_steps=2, mode=calibrate_for_T(ann, [x], 2))
+    with pytest.raises(ValueError, match="pass calibration="):
+        convert(ann, num_steps=2, mode=result)

@@ -121,7 +121,8 @@ def calibration_mode(text: str) -> str:
 SUBCOMMANDS = {
     "demo": ("tpp_plugin.demo", "accuracy vs T on sklearn digits: IF vs TPP"),
     "bench": ("tpp_plugin.bench", "time TPPNode vs IFNode, clone and rand_like; count mode"),
-    "reproduce": ("tpp_plugin.reproduce", "the paper's experiment: accuracy vs T, IF/perm/TPP"),
+    "reproduce": ("tpp_plugin.reproduce", "the paper's experiment: accuracy vs T, IF/perm/TPP; "
+                  "or calibration recipes side by side (--calibration)"),
     "run": ("tpp_plugin.runner", "run an unmodified script with TPP as the converters' default"),
 }
 

@@ -27,6 +27,12 @@ Every variant also runs under :func:`tpp_plugin.spike_stats`: spikes and synapti
 (SOPs) per image, and an energy estimate against the ANN's multiply-accumulates (``--e-ac``,
 ``--e-mac``: pJ per accumulate and per multiply-accumulate, default 0.9 and 4.6, 45 nm).
 
+With ``--calibration RECIPE [RECIPE ...]`` (RateCoding modes such as ``99.9%``, ``ltb``,
+``tpp``) a ReLU configuration compares threshold calibrations instead, on the same ANN and
+calibration images: each recipe with its own IF neuron and with TPP of every count rule, the
+calibration time of each recipe and the per-layer report of the T-aware calibration
+(:mod:`tpp_plugin.reproduce_calibration`).
+
 Output: tables on the terminal, and per configuration ``OUT/<name>.json`` and ``OUT/<name>.png``
 (accuracy vs ``T`` on a log-2 axis, the diagnostic, and accuracy vs spikes per image), each
 written as soon as that configuration finishes.
@@ -53,6 +59,7 @@ from torch import nn
 
 from . import data
 from . import functional as F
+from .count_domain import count_window
 from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
 from .qcfs import qcfs_levels
 
@@ -197,6 +204,8 @@ class FiringDiagnostic:
     input currents ``x`` ``[T, N, ...]`` and the spikes ``[T, N, ...]`` of each window. A neuron is
     *over-firing* if its count exceeds ``clamp(round(Σ_t x_t / θ), 0, T)`` (round half up, the
     QCFS rule; the sum is taken in time order, as the neurons do), *under-firing* if it falls short.
+    Under :func:`tpp_plugin.count_mode` a TPP neuron sees its mean current ``m`` ``[N, ...]`` and
+    outputs ``s·count/T``: the same comparison with ``Σ_t x_t = T·m``.
 
     :param net: the spiking network
     :param neuron_types: module types to watch (one hook each, in ``named_modules`` order)
@@ -228,15 +237,18 @@ class FiringDiagnostic:
         def hook(module, inputs, output):
             x_seq = inputs[0]
             spikes = output[0] if isinstance(output, tuple) else output
-            if x_seq.dim() < 2 or spikes.dim() != x_seq.dim() or len(spikes) != len(x_seq):
+            T = count_window(module)
+            if T is not None:  # count mode: mean current in, s·count/T out
+                potential, count = T * x_seq, spikes * T
+            elif x_seq.dim() < 2 or spikes.dim() != x_seq.dim() or len(spikes) != len(x_seq):
                 return  # single-step call: nothing to compare
-            T = x_seq.shape[0]
+            else:
+                T, potential, count = x_seq.shape[0], F.tpp_accumulate(x_seq), spikes.sum(0)
             theta = self.threshold(module)
-            potential = F.tpp_accumulate(x_seq)
             if getattr(module, "pool", None) is not None:  # a TPP neuron max-pools its potential
                 potential = module.pool(potential)
             wanted = torch.clamp(torch.floor(potential / theta + 0.5), 0, T)
-            count = torch.round(spikes.sum(0) / self.spike_scale(module))
+            count = torch.round(count / self.spike_scale(module))
             totals = self.totals[i]
             totals[0] += count.numel()
             totals[1] += int((count > wanted).sum())
@@ -295,39 +307,92 @@ def _spike_record(stats) -> dict:
             "firing_rate": [layer["firing_rate"] for layer in s["layers"]]}
 
 
+@torch.no_grad()
+def evaluate_net(net, T: int, x, y, batch_size: int, diagnostic: dict, energy, *, seed=None,
+                 count: bool = False, reset=None):
+    """Predictions, per-layer firing diagnostic and spike record of one network on ``(x, y)``
+    (this rank's shard; the diagnostic and the spike statistics are all-reduced).
+
+    :param net: converted network; SpikingJelly ones already in multi-step mode
+    :param T: time steps
+    :param batch_size: images per forward
+    :param diagnostic: keyword arguments of :class:`FiringDiagnostic` (``neuron_types``,
+        ``threshold``, optionally ``spike_scale``)
+    :param energy: ``(e_ac, e_mac)`` in pJ
+    :param seed: reseed the random modules with :func:`tpp_plugin.reseed` first (``None``: keep
+        their streams)
+    :param count: evaluate under :func:`tpp_plugin.count_mode` (one pass per batch) instead of
+        the full ``[T, N, ...]`` simulation
+    :param reset: resets the network's state before each batch of the full simulation (default
+        :func:`tpp_plugin.reset`)
+    :return: ``(predictions, diagnostic summary, spike record)``
+    """
+    import tpp_plugin
+
+    from .stats import SpikeStats
+
+    reset = reset or tpp_plugin.reset
+    if seed is not None:  # every random module gets its own seed spawned from this one
+        tpp_plugin.reseed(net, seed)
+    preds = []
+    with FiringDiagnostic(net, **diagnostic) as diag, SpikeStats(net, T, *energy) as stats:
+        for start in range(0, len(y), batch_size):
+            xb = x[start : start + batch_size]
+            if count:
+                with tpp_plugin.count_mode(net, T):
+                    preds.append(net(xb).argmax(1))
+            else:
+                reset(net)
+                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
+    if not count:
+        reset(net)
+    return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
+
+
+def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]:
+    """SpikingJelly's own conversion of a ReLU ANN with thresholds from ``mode`` (``max`` or a
+    percentile): ``RateCodingRecipe`` on 2.x (under torchrun with the calibration batches shared
+    among the ranks), the ``Converter`` on 0.0.0.0.14; IF neurons starting at ``v = 0``.
+
+    :return: ``(network, description)``; the ANN is not modified
+    """
+    from spikingjelly.activation_based import ann2snn
+
+    from .adapters import spikingjelly as sj
+
+    mode = "Max" if mode == "max" else mode
+    if sj.IS_LEGACY:
+        # the plain 0.0.0.0.14 result runs single-step only: neuron='if' builds the same IFNode
+        # (v = 0) and makes the graph multi-step capable
+        net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
+            copy.deepcopy(ann))
+        return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
+    from .evaluate import shared_calibration
+
+    # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
+    # and the statistics all-reduced (in one process: the recipe unchanged)
+    recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
+    net = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
+    return net, f"spikingjelly RateCodingRecipe(mode={mode!r})"
+
+
 class _SpikingJelly:
     """Variants through the SpikingJelly adapter (2.x and 0.0.0.0.14)."""
 
     name = "spikingjelly"
 
     def __init__(self, args, ann, ann_type, calibration, device):
-        from spikingjelly.activation_based import ann2snn, neuron
-
         import tpp_plugin  # noqa: F401  (registers the hooks)
 
         from .adapters import spikingjelly as sj
 
         self.sj, self.device = sj, device
-        self.neuron_types = (neuron.IFNode, sj.TPPNode)
+        self.diagnostic = sj_diagnostic()
         if ann_type == "qcfs":
             v0 = sj.convert_qcfs(ann, "if", {"v_init": 0.0})
             self.conversion = "tpp_plugin convert_qcfs (threshold = λ)"
-        elif sj.IS_LEGACY:
-            # the plain 0.0.0.0.14 result runs single-step only: neuron='if' builds the same IFNode
-            # (v = 0) and makes the graph multi-step capable
-            mode = "Max" if args.mode == "max" else args.mode
-            v0 = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
-                copy.deepcopy(ann))
-            self.conversion = f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
         else:
-            mode = "Max" if args.mode == "max" else args.mode
-            from .evaluate import shared_calibration
-
-            # SpikingJelly's recipe; under torchrun its calibration batches are shared among the
-            # ranks and the statistics all-reduced (in one process: the recipe unchanged)
-            recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
-            v0 = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
-            self.conversion = f"spikingjelly RateCodingRecipe(mode={mode!r})"
+            v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
         v0 = v0.to(device).eval()
         from .evaluate import sync_thresholds
 
@@ -342,27 +407,29 @@ class _SpikingJelly:
             self.nets[f"tpp_{count}"] = sj.swap_neurons(
                 copy.deepcopy(half), "tpp", count=count, seed=0)
 
-    @torch.no_grad()
     def evaluate(self, key, T, seed, x, y, batch_size):
         from spikingjelly.activation_based import functional
 
-        import tpp_plugin
-
-        from .stats import SpikeStats
-
         net = self.nets[key]
-        # every random module gets its own seed spawned from the variant's, whatever ran before
-        tpp_plugin.reseed(net, _variant_seed(seed, T))
         functional.set_step_mode(net, "m")
-        preds = []
-        with FiringDiagnostic(net, self.neuron_types, lambda m: m.v_threshold) as diag, \
-                SpikeStats(net, T, self.e_ac, self.e_mac) as stats:
-            for start in range(0, len(y), batch_size):
-                xb = x[start : start + batch_size]
-                functional.reset_net(net)
-                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
-        functional.reset_net(net)
-        return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
+        # every random module gets its own seed spawned from the variant's, whatever ran before
+        return evaluate_net(net, T, x, y, batch_size, self.diagnostic, (self.e_ac, self.e_mac),
+                            seed=_variant_seed(seed, T), reset=functional.reset_net)
+
+
+def sj_diagnostic() -> dict:
+    """:class:`FiringDiagnostic` arguments for SpikingJelly networks (IF and TPP neurons)."""
+    from .adapters.spikingjelly import _SPIKING_TYPES  # IF, half-threshold IF (2.x), TPP
+
+    return {"neuron_types": _SPIKING_TYPES, "threshold": lambda m: m.v_threshold}
+
+
+def snntorch_diagnostic() -> dict:
+    """:class:`FiringDiagnostic` arguments for the plugin's snnTorch networks (graded spikes)."""
+    from .adapters.snntorch import IF, TPP
+
+    return {"neuron_types": (TPP, IF), "threshold": lambda m: m.threshold,
+            "spike_scale": lambda m: m.graded_spikes_factor}
 
 
 class _SnnTorch:
@@ -377,7 +444,7 @@ class _SnnTorch:
         self.st, self.ann = st, ann
         self.calibration = calibration if ann_type == "relu" else None
         self.mode = args.mode
-        self.neuron_types = (st.TPP, st.IF)
+        self.diagnostic = snntorch_diagnostic()
         self.nets = {k: None for k in VARIANTS if k != "if_v0"}
         self.threshold_gap = 0.0
         self.e_ac, self.e_mac = _energy_constants(args)
@@ -394,19 +461,11 @@ class _SnnTorch:
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
         from .evaluate import sync_thresholds
-        from .stats import SpikeStats
 
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
         self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
-        preds = []
-        with FiringDiagnostic(net, self.neuron_types, lambda m: m.threshold,
-                              lambda m: m.graded_spikes_factor) as diag, \
-                SpikeStats(net, T, self.e_ac, self.e_mac) as stats:
-            for start in range(0, len(y), batch_size):
-                xb = x[start : start + batch_size]
-                self.st.reset(net)
-                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
-        return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
+        return evaluate_net(net, T, x, y, batch_size, self.diagnostic, (self.e_ac, self.e_mac),
+                            reset=self.st.reset)
 
 
 FRAMEWORKS = {"spikingjelly": _SpikingJelly, "snntorch": _SnnTorch}
@@ -440,9 +499,15 @@ def _mean_std(values) -> tuple[float, float]:
 
 
 def config_name(args, model: str, ann: str) -> str:
-    """File stem of one configuration's outputs, e.g. ``fashion-mnist-cnn5-relu-p99.9``."""
+    """File stem of one configuration's outputs, e.g. ``fashion-mnist-cnn5-relu-p99.9``, and
+    ``...-relu-calib-p99.9-ltb-tpp`` for ``--calibration 99.9% ltb tpp``."""
+    recipes = getattr(args, "calibration", None)
     if ann == "qcfs":
         detail = f"L{args.L}"
+    elif recipes:
+        from .reproduce_calibration import recipe_slug
+
+        detail = "calib-" + "-".join(recipe_slug(r) for r in recipes)
     else:
         detail = "p" + args.mode[:-1] if args.mode.endswith("%") else args.mode
     size = f"-{args.resize}px" if args.resize else ""
@@ -462,6 +527,7 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
     x_test, y_test = x_test[shard], y_test[shard]
     evaluated = int(all_reduce_sum([len(y_test)], dtype=torch.int64)[0])
     Ts = list(args.T)
+    recipes = getattr(args, "calibration", None)
     ann, ann_record = get_ann(args, model, ann_type, x_train, y_train, device, echo)
     ann_preds = _predict(ann, x_test, args.batch_size)
     result = {
@@ -471,7 +537,8 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             "dataset": args.dataset, "model": model, "ann": ann_type,
             "spiking_layers": spiking_layers(ann), "image_size": int(x_test.shape[-1]),
             "L": args.L if ann_type == "qcfs" else None,
-            "mode": args.mode if ann_type == "relu" else None,
+            "mode": args.mode if ann_type == "relu" and not recipes else None,
+            "calibration": list(recipes) if recipes else None,
             "T": Ts, "seeds": args.seeds, "train_seed": args.train_seed,
             "framework": args.framework, "device": str(device),
             "n_train": len(y_train), "n_test": n_test, "test_images_evaluated": evaluated,
@@ -493,11 +560,17 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
         (x_train[s : min(s + 256, n_calib)], y_train[s : min(s + 256, n_calib)])
         for s in range(0, n_calib, 256)
     ]
-    fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
+    if recipes:  # calibration recipes side by side (reproduce_calibration)
+        from .reproduce_calibration import CalibrationComparison
+
+        fw = CalibrationComparison(args, ann, calibration, device, echo)
+    else:
+        fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
+    variants = getattr(fw, "variants", VARIANTS)
     result["config"]["conversion"] = fw.conversion
     e_ac, e_mac = _energy_constants(args)
-    keys = [k for k in VARIANTS if k in fw.nets]
-    jobs = [(k, s, T) for k in keys for s in range(args.seeds if VARIANTS[k][1] else 1)
+    keys = [k for k in variants if k in fw.nets]
+    jobs = [(k, s, T) for k in keys for s in range(args.seeds if variants[k][1] else 1)
             for T in Ts]
     per = {k: {} for k in keys}
     agreement = {T: [] for T in Ts}
@@ -522,7 +595,7 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             }
             for j, layer in enumerate(layers)
         ]
-        label, stochastic = VARIANTS[key]
+        label, stochastic = variants[key]
 
         def spike_mean(field, key=key, seeds=seeds):
             values = [[per[key][(s, T)][2][field] for s in seeds] for T in Ts]
@@ -535,12 +608,16 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
             "sops_per_image": spike_mean("sops_per_image"),
             "energy_pj_per_image": spike_mean("energy_pj_per_image"),
         }
+        if hasattr(fw, "row_details"):
+            result["variants"][key].update(fw.row_details(key))
         if "macs_per_image" not in result["ann"]:
             first = per[key][(seeds[0], Ts[0])][2]
             result["ann"]["macs_per_image"] = first["ann_macs_per_image"]
             result["ann"]["energy_pj_per_image"] = e_mac * first["ann_macs_per_image"]
             result["config"]["energy_pj"] = {"accumulate": e_ac, "multiply_accumulate": e_mac}
     result["config"]["threshold_gap_between_ranks"] = fw.threshold_gap
+    if recipes:
+        result["calibration"] = fw.record()
     if ann_type == "qcfs":
         agree = [min(agreement[T]) for T in Ts]
         result["oracle"] = {
@@ -586,6 +663,10 @@ def format_accuracy_table(result) -> str:
             for m, s in cells
         )
         lines.append(f"{label:<{width}}{text}")
+    if "calibration" in result:
+        from .reproduce_calibration import format_calibration_times
+
+        lines.append(format_calibration_times(result))
     if "oracle" in result:
         o = result["oracle"]
         agreement = ", ".join(f"{100 * a:.2f}%" for a in o["agreement_min_over_seeds"])
@@ -657,28 +738,33 @@ def plot_result(result, path: str, diag_T: int) -> None:
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4.8),
                                        gridspec_kw={"width_ratios": [3, 2, 3]})
     colors = {}
+    lines = _line_styles(result)  # calibration rows: colour per recipe, line style per neuron
     for label, cells in _rows(result).items():
         means = [100 * m for m, _ in cells]
         stds = [100 * s for _, s in cells]
         style = {"linestyle": "--", "color": "black" if label.startswith("ANN (") else "gray"} \
-            if label.startswith("ANN") else {"marker": "o", "markersize": 3}
+            if label.startswith("ANN") else {"marker": "o", "markersize": 3, **lines.get(label, {})}
         bars = ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
         colors[label] = bars.lines[0].get_color()
     ax.set_xscale("log", base=2)
     ax.set_xticks(Ts, [str(T) for T in Ts])
     ax.set_xlabel("time steps T")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg['dataset']} {cfg['model']} {cfg['ann']}"
-                 + (f" L={cfg['L']}" if cfg["L"] else f" mode={cfg['mode']}"), fontsize=10)
+    detail = (f" L={cfg['L']}" if cfg["L"] else f" mode={cfg['mode']}" if cfg.get("mode")
+              else " calibration: " + ", ".join(cfg.get("calibration") or []))
+    ax.set_title(f"{cfg['dataset']} {cfg['model']} {cfg['ann']}{detail}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     i = Ts.index(diag_T)
     for v in result["variants"].values():
         layers = range(1, len(v["diagnostic"]) + 1)
+        style = lines.get(v["label"], {})
         line, = ax2.plot(layers, [100 * d["under"][i] for d in v["diagnostic"]], marker="v",
-                         label=v["label"])
+                         label=v["label"], **style)
         ax2.plot(layers, [100 * d["over"][i] for d in v["diagnostic"]], marker="^",
-                 linestyle=":", color=line.get_color())
+                 **({"linestyle": ":"} if not style else {"linestyle": style["linestyle"],
+                                                          "alpha": 0.5}),
+                 color=line.get_color())
     ax2.set_xticks(list(layers))
     ax2.set_xlabel("spiking layer")
     ax2.set_ylabel("% of neurons (▼ under-firing, ^ over-firing)")
@@ -689,7 +775,7 @@ def plot_result(result, path: str, diag_T: int) -> None:
                   if s is not None and s > 0]
         if points:
             ax3.plot(*zip(*points), marker="o", markersize=3, label=v["label"],
-                     color=colors.get(v["label"]))
+                     **{"color": colors.get(v["label"]), **lines.get(v["label"], {})})
     if ax3.lines:
         ax3.set_xscale("log")
     ax3.axhline(100 * result["ann"]["accuracy"], linestyle="--", color="black", linewidth=1)
@@ -700,6 +786,18 @@ def plot_result(result, path: str, diag_T: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _line_styles(result) -> dict:
+    """``{label: {'color', 'linestyle'}}`` of the rows of a calibration comparison (colour per
+    recipe, line style per neuron); ``{}`` otherwise."""
+    if "calibration" not in result:
+        return {}
+    recipes = list(result["config"]["calibration"])
+    dashes = {None: "-", "exact": "--", "bernoulli": ":", "unbiased": "-."}
+    return {v["label"]: {"color": f"C{recipes.index(v['recipe']) % 10}",
+                         "linestyle": dashes.get(v["count"], "-")}
+            for v in result["variants"].values()}
 
 
 def _diag_T(args) -> int:
@@ -770,6 +868,11 @@ def _run(args, device: torch.device, echo) -> list[dict]:
             results.append(result)
             echo("")
             echo(format_accuracy_table(result))
+            if "calibration" in result and "tpp" in result["calibration"]["recipes"]:
+                from .reproduce_calibration import format_calibration_report
+
+                echo("")
+                echo(format_calibration_report(result, _diag_T(args)))
             echo("")
             echo(format_diagnostic_table(result, _diag_T(args)))
             echo("")
@@ -823,6 +926,7 @@ def _energy_argument(text: str) -> float:
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
     from .cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
+    from .reproduce_calibration import recipe_argument
 
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
@@ -833,8 +937,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ann", nargs="+", choices=["relu", "qcfs"], default=["relu"],
                         help="ReLU ANN (threshold calibration) or QCFS ANN (one or more)")
     parser.add_argument("--L", type=positive_int, default=4, help="QCFS levels")
-    parser.add_argument("--mode", type=calibration_mode, default="99.9%",
-                        help="ReLU threshold calibration: max or a percentile like 99.9%%")
+    parser.add_argument("--mode", type=calibration_mode, default=None,
+                        help="ReLU threshold calibration: max or a percentile like 99.9%% "
+                        "(default 99.9%%)")
+    parser.add_argument("--calibration", type=recipe_argument, nargs="+", default=None,
+                        metavar="RECIPE",
+                        help="compare threshold calibrations of the ReLU ANN instead of the IF/"
+                        "permutation/TPP variants, all on the same --calib-images images: a "
+                        "RateCoding mode (max, 99.9%%, 99.99%%, ...: the converter's IF and TPP), "
+                        "ltb (SpikingJelly 2.x's LocalThresholdBalancingRecipe: its half-"
+                        "threshold IF and TPP) and/or tpp (tpp_plugin's calibration for each T: "
+                        "TPP); TPP with count exact, bernoulli and unbiased, in count mode. "
+                        "Records each recipe's calibration time and the tpp calibration's per-"
+                        "layer report. E.g. --calibration 99.9%% ltb tpp")
     parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
                         help="time steps")
     parser.add_argument("--seeds", type=positive_int, default=1,
@@ -880,12 +995,22 @@ def check_arguments(args) -> None:
     """
     if args.subset is not None and len(args.subset) > 2:
         raise ValueError(f"--subset takes N_TRAIN [N_TEST], got {len(args.subset)} values")
+    if args.calibration:
+        from .reproduce_calibration import check_recipes
+
+        if args.mode is not None:
+            raise ValueError(
+                "--mode sets the thresholds of the IF/permutation/TPP comparison; with "
+                "--calibration give RateCoding modes as recipes instead (e.g. --calibration "
+                f"{args.mode} ltb tpp)"
+            )
+        check_recipes(args.calibration, args.framework, args.ann)
 
 
 def _fill_defaults(args) -> None:
     from .convert import check_calibration_mode
 
-    args.mode = check_calibration_mode(args.mode)
+    args.mode = check_calibration_mode("99.9%" if args.mode is None else args.mode)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.train_batch_size is None:
         args.train_batch_size = 64 if args.dataset == "digits" else 256

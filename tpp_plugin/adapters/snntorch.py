@@ -986,8 +986,10 @@ def convert(
         ``neuron_kwargs``), else ``'tpp'``
     :param mode: ReLU threshold statistic: ``'max'``, a percentile like ``'99.9%'``, or a
         fraction of the max; or ``'tpp'``: per-channel thresholds and bias corrections chosen for
-        ``num_steps`` (:func:`tpp_plugin.calibration.calibrate_for_T`, docs/calibration.md).
-        Defaults to ``'max'``
+        ``num_steps`` (:func:`tpp_plugin.calibration.calibrate_for_T`, docs/calibration.md); or
+        the :class:`~tpp_plugin.calibration.CalibrationResult` of an earlier
+        ``calibrate_for_T(ann, calibration, num_steps, fuse=False)``, to build several networks
+        (e.g. one per ``count``) from one calibration. Defaults to ``'max'``
     :param momentum: moving-average momentum of the statistic across batches
     :param sequence: If `True` (default) the net takes whole sequences ``[T, B, ...]``; if
         `False` it takes one time step ``[B, ...]`` per call (snnTorch's time loop; run
@@ -1045,11 +1047,14 @@ def convert(
     generator = neuron_kwargs.pop("generator", None)
     _check_seed(seed, generator)
     calibrated = None
-    if isinstance(mode, str) and mode.lower() == "tpp":  # thresholds chosen for num_steps
+    from ..calibration import CalibrationResult, apply_bias_shifts, calibrate_for_T
+
+    if isinstance(mode, CalibrationResult):  # thresholds chosen for num_steps, earlier
+        calibrated = _check_calibration_result(mode, num_steps, calibration)
+        ann = apply_bias_shifts(copy.deepcopy(ann), calibrated)
+    elif isinstance(mode, str) and mode.lower() == "tpp":  # thresholds chosen for num_steps
         if calibration is None:
             raise ValueError("convert: mode='tpp' calibrates for num_steps: pass calibration=")
-        from ..calibration import apply_bias_shifts, calibrate_for_T
-
         calibrated = calibrate_for_T(ann, calibration, num_steps, fuse=False)
         ann = apply_bias_shifts(copy.deepcopy(ann), calibrated)
     else:
@@ -1122,6 +1127,22 @@ def convert(
     build = _build_sequential if chain else _build_graph
     net = build(traced, activations, pool_of, make_cell, neuron, num_steps, sequence)
     return net.eval()
+
+
+def _check_calibration_result(result, num_steps: int, calibration):
+    """A :class:`~tpp_plugin.calibration.CalibrationResult` passed as ``mode``: calibrated for
+    ``num_steps``, on the unfused ANN (this converter keeps batch norms), with ``calibration``
+    data at hand (one batch gives the activations' shapes)."""
+    if result.T != num_steps:
+        raise ValueError(f"convert: the calibration was made for T={result.T}, but "
+                         f"num_steps={num_steps}; calibrate for the window the network runs")
+    if result.settings.get("fuse", False):
+        raise ValueError("convert: the calibration folded batch norms into the convolutions "
+                         "(fuse=True), which this converter keeps: calibrate with fuse=False")
+    if calibration is None:
+        raise ValueError("convert: with a calibration result as mode, pass calibration= too "
+                         "(one batch gives the activations' shapes)")
+    return result
 
 
 def _use_calibration(result, nodes, relu_calls, thresholds, scales, ann, calibration) -> None:
