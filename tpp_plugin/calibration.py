@@ -134,7 +134,7 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -
 
     theta = view(theta)
     scale = theta if scale is None else view(scale)
-    return scale * torch.clamp(torch.floor(a * T / theta + 0.5), 0, T) / T
+    return (a * T).div_(theta).add_(0.5).floor_().clamp_(0, T).mul_(scale).div_(T)
 
 
 
@@ -685,14 +685,17 @@ def _search(a, target, weight, T, fractions, granularity):
     return fractions[best] * top[0]
 
 
-def _subsample_columns(tensors, max_values: int, seed: int):
-    """The same random ``max_values`` columns of each ``[C, M]`` tensor (all if fewer)."""
-    m = tensors[0].shape[1]
-    if max_values is None or m <= max_values:
+def _subsample_samples(tensors, channel_dim: int, max_values, seed: int):
+    """The same random samples (along dim 0) of each tensor, enough for about ``max_values``
+    values per channel (all if fewer; dim 0 being the channel dimension, all)."""
+    t0 = tensors[0]
+    per_sample = t0[0].numel() // t0.shape[channel_dim] if channel_dim else 0
+    if max_values is None or not per_sample or t0.shape[0] * per_sample <= max_values:
         return tensors
-    idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:max_values]
-    idx = idx.sort().values.to(tensors[0].device)
-    return [None if t is None else t[:, idx] for t in tensors]
+    keep = -(-max_values // per_sample)
+    idx = torch.randperm(t0.shape[0], generator=torch.Generator().manual_seed(seed))[:keep]
+    idx = idx.sort().values.to(t0.device)
+    return [None if t is None else t[idx] for t in tensors]
 
 
 def _kl(log_p_ref: torch.Tensor, logits: torch.Tensor) -> float:
@@ -777,8 +780,9 @@ def calibrate_for_T(
     :param refine_grid: the scale factors tried with ``refine=True``
     :param max_samples: use at most this many calibration samples (chosen with ``seed``);
         ``None`` for all
-    :param max_values: score the candidates of a channel on at most this many of its
-        activations (a random subset, chosen with ``seed``); ``None`` for all
+    :param max_values: score the candidates of a channel on about this many of its
+        activations (those of a random subset of the samples, chosen with ``seed``); ``None``
+        for all
     :param search: ``'binned'`` (default; ``bins`` bins per channel) or ``'exact'`` (every
         activation, no offset search)
     :param reference: what the quantised activation is compared with: ``'ann'`` (the ANN's
@@ -878,15 +882,16 @@ def calibrate_for_T(
                     f"{name} on the calibration data; check the model's weights and the "
                     "calibration inputs")
         dim = _normalise_channel_dim(channel_dim, a, f"ReLU call {probe.name!r}")
-        a_c = _channels_first(a, dim)
-        ann_c = _channels_first(a_ann, dim)
         shift = None
         if targets[i] is not None and bias_correction == "mean":
-            shift = ann_c.mean(1) - a_c.mean(1)
+            others = [d for d in range(a.dim()) if d != dim]
+            shift = a_ann.mean(others) - a.mean(others)
+        w = weights[i] if weights is not None else None
+        a_c, ann_c, w = (None if t is None else _channels_first(t, dim) for t in
+                         _subsample_samples([a, a_ann, w], dim, max_values, seed + i))
+        if shift is not None:
             a_c = a_c + shift.unsqueeze(1)
-        target = (ann_c if reference == "ann" else a_c).clamp(min=0)
-        w = _channels_first(weights[i], dim) if weights is not None else None
-        a_s, target_s, w_s = _subsample_columns([a_c, target, w], max_values, seed + i)
+        a_s, target_s, w_s = a_c, (ann_c if reference == "ann" else a_c).clamp(min=0), w
         if search == "binned":
             offsets = (torch.linspace(-0.5, 0.5, offset_steps, dtype=a_c.dtype)
                        if targets[i] is not None and bias_correction == "search"
