@@ -717,14 +717,14 @@ def calibrate_for_T(
     grid: int = 64,
     refine_grid=(0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2),
     max_samples: int | None = 1024,
-    max_values: int | None = 65536,
+    max_values: int | None = 16384,
     search: str = "binned",
     reference: str = "ann",
     coherence: float = 0.0,
     output_correction: bool = True,
     count: str = "exact",
     output_scale: bool = True,
-    bins: int = 1024,
+    bins: int = 512,
     offset_steps: int = 9,
     batch_size: int = 256,
     seed: int = 0,
@@ -921,7 +921,7 @@ def calibrate_for_T(
         scales.append(None if scale is None else scale.to(dtype).cpu())
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
-        stats_cols = slice(0, None, max(1, a_s.shape[1] // 16384))  # plenty for a report
+        stats_cols = slice(0, None, max(1, a_s.shape[1] // 4096))  # plenty for a report
         layers.append(_layer_stats(probe.name, a_s[:, stats_cols], target_s[:, stats_cols],
                                    theta, T, scale))
 
