@@ -175,12 +175,58 @@ def test_legacy_channel_scaler_scales_channels_in_both_step_modes():
 def test_calibration_is_deterministic_for_fixed_batches_and_seed():
     ann = models()["resnet"]
     batches = [inputs(40, seed=2), inputs(40, seed=3)]
-    a = calibrate_for_T(ann, batches, T=2, max_samples=50, seed=7)
-    b = calibrate_for_T(ann, batches, T=2, max_samples=50, seed=7)
+    a = calibrate_for_T(ann, batches, T=2, max_samples=50, seed=7, max_rows=500)
+    b = calibrate_for_T(ann, batches, T=2, max_samples=50, seed=7, max_rows=500)
     for x, y in zip(a.thresholds + [s for s in a.bias_shifts if s is not None],
                     b.thresholds + [s for s in b.bias_shifts if s is not None]):
         assert torch.equal(x, y)
+    assert a.weights and sorted(a.weights) == sorted(b.weights)
+    for name, (weight, bias) in a.weights.items():
+        assert torch.equal(weight, b.weights[name][0]) and torch.equal(bias, b.weights[name][1])
     assert a.settings["samples"] == 50
+
+
+# ---------------------------------------------------------------- weight reconstruction
+def test_refit_keeps_the_anns_weights_when_the_input_is_unchanged():
+    """With the ANN's own input the ANN's weights fit exactly, so the ridge solution is them."""
+    from tpp_plugin.calibration import _fit_weights
+
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    x = torch.randn(20, 3, 9, 9, dtype=torch.float64)
+    fitted = _fit_weights(conv, x, conv(x).detach(), ridge=0.1, max_rows=10_000, seed=0)
+    assert torch.allclose(fitted.weight, conv.weight, atol=1e-8)
+    assert torch.allclose(fitted.bias, conv.bias, atol=1e-8)
+    linear = nn.Linear(6, 5, bias=False).double()  # features last, on a [N, L, D] input
+    x = torch.randn(30, 7, 6, dtype=torch.float64)
+    fitted = _fit_weights(linear, x, linear(x).detach(), ridge=0.1, max_rows=10_000, seed=0)
+    assert torch.allclose(fitted.weight, linear.weight, atol=1e-8)
+    assert torch.allclose(fitted.bias, torch.zeros(5, dtype=torch.float64), atol=1e-8)
+    grouped = nn.Conv2d(4, 4, 3, groups=2).double()
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+    assert _fit_weights(grouped, x, grouped(x), ridge=0.1, max_rows=100, seed=0) is grouped
+
+
+def test_refit_weights_reduce_the_next_layers_error_and_reach_the_quantised_ann():
+    torch.manual_seed(6)
+    ann = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 4)).double().eval()
+    x = torch.randn(400, 10, dtype=torch.float64)
+    T = 2
+    result = calibrate_for_T(ann, [x], T, bias_correction=False, output_correction=False)
+    plain = calibrate_for_T(ann, [x], T, bias_correction=False, output_correction=False,
+                            reconstruct=False)
+    assert sorted(result.weights) == ["2"] and plain.weights is None  # layer 0 sees the input
+    assert result.settings["reconstruct"] and not plain.settings["reconstruct"]
+    with torch.no_grad():
+        a_q = quantise(ann[0](x), result.thresholds[0], T, scale=result.output_scales[0])
+        weight, bias = result.weights["2"]
+        error_refit = (a_q @ weight.T + bias - ann(x)).pow(2).sum()
+        error_ann = (ann[2](a_q) - ann(x)).pow(2).sum()
+        assert float(error_refit) < 0.9 * float(error_ann)
+        qann = quantised_ann(ann, result, T)
+        layer = qann.get_submodule("2")
+        assert torch.equal(layer.weight, weight.to(layer.weight))
+        assert torch.allclose(qann(x), a_q @ weight.T + bias, atol=1e-9)
 
 
 def test_each_channel_gets_the_grid_threshold_with_the_smallest_error():
@@ -293,6 +339,10 @@ def test_bad_inputs_are_refused_naming_the_problem():
         convert_calibrated(ann, [x], 2, bogus=1)
     with pytest.raises(ValueError, match="got 2 thresholds for a model with 5 ReLU calls"):
         quantised_ann(ann, [1.0, 1.0], 2)
+    with pytest.raises(ValueError, match="ridge must be a positive number"):
+        calibrate_for_T(ann, [x], T=2, ridge=0.0)
+    with pytest.raises(ValueError, match="max_rows must be a positive integer"):
+        calibrate_for_T(ann, [x], T=2, max_rows=0)
 
 
 # ---------------------------------------------------------------- bernoulli-aware calibration

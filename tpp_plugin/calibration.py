@@ -17,7 +17,11 @@ evaluates a candidate (:func:`quantised_ann`). Bernoulli TPP fires ``floor`` or 
 layer already quantised, so a layer's thresholds (and bias shift) compensate for what the earlier
 layers lost:
 
-1. *bias correction*: the pre-activation of the layer is shifted, per channel, so that its mean
+1. *weight reconstruction* (``reconstruct=True``): each conv/linear layer fed by quantised
+   activations gets the weights and bias that map its quantised input to the ANN's output of
+   that layer in least squares (ridge-regularised towards the ANN's weights): the layer absorbs
+   what the quantisation before it lost, as far as a linear map can;
+   *bias correction*: the pre-activation of the layer is shifted, per channel, so that its mean
    over the calibration data equals the ANN's (the shift is folded into the bias of the affine
    layer that produces it);
 2. per channel (or per layer) a grid of candidate thresholds — fractions of the channel's
@@ -32,8 +36,9 @@ The ANN and the network being quantised run side by side, node by node, over all
 samples at once: one pass of each in all. ``count='bernoulli'`` calibrates for bernoulli TPP
 (the expected squared error of its two-point count).
 
-The result is framework-neutral: one threshold tensor per ReLU *call* (scalar or per channel)
-and, per call, a bias shift for the preceding conv/linear/batch-norm layer. The SpikingJelly
+The result is framework-neutral: one threshold tensor per ReLU *call* (scalar or per channel),
+per call a bias shift for the preceding conv/linear/batch-norm layer, and the refitted weights of
+the conv/linear layers. The SpikingJelly
 adapter turns it into a network (``ann2snn.TPPCalibrationRecipe``); :func:`calibration_report`
 summarises it.
 """
@@ -129,7 +134,7 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -
 
     theta = view(theta)
     scale = theta if scale is None else view(scale)
-    return scale * torch.clamp(torch.floor(a * T / theta + 0.5), 0, T) / T
+    return (a * T).div_(theta).add_(0.5).floor_().clamp_(0, T).mul_(scale).div_(T)
 
 
 
@@ -266,7 +271,8 @@ def fuse_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def apply_bias_shifts(model: nn.Module, result: CalibrationResult) -> nn.Module:
-    """Add the bias shifts of a calibration to the layers they belong to (in place).
+    """Put the refitted weights of a calibration into the layers they belong to, then add its
+    bias shifts (in place).
 
     A conv or linear layer without a bias gets one. ``model`` must have the module names of the
     model that was calibrated (e.g. that model itself, or the graph a converter traced from it).
@@ -275,6 +281,13 @@ def apply_bias_shifts(model: nn.Module, result: CalibrationResult) -> nn.Module:
     :param result: what :func:`calibrate_for_T` returned
     :return: ``model``
     """
+    for name, (weight, bias) in (result.weights or {}).items():
+        module = model.get_submodule(name)
+        module.weight.data = weight.to(module.weight).clone()
+        if module.bias is None:
+            module.bias = nn.Parameter(bias.to(module.weight).clone())
+        else:
+            module.bias.data = bias.to(module.bias).clone()
     pairs = list(zip(result.bias_targets, result.bias_shifts))
     pairs.append((result.output_target, result.output_shift))
     for name, shift in pairs:
@@ -312,6 +325,8 @@ class CalibrationResult:
     :ivar output_target: the module whose bias carries ``output_shift``, or ``None``
     :ivar output_scales: per call the output scale ``s`` of the neuron (the scaler after it;
         like ``thresholds``), or ``None`` when it equals the threshold
+    :ivar weights: ``{module name: (weight, bias)}`` of the conv/linear layers whose weights
+        were refitted (``reconstruct=True``), or ``None``
     """
 
     T: int
@@ -326,6 +341,7 @@ class CalibrationResult:
     output_shift: torch.Tensor | None = None
     output_target: str | None = None
     output_scales: list | None = None
+    weights: dict | None = None
 
 
 def _install_probes(gm: fx.GraphModule, T: int, channel_dim: int) -> list:
@@ -426,12 +442,14 @@ def _run(gm, x, batch_size):
     return torch.cat(outs)
 
 
-def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit) -> tuple:
+def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
     """Run the ANN and the network being quantised side by side on all of ``x``, node by node.
 
     At each ReLU call (a :class:`_Probe`) ``visit(index, a, a_ann)`` gets the call's input in
     the quantised network (all earlier calls quantised) and in the ANN, and sets the probe's
-    threshold and shift, which the quantised side then applies. One pass of each network in
+    threshold and shift, which the quantised side then applies. At each conv/linear layer whose
+    input differs between the two sides, ``refit(name, module, x_q, z_ann)`` (if given) returns
+    the module the quantised side runs instead (its own weights). One pass of each network in
     all — no call is recomputed. Values are freed once their last user has run.
 
     :return: ``(ann_output, quantised_output)``
@@ -467,6 +485,12 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit) -> tuple:
             visit(module.index, a, a_ann)
             sides[0].env[node] = torch.relu(a_ann)
             sides[1].env[node] = module(a)
+        elif (refit is not None and isinstance(module, _REFITTABLE) and not node.kwargs
+              and len(node.args) == 1
+              and sides[0].env[node.args[0]] is not sides[1].env[node.args[0]]):
+            x_ann, x_q = sides[0].env[node.args[0]], sides[1].env[node.args[0]]
+            sides[0].env[node] = module(x_ann)
+            sides[1].env[node] = refit(node.target, module, x_q, sides[0].env[node])(x_q)
         else:
             for side in sides:
                 side.env[node] = side.run_node(node)
@@ -476,6 +500,51 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit) -> tuple:
                 for side in sides:
                     side.env.pop(arg, None)
     return outputs
+
+
+_REFITTABLE = (nn.Linear, nn.Conv2d)
+
+
+def _patches(module, x):
+    """The rows of the linear map ``module`` applies: ``[rows, in_features]``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
+                                module.stride)  # [N, D, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed):
+    """A copy of the conv/linear ``module`` whose weights and bias map the quantised network's
+    input ``x_q`` to the ANN's output ``z_ann`` in least squares, with a ridge penalty
+    ``ridge · mean(diag(AᵀA)) · ‖θ − θ_ANN‖²`` towards the ANN's weights. At most ``max_rows``
+    rows (output positions) are fitted: whole samples, chosen with ``seed``."""
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
+                                          or module.padding_mode != "zeros"):
+        return module
+    channel_dim = -1 if isinstance(module, nn.Linear) else 1
+    per_sample = z_ann[0].numel() // z_ann.shape[channel_dim]
+    n = x_q.shape[0]
+    if n * per_sample > max_rows:
+        keep = max(1, max_rows // per_sample)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
+        idx = idx.sort().values.to(x_q.device)
+        x_q, z_ann = x_q[idx], z_ann[idx]
+    rows = _patches(module, x_q)
+    out = z_ann.movedim(channel_dim, -1).reshape(-1, z_ann.shape[channel_dim])
+    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+    w = module.weight.detach().reshape(module.weight.shape[0], -1)
+    b = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    prior = torch.cat([w, b.unsqueeze(1)], 1).T  # [D + 1, out]
+    gram = rows.T @ rows
+    lam = ridge * float(gram.diagonal().mean())
+    gram.diagonal().add_(lam)
+    theta = torch.linalg.solve(gram.double(), (rows.T @ out + lam * prior).double())
+    theta = theta.to(w.dtype)
+    fitted = copy.deepcopy(module)
+    fitted.weight.data = theta[:-1].T.reshape_as(module.weight).contiguous()
+    fitted.bias = nn.Parameter(theta[-1].clone())
+    return fitted
 
 
 def _output_gradients(gm, probes, x, batch_size) -> list:
@@ -616,14 +685,17 @@ def _search(a, target, weight, T, fractions, granularity):
     return fractions[best] * top[0]
 
 
-def _subsample_columns(tensors, max_values: int, seed: int):
-    """The same random ``max_values`` columns of each ``[C, M]`` tensor (all if fewer)."""
-    m = tensors[0].shape[1]
-    if max_values is None or m <= max_values:
+def _subsample_samples(tensors, channel_dim: int, max_values, seed: int):
+    """The same random samples (along dim 0) of each tensor, enough for about ``max_values``
+    values per channel (all if fewer; dim 0 being the channel dimension, all)."""
+    t0 = tensors[0]
+    per_sample = t0[0].numel() // t0.shape[channel_dim] if channel_dim else 0
+    if max_values is None or not per_sample or t0.shape[0] * per_sample <= max_values:
         return tensors
-    idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:max_values]
-    idx = idx.sort().values.to(tensors[0].device)
-    return [None if t is None else t[:, idx] for t in tensors]
+    keep = -(-max_values // per_sample)
+    idx = torch.randperm(t0.shape[0], generator=torch.Generator().manual_seed(seed))[:keep]
+    idx = idx.sort().values.to(t0.device)
+    return [None if t is None else t[idx] for t in tensors]
 
 
 def _kl(log_p_ref: torch.Tensor, logits: torch.Tensor) -> float:
@@ -645,17 +717,20 @@ def calibrate_for_T(
     grid: int = 64,
     refine_grid=(0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2),
     max_samples: int | None = 1024,
-    max_values: int | None = 65536,
+    max_values: int | None = 16384,
     search: str = "binned",
     reference: str = "ann",
     coherence: float = 0.0,
     output_correction: bool = True,
     count: str = "exact",
     output_scale: bool = True,
-    bins: int = 1024,
+    bins: int = 512,
     offset_steps: int = 9,
     batch_size: int = 256,
     seed: int = 0,
+    reconstruct: bool = True,
+    ridge: float = 0.1,
+    max_rows: int = 16384,
 ) -> CalibrationResult:
     r"""Choose the threshold of every ReLU call of ``ann`` for ``T`` time steps of exact-count
     TPP neurons (post-training quantisation of the activations, layer by layer).
@@ -675,6 +750,12 @@ def calibrate_for_T(
       squared error between the quantised activation and the ANN's wins — unweighted
       (``objective='activation'``, default) or weighted by the squared gradient of the ANN's
       loss with respect to each activation (``'fisher'``);
+    * ``reconstruct=True`` (default): before that, each conv/linear layer whose input is
+      already quantised gets new weights and bias — the least-squares map from its quantised
+      input to the ANN's output of the layer, with the ridge penalty
+      ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches), fitted on at
+      most ``max_rows`` output positions (whole samples). Grouped or string-padded
+      convolutions keep their weights;
     * ``refine='global'``: after the pass, one sweep over the layers scales each layer's
       thresholds by the factor from ``refine_grid`` that gives the smallest KL divergence of the
       fully quantised network's output from the ANN's on the calibration data; ``'local'``
@@ -699,8 +780,9 @@ def calibrate_for_T(
     :param refine_grid: the scale factors tried with ``refine=True``
     :param max_samples: use at most this many calibration samples (chosen with ``seed``);
         ``None`` for all
-    :param max_values: score the candidates of a channel on at most this many of its
-        activations (a random subset, chosen with ``seed``); ``None`` for all
+    :param max_values: score the candidates of a channel on about this many of its
+        activations (those of a random subset of the samples, chosen with ``seed``); ``None``
+        for all
     :param search: ``'binned'`` (default; ``bins`` bins per channel) or ``'exact'`` (every
         activation, no offset search)
     :param reference: what the quantised activation is compared with: ``'ann'`` (the ANN's
@@ -720,6 +802,11 @@ def calibrate_for_T(
     :param offset_steps: offsets tried by ``bias_correction='search'``
     :param batch_size: samples per forward pass
     :param seed: seed of the sample choices
+    :param reconstruct: refit the weights of each conv/linear layer fed by quantised activations
+        (above)
+    :param ridge: the ridge penalty of ``reconstruct``, relative to the mean diagonal of the
+        layer input's Gram matrix (``> 0``)
+    :param max_rows: the most output positions per layer the refit uses
     :return: a :class:`CalibrationResult`
     :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
@@ -756,6 +843,11 @@ def calibrate_for_T(
     if bias_correction not in (False, None, "search", "mean"):
         raise ValueError("bias_correction must be 'search', 'mean' or False, got "
                          f"{bias_correction!r}")
+    if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
+            and math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
     if count not in ("exact", "bernoulli"):
         raise ValueError(f"count must be 'exact' or 'bernoulli', got {count!r}")
     if count == "bernoulli" and search != "binned":
@@ -790,15 +882,16 @@ def calibrate_for_T(
                     f"{name} on the calibration data; check the model's weights and the "
                     "calibration inputs")
         dim = _normalise_channel_dim(channel_dim, a, f"ReLU call {probe.name!r}")
-        a_c = _channels_first(a, dim)
-        ann_c = _channels_first(a_ann, dim)
         shift = None
         if targets[i] is not None and bias_correction == "mean":
-            shift = ann_c.mean(1) - a_c.mean(1)
+            others = [d for d in range(a.dim()) if d != dim]
+            shift = a_ann.mean(others) - a.mean(others)
+        w = weights[i] if weights is not None else None
+        a_c, ann_c, w = (None if t is None else _channels_first(t, dim) for t in
+                         _subsample_samples([a, a_ann, w], dim, max_values, seed + i))
+        if shift is not None:
             a_c = a_c + shift.unsqueeze(1)
-        target = (ann_c if reference == "ann" else a_c).clamp(min=0)
-        w = _channels_first(weights[i], dim) if weights is not None else None
-        a_s, target_s, w_s = _subsample_columns([a_c, target, w], max_values, seed + i)
+        a_s, target_s, w_s = a_c, (ann_c if reference == "ann" else a_c).clamp(min=0), w
         if search == "binned":
             offsets = (torch.linspace(-0.5, 0.5, offset_steps, dtype=a_c.dtype)
                        if targets[i] is not None and bias_correction == "search"
@@ -828,11 +921,21 @@ def calibrate_for_T(
         scales.append(None if scale is None else scale.to(dtype).cpu())
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
-        stats_cols = slice(0, None, max(1, a_s.shape[1] // 16384))  # plenty for a report
+        stats_cols = slice(0, None, max(1, a_s.shape[1] // 4096))  # plenty for a report
         layers.append(_layer_stats(probe.name, a_s[:, stats_cols], target_s[:, stats_cols],
                                    theta, T, scale))
 
-    ann_out, q_out = _lockstep(gm, x, visit)
+    fitted_modules = {}
+
+    def refit(target, module, x_q, z_ann):
+        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed)
+        if fitted is not module:
+            fitted_modules[target] = fitted
+        return fitted
+
+    ann_out, q_out = _lockstep(gm, x, visit, refit if reconstruct else None)
+    for target, fitted in fitted_modules.items():
+        _set_submodule(gm, target, fitted)
     if refine in (True, "global"):  # one sweep, every layer quantised
         log_p_ann = torch.log_softmax(ann_out, 1)
         for i, probe in enumerate(probes):
@@ -859,6 +962,8 @@ def calibrate_for_T(
     for p in probes:
         p.theta = p.shift = None
     return CalibrationResult(
+        weights={t: (m.weight.detach().cpu().clone(), m.bias.detach().cpu().clone())
+                 for t, m in fitted_modules.items()} or None,
         output_shift=output_shift, output_target=output_target,
         output_scales=scales if any(sc is not None for sc in scales) else None,
         T=T, names=names, thresholds=thresholds, bias_shifts=shifts, bias_targets=targets,
@@ -866,6 +971,7 @@ def calibrate_for_T(
         settings={"fuse": bool(fuse), "count": count, "granularity": granularity,
                   "objective": objective, "bias_correction": bias_correction,
                   "refine": refine, "grid": grid, "output_scale": output_scale,
+                  "reconstruct": bool(reconstruct), "ridge": ridge,
                   "samples": int(x.shape[0])},
     )
 
