@@ -139,9 +139,18 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -
 
 
 
+def _random_count_mean(w: torch.Tensor, T: int, count: str) -> torch.Tensor:
+    """The mean spike count of a random-count TPP neuron at ``w = v/θ``: the bernoulli rule's
+    :func:`~tpp_plugin.functional.expected_count` (tabulated), or ``clamp(w, 0, T)`` for
+    ``'unbiased'`` (up to its uniforms' 2⁻¹⁶ grid)."""
+    if count == "unbiased":
+        return w.clamp(0, T)
+    return F.expected_count_fast(w, T)
+
+
 def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
-    """The mean of what a TPP neuron passes on: :func:`quantise` for ``'exact'``, the
-    expected bernoulli count times ``s/T`` otherwise."""
+    """The mean of what a TPP neuron passes on: :func:`quantise` for ``'exact'``, the mean
+    count of the random rules times ``s/T`` otherwise."""
     if count == "exact":
         return quantise(a, theta, T, channel_dim, scale)
     dim = _normalise_channel_dim(channel_dim, a, "quantise")
@@ -149,7 +158,7 @@ def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
     theta = _channel_view(theta, a, dim) if theta.dim() else theta.to(a)
     scale = theta if scale is None else torch.as_tensor(scale)
     scale = _channel_view(scale, a, dim) if scale.dim() else scale.to(a)
-    return scale * F.expected_count_fast(a * T / theta, T) / T
+    return scale * _random_count_mean(a * T / theta, T, count) / T
 
 
 class _Probe(nn.Module):
@@ -627,9 +636,9 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
         elif count == "exact":
             q = torch.floor(w_bin + 0.5).clamp_(0, T) * theta / T  # [U, C, B]
             err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
-        else:  # two-point count: floor(w) or floor(w) + 1, with the bernoulli mean
+        else:  # two-point count: floor(w) or floor(w) + 1, with the rule's mean
             low = torch.floor(w_bin).clamp_(0, T)
-            p_up = (F.expected_count_fast(w_bin, T) - low).clamp_(0, 1)
+            p_up = (_random_count_mean(w_bin, T, count) - low).clamp_(0, 1)
             q_lo, q_hi = low * theta / T, (low + 1) * theta / T
             err = ((1 - p_up) * (n * q_lo * q_lo - 2 * q_lo * s + ss)
                    + p_up * (n * q_hi * q_hi - 2 * q_hi * s + ss)).sum(-1)
@@ -789,10 +798,10 @@ def calibrate_for_T(
         activation, default: the layer compensates earlier layers' errors) or ``'input'`` (the
         ReLU of the layer's own, already perturbed, input)
     :param coherence: extra weight of each channel's summed (mean) error in the objective
-    :param count: the TPP counting rule to calibrate for: ``'exact'`` (default; the quantiser)
-        or ``'bernoulli'`` (each neuron fires ``floor(w)`` or ``ceil(w)`` times with the mean
-        :func:`~tpp_plugin.functional.expected_count`: the expected squared error is minimised,
-        and the earlier layers pass their mean output on)
+    :param count: the TPP counting rule to calibrate for: ``'exact'`` (default; the quantiser),
+        ``'bernoulli'`` or ``'unbiased'`` (each neuron fires ``floor(w)`` or ``ceil(w)`` times,
+        with the mean :func:`~tpp_plugin.functional.expected_count` of the rule: the expected
+        squared error is minimised, and the earlier layers pass their mean output on)
     :param output_scale: also choose each channel's output step (the scale ``s`` of the scaler
         after the neuron, so a neuron firing ``n`` times passes on ``s·n/T``) in closed form for
         the chosen levels, instead of ``s = θ`` (exact counts, histogram search)
@@ -848,10 +857,10 @@ def calibrate_for_T(
         raise ValueError(f"ridge must be a positive number, got {ridge!r}")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
-    if count not in ("exact", "bernoulli"):
-        raise ValueError(f"count must be 'exact' or 'bernoulli', got {count!r}")
-    if count == "bernoulli" and search != "binned":
-        raise ValueError("count='bernoulli' needs search='binned'")
+    if count not in F.COUNT_MODES:
+        raise ValueError(f"count must be one of {F.COUNT_MODES}, got {count!r}")
+    if count != "exact" and search != "binned":
+        raise ValueError(f"count={count!r} needs search='binned'")
     if reference not in ("ann", "input"):
         raise ValueError(f"reference must be 'ann' or 'input', got {reference!r}")
     if search not in ("binned", "exact"):
