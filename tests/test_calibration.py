@@ -343,6 +343,8 @@ def test_bad_inputs_are_refused_naming_the_problem():
         calibrate_for_T(ann, [x], T=2, ridge=0.0)
     with pytest.raises(ValueError, match="max_rows must be a positive integer"):
         calibrate_for_T(ann, [x], T=2, max_rows=0)
+    with pytest.raises(ValueError, match="bins must be a positive integer"):
+        calibrate_for_T(ann, [x], T=2, bins=0)
 
 
 # ---------------------------------------------------------------- bernoulli-aware calibration

@@ -601,6 +601,8 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     and do not affect the choice. Returns ``(theta, u)``: ``[C]`` (or 0-d) and ``[C]``.
     """
     C = a.shape[0]
+    if bins is None:  # 512, but a few values per bin at least
+        bins = min(512, max(64, a.shape[1] // 8))
     top = a.amax(1).clamp(min=0) if granularity == "channel" else a.amax().clamp(min=0).expand(C)
     top = torch.where(top > 0, top, torch.ones_like(top))
     # bin of each value; negatives (floor < 0) wrap round into the spare bin ``bins``
@@ -619,19 +621,23 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
     centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
     u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
+    w_top = centres.unsqueeze(0) * (T / top).unsqueeze(1)  # [1, C, B]: w of each bin at θ = top
+    ss_sum = ss.sum(-1)  # [C]
     errors, steps = [], []
     for k in range(fractions.numel()):
         theta = (fractions[k] * top).view(1, C, 1)
-        w_bin = centres.unsqueeze(0) * T / theta + u
+        w_bin = w_top / fractions[k] + u
         if count == "exact" and free_scale:
-            # the best output step s/T for these levels, in closed form: Σ L·t / Σ L²
-            level = torch.floor(w_bin + 0.5).clamp_(0, T)
+            # the best output step s/T for these levels, in closed form: Σ L·t / Σ L², and its
+            # error Σ t² − (Σ L·t)² / Σ L² (with the step θ/T where that is not positive)
+            level = w_bin.add_(0.5).floor_().clamp_(0, T)
             num = (level * s).sum(-1)
-            den = (n * level * level).sum(-1)
-            step = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30),
-                               (theta / T).view(1, C))  # [U, C]
-            q = level * step.unsqueeze(-1)
-            err = (n * q * q - 2 * q * s + ss).sum(-1)
+            den = (level.square_() * n).sum(-1)
+            fixed = (theta / T).view(1, C)
+            ok = (den > 0) & (num > 0)
+            step = torch.where(ok, num / den.clamp(min=1e-30), fixed)  # [U, C]
+            err = torch.where(ok, ss_sum - num * step, fixed * fixed * den - 2 * fixed * num
+                              + ss_sum)
             steps.append(step)
         elif count == "exact":
             q = torch.floor(w_bin + 0.5).clamp_(0, T) * theta / T  # [U, C, B]
@@ -733,7 +739,7 @@ def calibrate_for_T(
     output_correction: bool = True,
     count: str = "exact",
     output_scale: bool = True,
-    bins: int = 512,
+    bins: int | None = None,
     offset_steps: int = 9,
     batch_size: int = 256,
     seed: int = 0,
@@ -807,7 +813,8 @@ def calibrate_for_T(
         the chosen levels, instead of ``s = θ`` (exact counts, histogram search)
     :param output_correction: with bias correction, also shift the bias of the last layer so
         the mean output (per class) matches the ANN's
-    :param bins: histogram bins per channel for ``search='binned'``
+    :param bins: histogram bins per channel for ``search='binned'``; default 512, fewer
+        (down to 64) where a channel has under 8 values per bin
     :param offset_steps: offsets tried by ``bias_correction='search'``
     :param batch_size: samples per forward pass
     :param seed: seed of the sample choices
@@ -837,6 +844,8 @@ def calibrate_for_T(
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
+        raise ValueError(f"bins must be a positive integer or None, got {bins!r}")
     if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
         raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
     gm = _trace(copy.deepcopy(ann)).eval()
@@ -985,6 +994,12 @@ def calibrate_for_T(
     )
 
 
+def _percentile(values: torch.Tensor, q: float) -> float:
+    """The ``q``-th percentile of ``values`` (no interpolation; a selection, not a sort)."""
+    k = min(values.numel(), max(1, math.ceil(q / 100 * values.numel())))
+    return float(values.float().kthvalue(k).values)
+
+
 def _layer_stats(name, a, target, theta, T, scale=None) -> dict:
     """Diagnostics of one calibrated layer (``a``, ``target``: ``[C, M]``)."""
     th = theta.view(-1, 1) if theta.dim() else theta
@@ -1003,7 +1018,7 @@ def _layer_stats(name, a, target, theta, T, scale=None) -> dict:
                                 / target.pow(2).sum().sqrt().clamp(min=1e-30)),
         "clipped": float((a > th).sum()) / a.numel(),
         "zeroed": float((active & (q == 0)).sum()) / n_active,
-        "p99.9": float(torch.quantile(flat.float(), 0.999)),
+        "p99.9": _percentile(flat, 99.9),
     }
 
 
