@@ -205,6 +205,10 @@ def test_refit_keeps_the_anns_weights_when_the_input_is_unchanged():
     grouped = nn.Conv2d(4, 4, 3, groups=2).double()
     x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
     assert _fit_weights(grouped, x, grouped(x), ridge=0.1, max_rows=100, seed=0) is grouped
+    wide = nn.Linear(40, 3).double()  # more inputs than max_features: kept as it is
+    x = torch.randn(10, 40, dtype=torch.float64)
+    assert _fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=39) is wide
+    assert _fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=40) is not wide
 
 
 def test_refit_weights_reduce_the_next_layers_error_and_reach_the_quantised_ann():
@@ -345,6 +349,8 @@ def test_bad_inputs_are_refused_naming_the_problem():
         calibrate_for_T(ann, [x], T=2, max_rows=0)
     with pytest.raises(ValueError, match="bins must be a positive integer"):
         calibrate_for_T(ann, [x], T=2, bins=0)
+    with pytest.raises(ValueError, match="max_features must be a positive integer"):
+        calibrate_for_T(ann, [x], T=2, max_features=0)
 
 
 # ---------------------------------------------------------------- bernoulli-aware calibration

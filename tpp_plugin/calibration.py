@@ -523,11 +523,13 @@ def _patches(module, x):
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed):
+def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None):
     """A copy of the conv/linear ``module`` whose weights and bias map the quantised network's
     input ``x_q`` to the ANN's output ``z_ann`` in least squares, with a ridge penalty
     ``ridge · mean(diag(AᵀA)) · ‖θ − θ_ANN‖²`` towards the ANN's weights. At most ``max_rows``
-    rows (output positions) are fitted: whole samples, chosen with ``seed``."""
+    rows (output positions) are fitted: whole samples, chosen with ``seed``. A grouped or
+    string-padded convolution, or a layer with more than ``max_features`` inputs per output,
+    is returned as it is."""
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
                                           or module.padding_mode != "zeros"):
         return module
@@ -539,6 +541,8 @@ def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed):
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
         idx = idx.sort().values.to(x_q.device)
         x_q, z_ann = x_q[idx], z_ann[idx]
+    if max_features is not None and module.weight[0].numel() > max_features:
+        return module  # the (D + 1)² system would cost O(D³)
     rows = _patches(module, x_q)
     out = z_ann.movedim(channel_dim, -1).reshape(-1, z_ann.shape[channel_dim])
     rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
@@ -746,6 +750,7 @@ def calibrate_for_T(
     reconstruct: bool = True,
     ridge: float = 0.1,
     max_rows: int = 16384,
+    max_features: int | None = 2048,
 ) -> CalibrationResult:
     r"""Choose the threshold of every ReLU call of ``ann`` for ``T`` time steps of exact-count
     TPP neurons (post-training quantisation of the activations, layer by layer).
@@ -770,7 +775,9 @@ def calibrate_for_T(
       input to the ANN's output of the layer, with the ridge penalty
       ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches), fitted on at
       most ``max_rows`` output positions (whole samples). Grouped or string-padded
-      convolutions keep their weights;
+      convolutions, and layers with more than ``max_features`` inputs per output (e.g. a
+      classifier on a large flattened feature map: its system would cost ``O(D³)``), keep
+      their weights;
     * ``refine='global'``: after the pass, one sweep over the layers scales each layer's
       thresholds by the factor from ``refine_grid`` that gives the smallest KL divergence of the
       fully quantised network's output from the ANN's on the calibration data; ``'local'``
@@ -823,6 +830,8 @@ def calibrate_for_T(
     :param ridge: the ridge penalty of ``reconstruct``, relative to the mean diagonal of the
         layer input's Gram matrix (``> 0``)
     :param max_rows: the most output positions per layer the refit uses
+    :param max_features: refit only layers with at most this many inputs per output
+        (``in_features``, or ``in_channels·kernel size``); ``None`` for all
     :return: a :class:`CalibrationResult`
     :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
@@ -864,6 +873,10 @@ def calibrate_for_T(
     if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
             and math.isfinite(ridge) and ridge > 0):
         raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+    if max_features is not None and (isinstance(max_features, bool)
+                                     or not isinstance(max_features, int) or max_features < 1):
+        raise ValueError(f"max_features must be a positive integer or None, got "
+                         f"{max_features!r}")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
     if count not in F.COUNT_MODES:
@@ -946,7 +959,7 @@ def calibrate_for_T(
     fitted_modules = {}
 
     def refit(target, module, x_q, z_ann):
-        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed)
+        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features)
         if fitted is not module:
             fitted_modules[target] = fitted
         return fitted
