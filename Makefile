@@ -14,7 +14,7 @@ SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion win
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 FASHION     := $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test test-all lint clean bench bench-calib fashion-data
+.PHONY: demo test test-all lint clean bench bench-calib fashion-data gpu-deps gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,18 @@ bench-calib: $(STAMP) fashion-data
 	@[ -f $(FASHION) ] || exit 1
 	$(PY) -m tpp_plugin reproduce --dataset fashion-mnist --data-dir $(FASHION_DIR) \
 	  --out results/fashion-mnist-calibration --checkpoint results/checkpoints $(BENCH_CALIB_ARGS)
+
+# The GPU check (docs/performance.md, "How to run the GPU checks"): every GPU-gated test and the
+# CuPy benchmarks in one run of at most ~8 minutes, results in $$OUT or results/gpu-check/.
+# `make gpu-deps` (on a machine with the venv) copies the pure-Python packages that a bare GPU
+# machine lacks (SpikingJelly both lines, snnTorch, ...) into .gpu-deps/, which travels with the
+# tree; `make gpu-check` (on the GPU machine) needs nothing from make: it runs the script with
+# .venv/bin/python if that works there, else python3.
+gpu-deps: $(STAMP) $(SJ_LEGACY)/spikingjelly/__init__.py
+	PY=$(PY) SJ_LEGACY=$(SJ_LEGACY) bash tools/gpu_deps.sh
+
+gpu-check:
+	bash tools/gpu_check.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,6 +1,7 @@
 """`python -m tpp_plugin bench` runs and prints its ratios (tiny shapes: a smoke test, not a
 timing test — timings are reported in docs/performance.md, never asserted)."""
 
+import json
 import re
 
 import pytest
@@ -25,6 +26,18 @@ def test_bench_command_prints_ratios_and_memory(capsys):
             assert all(abs(float(r[4]) - 1.0) < 1e-6 for r in rows)
 
 
+def test_bench_json_has_every_row(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--T", "2", "--shape", "3", "--repeats", "1", "--json",
+                     str(path)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    document = json.loads(path.read_text())
+    assert document["backend"] == "torch" and document["versions"]["torch"]
+    rows = document["results"]["2"]
+    assert {"TPPNode exact", "IFNode (SpikingJelly)", "clone()"} <= set(rows)
+    assert rows["TPPNode exact"]["ms"] > 0 and rows["TPPNode exact"]["ratios"]["× IFNode"] > 0
+
+
 def test_bench_timing_is_interleaved_and_uses_medians():
     from tpp_plugin.bench import time_cases
 
@@ -39,15 +52,22 @@ def test_cupy_bench_needs_a_cuda_device():
         cli.main(["bench", "--backend", "cupy", "--T", "2", "--shape", "3", "--repeats", "1"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not __import__("tpp_plugin.kernels.cupy", fromlist=["available"]).available(),
     reason="needs a CUDA device and CuPy",
 )
-def test_cupy_bench_prints_ratios_to_torch_backend_and_copy(capsys):
+def test_cupy_bench_prints_ratios_to_torch_backend_and_copy(capsys, tmp_path):
     args = ["bench", "--backend", "cupy", "--device", "cuda", "--T", "4", "--shape", "1000",
-            "--repeats", "2"]
+            "--repeats", "2", "--json", str(tmp_path / "cupy.json")]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "× torch backend" in out and "× clone()" in out
-    row = re.search(r"^TPPNode exact\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, flags=re.M)
-    assert row and all(float(v) > 0 for v in row.groups())
+    for case in ("TPPNode bernoulli", "TPPNode exact", "TPPNode unbiased",
+                 "TemporalPermutation neuron", "snn.TPP exact (sequence)"):
+        row = re.search(rf"^{re.escape(case)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out,
+                        flags=re.M)
+        assert row and all(float(v) > 0 for v in row.groups()), case
+        assert re.search(rf"^{re.escape(case)} \[torch\]\s+[\d.]+", out, flags=re.M), case
+    rows = json.loads((tmp_path / "cupy.json").read_text())["results"]["4"]
+    assert rows["TemporalPermutation neuron"]["ratios"]["× clone()"] > 0  # the kernel vs a copy

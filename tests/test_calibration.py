@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from gpu_helpers import CUDA_MARKS, CUPY_MARKS
 from sj_helpers import multi_step, single_step_loop
 from spikingjelly.activation_based import ann2snn, functional
 from torch import nn
@@ -69,13 +70,26 @@ def test_quantise_rounds_to_T_levels_of_the_threshold_per_channel():
 
 
 # ---------------------------------------------------------------- the oracle
+#: the oracle on the CPU, and on a GPU with either TPP backend (the neurons keep the scalar
+#: threshold 1 between the scalers, so the 'cupy' kernel takes channel-wise calibrations too)
+DEVICES = [
+    pytest.param("cpu", "torch", id="cpu"),
+    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
+    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
+]
+
+
+@pytest.mark.parametrize("device, backend", DEVICES)
 @pytest.mark.parametrize("granularity", ["channel", "layer"])
 @pytest.mark.parametrize("T", [1, 2, 4])
 @pytest.mark.parametrize("name", ["maxpool", "resnet", "vgg"])
-def test_exact_tpp_with_calibrated_thresholds_equals_the_quantised_ann(name, T, granularity):
+def test_exact_tpp_with_calibrated_thresholds_equals_the_quantised_ann(name, T, granularity,
+                                                                      device, backend):
     """The oracle, float64: exact-count TPP with calibrated (channel-wise or per-layer)
     thresholds and bias shifts == the ANN with each ReLU call rounded to T levels of its
-    thresholds, image for image — multi-step, the single-step loop and count mode."""
+    thresholds, image for image — multi-step, the single-step loop and count mode. On a GPU
+    the SNN and the images are on the device (calibrated and the reference computed on the
+    CPU)."""
     ann = models()[name]
     before = copy.deepcopy(ann.state_dict())
     x = inputs()
@@ -89,8 +103,12 @@ def test_exact_tpp_with_calibrated_thresholds_equals_the_quantised_ann(name, T, 
     for theta in result.thresholds:
         assert theta.dim() == (0 if shape == () else 1) and bool((theta > 0).all())
     with torch.no_grad():
-        expected = quantised_ann(ann, result, T)(x)
+        expected = quantised_ann(ann, result, T)(x).to(device)
+    snn, x = snn.to(device), x.to(device)
+    for node in (m for m in snn.modules() if isinstance(m, TPPNode)):
+        node.backend = backend
     got = multi_step(snn, x, T).mean(0)
+    assert got.device.type == device
     assert torch.equal(got.argmax(1), expected.argmax(1))
     assert torch.allclose(got, expected, atol=1e-9)
     assert torch.allclose(single_step_loop(snn, x, T).mean(0), got, atol=1e-9)
@@ -99,7 +117,7 @@ def test_exact_tpp_with_calibrated_thresholds_equals_the_quantised_ann(name, T, 
     # the network's own output scales are the calibrated ones
     scales = result.output_scales or result.thresholds
     for mine, theirs in zip(scales, calibrated_thresholds(snn)):
-        assert torch.allclose(mine.double(), theirs.double().reshape(mine.shape))
+        assert torch.allclose(mine.double(), theirs.double().cpu().reshape(mine.shape))
 
 
 def test_quantised_ann_output_lies_on_the_threshold_grid():

@@ -1,8 +1,11 @@
 """Conversion through SpikingJelly's own converters with `neuron='tpp'`, the QCFS path and the
 exact-count oracle. Runs on SpikingJelly 2.0.0 and (second pass of `make test`) 0.0.0.0.14."""
 
+import copy
+
 import pytest
 import torch
+from gpu_helpers import CUDA_MARKS, CUPY_MARKS
 from spikingjelly.activation_based import ann2snn, functional, neuron  # noqa: E402
 from torch import nn
 
@@ -148,13 +151,27 @@ def test_insert_permutation_preserves_first_layer_counts():
 
 
 # ---------------------------------------------------------------- QCFS path and the oracle
+#: where the oracle runs: the CPU in float32; on a GPU in float64 (in float32, cuDNN's default
+#: TF32 convolutions would round the ANN and the SNN differently), with either TPP backend
+DEVICES = [
+    pytest.param("cpu", "torch", id="cpu"),
+    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
+    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
+]
+
+
+@pytest.mark.parametrize("device, backend", DEVICES)
 @pytest.mark.parametrize("T", [1, 2, 4, 8])
-def test_exact_tpp_equals_qcfs_ann_with_L_equal_T(qcfs_cnn, digits, T):
+def test_exact_tpp_equals_qcfs_ann_with_L_equal_T(qcfs_cnn, digits, T, device, backend):
     """DESIGN §1 fact 3: exact-count TPP == the QCFS ANN with L = T, image for image."""
-    x = digits[2]
-    snn = convert_qcfs(qcfs_cnn, "tpp", {"count": "exact", "seed": T})
-    with tpp_plugin.qcfs_levels(qcfs_cnn, T), torch.no_grad():
-        ann_pred = qcfs_cnn(x).argmax(1)
+    x, ann = digits[2], qcfs_cnn
+    if device != "cpu":
+        x, ann = x.to(device, torch.float64), copy.deepcopy(qcfs_cnn).to(device, torch.float64)
+    snn = convert_qcfs(ann, "tpp", {"count": "exact", "seed": T}).to(device, x.dtype)
+    for node in modules_of(snn, TPPNode):
+        node.backend = backend
+    with tpp_plugin.qcfs_levels(ann, T), torch.no_grad():
+        ann_pred = ann(x).argmax(1)
     assert torch.equal(predictions(snn, x, T), ann_pred)
 
 

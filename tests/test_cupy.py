@@ -17,6 +17,15 @@ import sys
 
 import pytest
 import torch
+from gpu_helpers import (
+    MASK,
+    kernel_window_uniforms,
+    needs_gpu,
+    needs_nvrtc,
+    philox4x32_10,
+    philox_words,
+    python_philox_words,
+)
 from spikingjelly.activation_based import functional  # noqa: E402,I001
 
 import tpp_plugin  # noqa: F401  (registers into SpikingJelly)
@@ -25,79 +34,27 @@ from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode, conve
 from tpp_plugin.kernels import cupy as kernels
 
 
-def _nvrtc_or_none():
-    try:
-        kernels.load_nvrtc()
-    except ImportError as error:
-        return str(error)
-    return None
-
-
-NVRTC_MISSING = _nvrtc_or_none()
-needs_nvrtc = pytest.mark.skipif(
-    NVRTC_MISSING is not None, reason=f"CuPy/NVRTC not loadable: {NVRTC_MISSING}"
-)
-needs_gpu = pytest.mark.skipif(
-    not kernels.available(), reason="needs a CUDA device and CuPy (run on a GPU machine)"
-)
-
-MASK = 0xFFFFFFFF
-
-
-def philox4x32_10(counter, key):
-    """Reference Philox4x32-10 in plain Python (Salmon et al., SC 2011)."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for round_ in range(10):
-        if round_:
-            k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK, (p0 >> 32) ^ c3 ^ k1, p0 & MASK
-    return c0, c1, c2, c3
-
-
-def kernel_uniforms(words, m: int, dtype) -> torch.Tensor:
-    """The first ``m`` uniforms ``[m, n]`` of a window as the window kernel computes them
-    (``uniform`` in kernels/cupy.py): uniform ``j`` is word ``j % 4`` of draw ``j // 4``, its top
-    24 bits times 2**-24; in float64 words ``2(j % 2)`` and ``2(j % 2) + 1`` of draw ``j // 2``,
-    27 + 26 bits times 2**-53. ``words(d)`` returns draw ``d``'s Philox words, ``[n, 4]`` int64."""
-    per_draw = 2 if dtype == torch.float64 else 4
-    draws = [words(d) for d in range(-(-m // per_draw))]
-    rows = []
-    for j in range(m):
-        r = draws[j // per_draw]
-        if dtype == torch.float64:
-            hi, lo = r[:, 2 * (j % 2)], r[:, 2 * (j % 2) + 1]
-            rows.append(((hi >> 5).double() * 2.0**26 + (lo >> 6).double()) * 2.0**-53)
-        else:
-            rows.append((r[:, j % 4] >> 8).float() * 2.0**-24)
-    return torch.stack(rows)
-
-
-def kernel_window_uniforms(words, T: int, dtype, count: str):
-    """``(uniforms [T, n], rounding [n] or None)`` of one window of the kernel, the arguments of
-    ``F.tpp_fire_reference``: ``'unbiased'`` rounds with the top 16 bits of word 0 (uniform 0
-    truncated to 16 bits) and fires step ``t`` with uniform ``t + 1``, the other counts fire step
-    ``t`` with uniform ``t``."""
-    if count != "unbiased":
-        return kernel_uniforms(words, T, dtype), None
-    uniforms = kernel_uniforms(words, T + 1, dtype)[1:]
-    rdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return uniforms, (words(0)[:, 0] >> 16).to(rdtype) * 2.0**-16
-
-
-def python_philox_words(n: int, window: int, seed: int):
-    """``words(d)`` for :func:`kernel_uniforms` from the plain-Python Philox (CPU)."""
-    key = (seed & MASK, seed >> 32)
-    return lambda d: torch.tensor([philox4x32_10((i, 0, window, d), key) for i in range(n)])
-
-
 # ================================================================ CPU: always
 def test_philox_reference_matches_random123_known_answers():
     assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
     assert philox4x32_10((MASK,) * 4, (MASK, MASK)) == (
         0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD,
     )
+
+
+def test_vectorised_philox_equals_the_python_reference():
+    """gpu_helpers.philox_words (torch integer arithmetic, used by the kernel emulation) is the
+    reference Philox for every counter, including neuron indices above 2**32 and 64-bit keys."""
+    for seed in (0, 0xDEADBEEF12345678, 2**64 - 1):
+        for window, draw in ((0, 0), (7, 2), (MASK, MASK)):
+            words = philox_words(50, window, draw, seed)
+            key = (seed & MASK, seed >> 32)
+            assert words.tolist() == [list(philox4x32_10((i, 0, window, draw), key))
+                                      for i in range(50)]
+    first = 2**32 - 2  # neuron indices past 32 bits go into the second counter word
+    words = philox_words(4, 3, 1, 99, first=first)
+    assert words.tolist() == [list(philox4x32_10((i & MASK, i >> 32, 3, 1), (99, 0)))
+                              for i in range(first, first + 4)]
 
 
 @needs_nvrtc
@@ -256,6 +213,28 @@ def test_philox_kernel_matches_reference():
         assert tuple(row) == philox4x32_10((i, 0, 7, 2), (seed & MASK, seed >> 32))
     zero = kernels.philox4x32(1, window=0, draw=0, seed=0).cpu().tolist()[0]
     assert tuple(zero) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    # the vectorised emulation (gpu_helpers.philox_words) on the GPU too
+    many = kernels.philox4x32(5000, window=3, draw=1, seed=seed)
+    assert torch.equal(many, philox_words(5000, 3, 1, seed, device=DEVICE))
+
+
+@needs_gpu
+@pytest.mark.parametrize("count", F.COUNT_MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_emulated_window_kernel_equals_the_kernel(count, dtype):
+    """gpu_helpers.emulated_tpp_window, which the CPU tests of the snnTorch glue swap in for the
+    kernel, fires what the kernel fires, bit for bit (steps_in=1, the glue's call)."""
+    from gpu_helpers import emulated_tpp_window
+
+    T, n, theta = 8, 3001, 0.7
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    w = torch.rand(3, n, generator=g, device=DEVICE, dtype=torch.float64) * (T + 3) - 1.5
+    w[:, ::5] = w[:, ::5].round()
+    v = (w * theta).to(dtype)
+    real = kernels.tpp_window(v, T, theta, count, kernels.PhiloxStream(77), steps_in=1)
+    stream = kernels.PhiloxStream(77)
+    emulated = emulated_tpp_window(v, T, theta, count, stream, steps_in=1)
+    assert torch.equal(real, emulated) and stream.offset == 3
 
 
 @needs_gpu

@@ -1,9 +1,11 @@
-"""Distributed evaluation (tpp_plugin.evaluate) and `reproduce` under torchrun (gloo, CPU).
+"""Distributed evaluation (tpp_plugin.evaluate) and `reproduce` under torchrun (gloo, CPU; nccl
+on GPUs).
 
 The torchrun tests start 2 processes on the CPU (`python -m torch.distributed.run`); each takes
 10–30 s on a 2-core machine. Deterministic variants (IF, exact-count TPP, the ANN) must give the
 single-process result exactly: their predictions do not depend on random draws, and every rank
-uses the same ANN and thresholds.
+uses the same ANN and thresholds. The nccl test (``gpu`` marker, skipped without CUDA) runs the
+same worker with one process per visible GPU, the network and images on the GPUs in float64.
 """
 
 import json
@@ -15,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+from gpu_helpers import needs_cuda
 from torch.utils.data import DistributedSampler, TensorDataset
 
 import tpp_plugin
@@ -149,12 +152,15 @@ WORKER = textwrap.dedent('''
     from tpp_plugin.adapters.spikingjelly import convert_qcfs
     from tpp_plugin.models import digits_cnn
 
-    assert init_distributed("cpu")
+    # argv: output file, device ('cpu': gloo; 'cuda': nccl, one GPU per rank, float64)
+    device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+    dtype = torch.float64 if device == "cuda" else torch.float32
+    assert init_distributed(device)
     rank, size = world()
     x_train, y_train, x_test, y_test = data.load_digits(seed=0)
     x, y = torch.cat([x_train, x_test])[:1001], torch.cat([y_train, y_test])[:1001]
-    dataset = torch.utils.data.TensorDataset(x, y)
-    out = {"backend": dist.get_backend()}
+    dataset = torch.utils.data.TensorDataset(x.to(dtype), y)
+    out = {"backend": dist.get_backend(), "world_size": size}
 
     # 1001 images on 2 ranks: every index once
     mine = list(ShardSampler(dataset))
@@ -166,7 +172,7 @@ WORKER = textwrap.dedent('''
     # exact-count TPP in count mode and in the full simulation: deterministic predictions
     torch.manual_seed(0)
     qcfs = digits_cnn(qcfs_levels=4).eval()
-    snn = convert_qcfs(qcfs, "tpp", {"count": "exact", "seed": 0})
+    snn = convert_qcfs(qcfs, "tpp", {"count": "exact", "seed": 0}).to(device, dtype)
     for mode in (True, False):
         r = tpp_plugin.evaluate(snn, dataset, T=4, count_mode=mode, seed=5, stats=True,
                                 batch_size=128)
@@ -217,7 +223,7 @@ WORKER = textwrap.dedent('''
 
     # a world larger than the data set is refused on every rank
     try:
-        tpp_plugin.evaluate(snn, torch.utils.data.TensorDataset(x[:1], y[:1]), T=2)
+        tpp_plugin.evaluate(snn, torch.utils.data.TensorDataset(x[:1].to(dtype), y[:1]), T=2)
         out["too_small"] = None
     except ValueError as error:
         out["too_small"] = str(error)
@@ -231,12 +237,34 @@ def test_torchrun_uneven_split_counts_every_image_once(tmp_path, digits):
     (tmp_path / "worker.py").write_text(WORKER)
     torchrun(["worker.py", str(tmp_path / "out.json")], tmp_path)
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["backend"] == "gloo"
-    assert out["indices"] == list(range(1001)) and out["shard_sizes"] == [501, 500]
-    # the same figures in one process, over all 1001 images
+    assert out["backend"] == "gloo" and out["shard_sizes"] == [501, 500]
+    check_worker(out, digits, world=2, device="cpu")
+
+
+@needs_cuda
+def test_torchrun_nccl_on_every_visible_gpu(tmp_path, digits):
+    """The worker of the gloo test with nccl, one process per visible GPU (one GPU: a world of
+    one, which still goes through nccl's collectives)."""
+    size = torch.cuda.device_count()
+    (tmp_path / "worker.py").write_text(WORKER)
+    torchrun(["worker.py", str(tmp_path / "out.json"), "cuda"], tmp_path, nproc=size, timeout=60)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["backend"] == "nccl"
+    check_worker(out, digits, world=size, device="cuda")
+
+
+def check_worker(out, digits, world, device):
+    """What the torchrun worker reported: every image once, the one-process figures, the same
+    thresholds on every rank, and the refusal of a world larger than the data set."""
+    assert out["world_size"] == world
+    assert out["indices"] == list(range(1001))
+    assert out["shard_sizes"] == [len(range(r, 1001, world)) for r in range(world)]
+    # the same figures in one process, over all 1001 images (on the GPU: in float64 there too)
     x_train, y_train, x_test, y_test = digits
     x, y = torch.cat([x_train, x_test])[:1001], torch.cat([y_train, y_test])[:1001]
     snn = _qcfs_snn()
+    if device == "cuda":
+        snn, x = snn.to(device, torch.float64), x.double()
     for mode in (True, False):
         r = tpp_plugin.evaluate(snn, TensorDataset(x, y), T=4, count_mode=mode, stats=True)
         dist = out[f"count_mode={mode}"]
@@ -249,8 +277,11 @@ def test_torchrun_uneven_split_counts_every_image_once(tmp_path, digits):
 
     if not IS_LEGACY:
         assert out["recipe_same_on_all_ranks"] and out["recipe_equals_one_process"]
-    assert out["gap"] > 0 and out["synced"]
-    assert "world size 2 is larger than the test set (1 images)" in out["too_small"]
+    assert out["synced"] and (out["gap"] > 0 if world > 1 else out["gap"] == 0)
+    if world > 1:
+        assert f"world size {world} is larger than the test set (1 images)" in out["too_small"]
+    else:
+        assert out["too_small"] is None
 
 
 REPRODUCE = ["--dataset", "digits", "--model", "cnn5", "--ann", "relu", "--T", "2", "4",

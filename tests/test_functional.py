@@ -233,6 +233,7 @@ def test_generator_must_be_a_generator():
         F.permute_time(torch.ones(4, 2), generator="seed")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_generator_on_wrong_device_is_reported():
     with pytest.raises(ValueError, match="generator"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -10,6 +11,7 @@ import snntorch
 import snntorch.functional as SF
 import snntorch.utils
 import torch
+from gpu_helpers import CUDA_MARKS, CUPY_MARKS
 from torch import nn
 
 from tpp_plugin import functional as F
@@ -448,15 +450,27 @@ def qcfs_digits_cnn():
     return ann, x.double(), y
 
 
+#: the oracle on the CPU, and on a GPU with either TPP backend (model and images on the device)
+DEVICES = [
+    pytest.param("cpu", "torch", id="cpu"),
+    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
+    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
+]
+
+
+@pytest.mark.parametrize("device, backend", DEVICES)
 @pytest.mark.parametrize("T_", [1, 2, 4, 8])
-def test_exact_tpp_conversion_equals_qcfs_ann(qcfs_digits_cnn, T_):
-    ann, x, _ = qcfs_digits_cnn
-    net = convert(ann, num_steps=T_, count="exact", seed=0)
-    assert sum(isinstance(m, TPP) for m in net) == 3
+def test_exact_tpp_conversion_equals_qcfs_ann(qcfs_digits_cnn, T_, device, backend):
+    ann, x, _ = qcfs_digits_cnn  # float64
+    with torch.no_grad(), qcfs_levels(ann, T_):
+        ref = ann(x).to(device)  # computed on the CPU
+    if device != "cpu":
+        ann, x = copy.deepcopy(ann).to(device), x.to(device)
+    net = convert(ann, num_steps=T_, count="exact", seed=0, backend=backend)
+    assert sum(isinstance(m, TPP) and m.backend == backend for m in net) == 3
     with torch.no_grad():
         out = net(x.expand(T_, *x.shape))
-        with qcfs_levels(ann, T_):
-            ref = ann(x)
+    assert out.device.type == device
     assert torch.equal(out.sum(0).argmax(1), ref.argmax(1))  # image for image
     # the logits too: one hidden count off would move them by ~θ/T·|w| >> 1e-9
     torch.testing.assert_close(out.mean(0), ref, rtol=0, atol=1e-9)

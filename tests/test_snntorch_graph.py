@@ -12,6 +12,7 @@ import copy
 import pytest
 import snntorch
 import torch
+from gpu_helpers import CUDA_MARKS, CUPY_MARKS
 from torch import fx, nn
 
 import tpp_plugin
@@ -112,12 +113,22 @@ def thresholds_of(net):
 # ----------------------------------------------------------------------------------------------
 # the oracle: exact-count TPP == quantised ANN, image for image
 # ----------------------------------------------------------------------------------------------
+#: the oracle on the CPU, and on a GPU with either TPP backend (converted on the CPU, then the
+#: network and the images moved to the device; the reference stays on the CPU)
+DEVICES = [
+    pytest.param("cpu", "torch", id="cpu"),
+    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
+    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
+]
+
+
+@pytest.mark.parametrize("device, backend", DEVICES)
 @pytest.mark.parametrize("model", ["resnet", "cnn5_maxpool"])
 @pytest.mark.parametrize("T", [1, 2, 4])
-def test_exact_tpp_equals_quantised_ann(trained, model, T):
+def test_exact_tpp_equals_quantised_ann(trained, model, T, device, backend):
     ann, x, _ = trained[model]
     calib, x = x[:256], x[256:556]
-    net = convert(ann, [calib], num_steps=T, count="exact", seed=0)
+    net = convert(ann, [calib], num_steps=T, count="exact", seed=0, backend=backend)
     expected_type = nn.Sequential if model == "cnn5_maxpool" else fx.GraphModule
     assert isinstance(net, expected_type)
     theta = call_maxima(ann, calib)
@@ -129,7 +140,9 @@ def test_exact_tpp_equals_quantised_ann(trained, model, T):
     assert not any(isinstance(m, nn.MaxPool2d) and not isinstance(p, TPP)
                    for p in net.modules() for m in p.children())
     with torch.no_grad():
-        out = net(x.expand(T, *x.shape)).mean(0)
+        out = net.to(device)(x.to(device).expand(T, *x.shape)).mean(0)
+    assert out.device.type == device
+    out = out.cpu()
     ref = quantised_ann(ann, x, theta, T)
     assert torch.equal(out.argmax(1), ref.argmax(1))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)

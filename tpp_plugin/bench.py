@@ -16,9 +16,13 @@ time order, whose running total's maximum is the peak. Both count tensor memory 
 allocator only.
 
 ``--backend cupy`` (CUDA device) times the fused kernels of :mod:`tpp_plugin.kernels.cupy` (the
-TPP kernel with each of the three ``count`` values) against the same modules on the torch backend
-and against ``x.clone()`` (a device-to-device copy of the input: the memory-bandwidth limit, since
-the kernel reads ``x`` once and writes the spikes once).
+TPP kernel with each of the three ``count`` values, the permutation kernel, and snnTorch's
+``snn.TPP`` in sequence mode, whose firing phase runs in the same kernel) against the same
+modules on the torch backend and against ``x.clone()`` (a device-to-device copy of the input:
+the memory-bandwidth limit, since the kernel reads ``x`` once and writes the spikes once).
+
+``--json FILE`` also writes the table (every case's median, ratios and peak memory, per ``T``)
+and the versions to ``FILE``.
 
 ``--count-mode`` also times the converted demo CNN (sklearn digits) in the full ``[T, N, ...]``
 simulation against :func:`tpp_plugin.count_mode` (bernoulli networks with both of its samplers,
@@ -84,6 +88,7 @@ def torch_cases(x: torch.Tensor, T: int, device) -> list:
 
 
 TORCH_SUFFIX = " [torch]"
+SNN_TPP_CASE = "snn.TPP exact (sequence)"
 
 
 def cupy_cases(x: torch.Tensor, T: int, device) -> list:
@@ -91,9 +96,13 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
     if torch.device(device).type != "cuda":
         raise SystemExit("bench --backend cupy needs a CUDA device: add --device cuda")
     import tpp_plugin  # noqa: F401  (registers the plugin)
+    from tpp_plugin.adapters.snntorch import TPP
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
     def multi_step(module, inputs=x):
+        if isinstance(module, TPP):  # snnTorch: a whole [T, N, ...] sequence per call
+            module = module.to(device)
+            return lambda: module(inputs)
         return _multi_step_call(module.to(device), inputs)
 
     spikes = _spike_train(x)
@@ -108,6 +117,9 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
         ),
         "TemporalPermutation neuron": lambda backend: TemporalPermutation(
             step_mode="m", seed=0, backend=backend
+        ),
+        SNN_TPP_CASE: lambda backend: TPP(
+            num_steps=T, count="exact", sequence=True, init_hidden=True, seed=0, backend=backend
         ),
     }
     def inputs(name):
@@ -348,6 +360,8 @@ def add_arguments(parser) -> None:
                         help="also time the demo CNN: full simulation vs count mode")
     parser.add_argument("--epochs", type=nonnegative_int, default=5,
                         help="demo CNN training epochs")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the neuron table (and the versions) to FILE as JSON")
 
 
 def main(args) -> int:
@@ -363,7 +377,28 @@ def main(args) -> int:
           f"--T {' '.join(map(str, args.T))} --shape {' '.join(map(str, args.shape))} "
           f"--repeats {args.repeats}" + (" --count-mode" if args.count_mode else ""))
     print(f"machine: {_machine(device)}")
-    bench_neurons(args.backend, device, args.T, args.shape, args.repeats)
+    results = bench_neurons(args.backend, device, args.T, args.shape, args.repeats)
+    if args.json:
+        write_json(args.json, args, device, results)
+        print(f"wrote {args.json}")
     if args.count_mode:
         bench_count_mode(args.T, args.repeats, args.epochs)
     return 0
+
+
+def write_json(path: str, args, device: torch.device, results: dict) -> None:
+    """The neuron table of :func:`bench_neurons` with the run's settings and versions."""
+    import json
+
+    versions = {"torch": torch.__version__}
+    if args.backend == "cupy":
+        import cupy
+
+        versions["cupy"] = cupy.__version__
+    document = {
+        "backend": args.backend, "device": str(device), "machine": _machine(device),
+        "shape": list(args.shape), "repeats": args.repeats, "versions": versions,
+        "results": {str(T): rows for T, rows in results.items()},
+    }
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)

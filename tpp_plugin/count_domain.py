@@ -331,9 +331,14 @@ def _snn_tpp(neuron, T: int, bernoulli: str, input_: torch.Tensor, mem=None):
     from .adapters.snntorch import _returns
 
     pool = getattr(neuron, "pool", None)  # snn.TPP(pool=...): pool the window potential
-    generator = neuron._generator_for(input_.device)
-    counts = _counts(input_, T, neuron.v_init, neuron.threshold, neuron.count, generator,
-                     bernoulli, pool)
+    if neuron.backend == "cupy" and (neuron.count == "exact" or bernoulli == "draw-equal"):
+        neuron._check_cupy_input(F.check_tensor(input_, "input_"), "input_")
+        v = _window_potential(input_, T, neuron.v_init)
+        counts = neuron._fire(v, T).sum(0)  # the kernel's own random stream, as in the full run
+    else:
+        generator = neuron._generator_for(input_.device)
+        counts = _counts(input_, T, neuron.v_init, neuron.threshold, neuron.count, generator,
+                         bernoulli, pool)
     spk = counts.div_(T).mul_(neuron.graded_spikes_factor)
     if neuron.init_hidden and not neuron.output:
         return spk  # the membrane potential is not returned: do not compute it

@@ -14,8 +14,10 @@ Two ways to run a TPP neuron, both drawing the same random numbers for the same 
 * **sequence**, a whole ``[T, B, ...]`` input in one call (``TPP(..., sequence=True)`` or
   :meth:`TPP.forward_sequence`), without the delay.
 
-All firing math is :mod:`tpp_plugin.functional`'s; this module only adapts state, shapes and
-snnTorch's conventions.
+All firing math is :mod:`tpp_plugin.functional`'s (``backend='torch'``) or the CUDA window
+kernel's of :mod:`tpp_plugin.kernels.cupy` (``backend='cupy'``, the kernel SpikingJelly's
+``TPPNode(backend='cupy')`` runs); this module only adapts state, shapes and snnTorch's
+conventions.
 """
 
 from __future__ import annotations
@@ -101,6 +103,22 @@ def _check_graded_spikes_factor(factor) -> None:
         raise ValueError(f"graded_spikes_factor must be finite, got {factor}")
 
 
+#: implementations of the TPP neuron's firing phase (as SpikingJelly's ``TPPNode.backend``)
+BACKENDS = ("torch", "cupy")
+
+
+def _check_backend(backend) -> str:
+    """``'torch'`` or ``'cupy'``; ``'cupy'`` needs CuPy and NVRTC (checked now, with the install
+    command in the error)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy":
+        from ..kernels.cupy import load_nvrtc
+
+        load_nvrtc()  # ImportError with the install command if CuPy/NVRTC is missing
+    return backend
+
+
 class _Seeded:
     """Mixin: ``self.seed``/``self.generator``; a seeded generator follows the data's device."""
 
@@ -122,6 +140,7 @@ class _Seeded:
         """
         seed = F.check_seed_value(seed)
         self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
+        self._philox = None  # the 'cupy' backend's stream restarts from the seed too
 
     def _generator_for(self, device: torch.device):
         g = self.generator
@@ -248,6 +267,20 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         commutes with the max); :func:`convert` sets it. Defaults to None
     :type pool: torch.nn.Module, optional
 
+    :param backend: ``'torch'`` (default; any device) or ``'cupy'``: the firing phase runs in
+        the CUDA window kernel of :mod:`tpp_plugin.kernels.cupy` (the one SpikingJelly's
+        ``TPPNode(backend='cupy')`` runs) — in sequence mode one launch for all windows of a
+        call, in the time loop one per completed window. It needs CuPy and CUDA input. The
+        accumulation, ``pool``, ``v_init``, the checks and ``w = V/U_thr`` stay torch's (the
+        kernel gets ``w`` and a threshold of 1), so every threshold works (per-channel too) and
+        ``count='exact'`` gives the torch backend's counts neuron for neuron. The kernel draws
+        from its own Philox stream (seeded by ``seed``; each window takes the next counter, so
+        the time loop and sequence mode still give the same spikes): bernoulli and unbiased
+        counts agree with the torch backend's in distribution, not draw for draw. 16-bit inputs
+        fire from a float32 ``w`` (as on the torch backend) and their spikes are cast back.
+        Defaults to ``'torch'``
+    :type backend: str, optional
+
     :param spike_grad: refused: TPP has no surrogate gradient (nor ``surrogate_disable=False``)
 
     Inputs: \input_, mem
@@ -290,11 +323,13 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         generator: torch.Generator | None = None,
         warmup_windows: int = 0,
         pool: nn.Module | None = None,
+        backend: str = "torch",
         spike_grad=None,
         surrogate_disable=None,
     ):
         # validate everything before SpikingNeuron.__init__ registers the instance
         _refuse_surrogate(spike_grad, surrogate_disable)
+        backend = _check_backend(backend)
         if pool is not None and not isinstance(pool, nn.Module):
             raise TypeError(f"pool must be an nn.Module (e.g. nn.MaxPool2d(2)) or None, got "
                             f"{type(pool).__name__}")
@@ -326,6 +361,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         self.generator = gen
         self.warmup_windows = int(warmup_windows)
         self.pool = pool  # pools the window potential before firing (see the class docstring)
+        self._philox = None  # the 'cupy' backend's random stream (created on first use)
+        self._tpp_backend = backend
         self.register_buffer("v_init", torch.as_tensor(v_init).detach().clone())
         self.register_buffer("mem", torch.zeros(0), persistent=False)
         self.register_buffer("pending", torch.zeros(0), persistent=False)
@@ -361,6 +398,23 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
             if isinstance(neuron, cls):
                 neuron.mem = neuron.mem.detach()
 
+    # -- backend -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """``'torch'`` or ``'cupy'`` (see the class docstring); may be set on a built network."""
+        return self._tpp_backend
+
+    @backend.setter
+    def backend(self, value: str):
+        self._tpp_backend = _check_backend(value)
+
+    def _check_cupy_input(self, x: torch.Tensor, name: str) -> None:
+        """The ``'cupy'`` backend's refusal of a non-CUDA input (or a dtype the kernel lacks),
+        before any state changes or random numbers are drawn."""
+        from ..kernels import cupy as kernels
+
+        kernels.check_cuda_tensor(x, name, kernels.SUPPORTED_DTYPES)
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_, mem=None):
         _check_mem_argument(self, mem)
@@ -382,14 +436,36 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
         """
         return _returns(self, *self._sequence(x_seq, "x_seq"))
 
-    def _fire(self, v):
+    def _fire(self, v, T: int | None = None):
+        """Phase 2 of one window: spikes ``[T, *pooled shape]`` from the potential ``v``."""
         if self.pool is not None:
             v = self.pool(v)
+        T = self.num_steps if T is None else T
+        if self.backend == "cupy":
+            return self._fire_cupy(v.unsqueeze(0), T)
         generator = self._generator_for(v.device)
-        return F.tpp_fire(v, self.num_steps, self.threshold, self.count, generator)
+        return F.tpp_fire(v, T, self.threshold, self.count, generator)
+
+    def _fire_cupy(self, potentials: torch.Tensor, T: int) -> torch.Tensor:
+        """Phase 2 of ``k`` windows, ``potentials`` ``[k, *shape]`` (pooled, ``v_init``
+        included), in one launch of the window kernel: spikes ``[k·T, *shape]``.
+
+        ``w = v/θ`` is the torch backend's own (:func:`tpp_plugin.functional.tpp_fire` computes
+        it the same way: float32 for 16-bit ``v``), so the kernel fires ``w`` with ``θ = 1``:
+        ``w·1`` is exact, every threshold shape works, and exact counts match neuron for neuron.
+        """
+        from ..kernels import cupy as kernels
+
+        F.check_threshold(self.threshold, shape=potentials.shape[1:])
+        rdtype = F._random_dtype(potentials.dtype)
+        w = F._potential_in_thresholds(potentials, T, self.threshold, "bernoulli", rdtype)
+        spikes = kernels.tpp_window(w, T, 1.0, self.count, kernels.module_stream(self), steps_in=1)
+        return spikes.to(potentials.dtype)
 
     def _step_forward(self, input_, mem):
         F.check_tensor(input_, "input_", min_dim=1)
+        if self.backend == "cupy":
+            self._check_cupy_input(input_, "input_")
         step, shape = self._step, input_.shape
         if step > 0 and self.mem.shape != shape:
             raise ValueError(
@@ -432,6 +508,8 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
     def _sequence(self, x_seq, name):
         T = self.num_steps
         F.check_tensor(x_seq, name, min_dim=2)
+        if self.backend == "cupy":
+            self._check_cupy_input(x_seq, name)
         if x_seq.shape[0] == 0 or x_seq.shape[0] % T:
             raise ValueError(
                 f"{name} has {x_seq.shape[0]} time steps, which is not a positive multiple of "
@@ -448,8 +526,13 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
                 v = v + x_seq[t]
                 mems.append(v)
             potentials.append(F.check_window_sum(v, x_seq.dtype, name))
-        spikes = [self._fire(v) for v in potentials]
-        return torch.cat(spikes) * self.graded_spikes_factor, torch.stack(mems)
+        if self.backend == "cupy":  # every window in one kernel launch
+            if self.pool is not None:
+                potentials = [self.pool(v) for v in potentials]
+            spikes = self._fire_cupy(torch.stack(potentials), T)
+        else:
+            spikes = torch.cat([self._fire(v) for v in potentials])
+        return spikes * self.graded_spikes_factor, torch.stack(mems)
 
     def _fired_shape(self, shape) -> torch.Size:
         """Shape of the spikes fired from a potential of ``shape`` (pooled if ``pool`` is set)."""
@@ -460,9 +543,10 @@ class TPP(_Seeded, snntorch.SpikingNeuron):
     def extra_repr(self) -> str:
         th = self.threshold
         th = f"{float(th):.4g}" if th.dim() == 0 else f"tensor{tuple(th.shape)}"
+        backend = "" if self.backend == "torch" else f", backend={self.backend!r}"
         return (
             f"threshold={th}, num_steps={self.num_steps}, count={self.count!r}, "
-            f"sequence={self.sequence}, init_hidden={self.init_hidden}"
+            f"sequence={self.sequence}, init_hidden={self.init_hidden}{backend}"
         )
 
 
@@ -1000,7 +1084,9 @@ def convert(
     :param permutation: add a :class:`TemporalPermutation` of this scope after every neuron
         (sequence mode only). Defaults to None
     :param neuron_kwargs: more arguments of the neuron, e.g. ``count='exact'``, ``seed=0``
-        (each TPP layer and permutation gets its own seed drawn from it) or ``generator``
+        (each TPP layer and permutation gets its own seed drawn from it), ``generator`` or
+        ``backend='cupy'`` (:class:`TPP`'s CUDA kernel for the firing phase, on every TPP layer;
+        ``'torch'`` is the default and the only implementation of ``neuron='if'``)
     :return: the spiking network, in eval mode, on the ANN's device and dtype
     :rtype: torch.nn.Sequential or torch.fx.GraphModule
     :raises TypeError: naming the module or graph node that cannot be converted (an unknown
@@ -1045,6 +1131,15 @@ def convert(
             raise TypeError(f"convert sets the neuron's {key!r} itself; do not pass it")
     if neuron == "tpp":
         _refuse_surrogate(neuron_kwargs.get("spike_grad"), neuron_kwargs.get("surrogate_disable"))
+        _check_backend(neuron_kwargs.get("backend", "torch"))
+    elif neuron_kwargs.get("backend", "torch") != "torch":
+        raise ValueError(
+            f"convert: backend={neuron_kwargs['backend']!r} is an implementation of the TPP "
+            "neuron; the IF neuron (snn.Leaky) has only snnTorch's: drop backend= or use "
+            "neuron='tpp'"
+        )
+    else:
+        neuron_kwargs.pop("backend", None)
     seed = neuron_kwargs.pop("seed", None)
     generator = neuron_kwargs.pop("generator", None)
     _check_seed(seed, generator)

@@ -158,17 +158,11 @@ class _TPPModule(base.MemoryModule):
 
     def _philox_stream(self):
         """The ``'cupy'`` backend's random stream: the module's own for a seed, else a fresh key
-        drawn from the generator (or torch's global generator) for every call."""
-        from ..kernels.cupy import PhiloxStream
+        drawn from the generator (or torch's global generator) for every call
+        (:func:`tpp_plugin.kernels.cupy.module_stream`)."""
+        from ..kernels.cupy import module_stream
 
-        if self.seed is not None:
-            if self._philox is None:
-                self._philox = PhiloxStream(self.seed)
-            return self._philox
-        generator = self.generator
-        device = generator.device if generator is not None else "cpu"
-        key = torch.randint(2**63 - 1, (), generator=generator, device=device)
-        return PhiloxStream(int(key))
+        return module_stream(self)
 
     # -- backend ---------------------------------------------------------------------------------
     @property

@@ -58,6 +58,8 @@ __all__ = [
     "tpp_permute",
     "philox4x32",
     "PhiloxStream",
+    "module_stream",
+    "check_cuda_tensor",
 ]
 
 #: dtypes the TPP window kernel accepts (the permutation kernel accepts any dtype)
@@ -436,7 +438,26 @@ class PhiloxStream:
         return self.seed & 0xFFFFFFFF, self.seed >> 32, first
 
 
-def _check_cuda_tensor(x: torch.Tensor, name: str, dtypes=None) -> None:
+def module_stream(module) -> PhiloxStream:
+    """The random stream of a TPP module on the ``'cupy'`` backend (SpikingJelly's ``TPPNode`` and
+    ``TemporalPermutation``, snnTorch's ``TPP`` share this rule).
+
+    With ``module.seed`` set: the module's own stream, kept in ``module._philox`` (created on first
+    use; ``manual_seed`` drops it), so consecutive calls take consecutive windows. Without a seed:
+    a fresh key for every call, drawn from ``module.generator`` (or torch's global generator).
+    """
+    if module.seed is not None:
+        if module._philox is None:
+            module._philox = PhiloxStream(module.seed)
+        return module._philox
+    generator = module.generator
+    device = generator.device if generator is not None else "cpu"
+    key = torch.randint(2**63 - 1, (), generator=generator, device=device)
+    return PhiloxStream(int(key))
+
+
+def check_cuda_tensor(x: torch.Tensor, name: str, dtypes=None) -> None:
+    """Refuse ``x`` unless it is a CUDA tensor (of one of ``dtypes``), naming it and the fix."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -520,7 +541,7 @@ def tpp_window(
     if isinstance(threshold, torch.Tensor):
         raise TypeError("the 'cupy' backend needs a scalar threshold; use backend='torch'")
     threshold = F.check_threshold(threshold)
-    _check_cuda_tensor(x_seq, "x_seq", SUPPORTED_DTYPES)
+    check_cuda_tensor(x_seq, "x_seq", SUPPORTED_DTYPES)
     if x_seq.dim() < 1 or x_seq.shape[0] % steps_in:
         raise ValueError(
             f"x_seq has {x_seq.shape[0] if x_seq.dim() else 0} steps, not a multiple of {steps_in}"
@@ -559,7 +580,7 @@ def tpp_permute(x_seq: torch.Tensor, T: int, stream: PhiloxStream) -> torch.Tens
             f"the 'cupy' permutation kernel handles windows of up to {MAX_PERMUTE_T} steps, "
             f"got T={T}; use backend='torch'"
         )
-    _check_cuda_tensor(x_seq, "x_seq")
+    check_cuda_tensor(x_seq, "x_seq")
     if x_seq.dim() < 1 or x_seq.shape[0] % T:
         raise ValueError(f"x_seq's time dimension must be a multiple of T={T}")
     windows = x_seq.shape[0] // T
@@ -582,7 +603,7 @@ def philox4x32(n: int, window: int, draw: int, seed: int, device="cuda") -> torc
     """Raw Philox4x32-10 words for counters ``(i, 0, window, draw)``, ``i < n``: ``[n, 4]``
     int64 (the uint32 values). Exposes the kernels' generator to tests."""
     out = torch.empty((n, 4), dtype=torch.int32, device=device)
-    _check_cuda_tensor(out, "out")
+    check_cuda_tensor(out, "out")
     args = (
         _ptr(out), np.int64(n), np.uint32(window), np.uint32(draw),
         np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32),
