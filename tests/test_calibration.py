@@ -223,6 +223,10 @@ def test_refit_keeps_the_anns_weights_when_the_input_is_unchanged():
     grouped = nn.Conv2d(4, 4, 3, groups=2).double()
     x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
     assert _fit_weights(grouped, x, grouped(x), ridge=0.1, max_rows=100, seed=0) is grouped
+    wide = nn.Linear(40, 3).double()  # more inputs than max_features: kept as it is
+    x = torch.randn(10, 40, dtype=torch.float64)
+    assert _fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=39) is wide
+    assert _fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=40) is not wide
 
 
 def test_refit_weights_reduce_the_next_layers_error_and_reach_the_quantised_ann():
@@ -361,6 +365,10 @@ def test_bad_inputs_are_refused_naming_the_problem():
         calibrate_for_T(ann, [x], T=2, ridge=0.0)
     with pytest.raises(ValueError, match="max_rows must be a positive integer"):
         calibrate_for_T(ann, [x], T=2, max_rows=0)
+    with pytest.raises(ValueError, match="bins must be a positive integer"):
+        calibrate_for_T(ann, [x], T=2, bins=0)
+    with pytest.raises(ValueError, match="max_features must be a positive integer"):
+        calibrate_for_T(ann, [x], T=2, max_features=0)
 
 
 # ---------------------------------------------------------------- bernoulli-aware calibration
@@ -381,5 +389,52 @@ def test_bernoulli_aware_calibration_differs_and_is_deterministic():
     assert bern.settings["count"] == "bernoulli"
     assert all(torch.equal(a, b) for a, b in zip(bern.thresholds, again.thresholds))
     assert any(not torch.equal(a, b) for a, b in zip(bern.thresholds, exact.thresholds))
-    with pytest.raises(ValueError, match="count must be 'exact' or 'bernoulli'"):
+    with pytest.raises(ValueError, match="count must be one of"):
         calibrate_for_T(ann, [x], T=4, count="poisson")
+
+
+def test_unbiased_calibration_minimises_the_expected_error_of_its_two_point_count():
+    """count='unbiased': a neuron at w = a·T/θ fires floor(w) or floor(w) + 1 times, the latter
+    with probability frac(w); each channel gets the grid threshold with the smallest expected
+    squared error (brute force over the grid)."""
+    torch.manual_seed(7)
+    ann = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(300, 5, dtype=torch.float64)
+    T, grid = 8, 16  # at T=8 the bernoulli rule's mean is far from w (0.59 spikes at w=0.3)
+    result = calibrate_for_T(ann, [x], T, count="unbiased", bias_correction=False,
+                             reconstruct=False, output_scale=False, grid=grid,
+                             max_values=None, bins=8192)
+    assert result.settings["count"] == "unbiased"
+    with torch.no_grad():
+        a = ann[0](x)
+    target = a.clamp(min=0)
+    for c in range(4):
+        top = float(target[:, c].max())
+        errors = []
+        for k in range(1, grid + 1):
+            theta = k / grid * top
+            w = (a[:, c] * T / theta).clamp(0, T)
+            low, p_up = w.floor(), w - w.floor()
+            q_lo, q_hi = low * theta / T, (low + 1) * theta / T
+            t = target[:, c]
+            errors.append(float(((1 - p_up) * (q_lo - t) ** 2 + p_up * (q_hi - t) ** 2).sum()))
+        k_chosen = round(float(result.thresholds[0][c]) / top * grid) - 1
+        assert k_chosen == min(range(grid), key=errors.__getitem__)
+
+
+@pytest.mark.parametrize("neuron, kwargs, expected", [
+    ("tpp", {"count": "bernoulli"}, "bernoulli"),
+    ("tpp", {"count": "unbiased"}, "unbiased"),
+    ("tpp", {"count": "exact"}, "exact"),
+    ("tpp", {}, "bernoulli"),  # TPPNode's default rule
+    ("if", {}, "exact"),
+])
+def test_conversion_calibrates_for_the_neurons_count_rule(neuron, kwargs, expected):
+    ann = models()["cnn5"]
+    x = inputs(16)
+    _, result = convert_calibrated(ann, [x], 2, neuron=neuron, neuron_kwargs=kwargs,
+                                   return_result=True)
+    assert result.settings["count"] == expected
+    _, forced = convert_calibrated(ann, [x], 2, neuron=neuron, neuron_kwargs=kwargs,
+                                   return_result=True, count="exact")
+    assert forced.settings["count"] == "exact"

@@ -139,9 +139,18 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -
 
 
 
+def _random_count_mean(w: torch.Tensor, T: int, count: str) -> torch.Tensor:
+    """The mean spike count of a random-count TPP neuron at ``w = v/θ``: the bernoulli rule's
+    :func:`~tpp_plugin.functional.expected_count` (tabulated), or ``clamp(w, 0, T)`` for
+    ``'unbiased'`` (up to its uniforms' 2⁻¹⁶ grid)."""
+    if count == "unbiased":
+        return w.clamp(0, T)
+    return F.expected_count_fast(w, T)
+
+
 def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
-    """The mean of what a TPP neuron passes on: :func:`quantise` for ``'exact'``, the
-    expected bernoulli count times ``s/T`` otherwise."""
+    """The mean of what a TPP neuron passes on: :func:`quantise` for ``'exact'``, the mean
+    count of the random rules times ``s/T`` otherwise."""
     if count == "exact":
         return quantise(a, theta, T, channel_dim, scale)
     dim = _normalise_channel_dim(channel_dim, a, "quantise")
@@ -149,7 +158,7 @@ def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
     theta = _channel_view(theta, a, dim) if theta.dim() else theta.to(a)
     scale = theta if scale is None else torch.as_tensor(scale)
     scale = _channel_view(scale, a, dim) if scale.dim() else scale.to(a)
-    return scale * F.expected_count_fast(a * T / theta, T) / T
+    return scale * _random_count_mean(a * T / theta, T, count) / T
 
 
 class _Probe(nn.Module):
@@ -514,11 +523,13 @@ def _patches(module, x):
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed):
+def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None):
     """A copy of the conv/linear ``module`` whose weights and bias map the quantised network's
     input ``x_q`` to the ANN's output ``z_ann`` in least squares, with a ridge penalty
     ``ridge · mean(diag(AᵀA)) · ‖θ − θ_ANN‖²`` towards the ANN's weights. At most ``max_rows``
-    rows (output positions) are fitted: whole samples, chosen with ``seed``."""
+    rows (output positions) are fitted: whole samples, chosen with ``seed``. A grouped or
+    string-padded convolution, or a layer with more than ``max_features`` inputs per output,
+    is returned as it is."""
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
                                           or module.padding_mode != "zeros"):
         return module
@@ -530,6 +541,8 @@ def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed):
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
         idx = idx.sort().values.to(x_q.device)
         x_q, z_ann = x_q[idx], z_ann[idx]
+    if max_features is not None and module.weight[0].numel() > max_features:
+        return module  # the (D + 1)² system would cost O(D³)
     rows = _patches(module, x_q)
     out = z_ann.movedim(channel_dim, -1).reshape(-1, z_ann.shape[channel_dim])
     rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
@@ -592,6 +605,8 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     and do not affect the choice. Returns ``(theta, u)``: ``[C]`` (or 0-d) and ``[C]``.
     """
     C = a.shape[0]
+    if bins is None:  # 512, but a few values per bin at least
+        bins = min(512, max(64, a.shape[1] // 8))
     top = a.amax(1).clamp(min=0) if granularity == "channel" else a.amax().clamp(min=0).expand(C)
     top = torch.where(top > 0, top, torch.ones_like(top))
     # bin of each value; negatives (floor < 0) wrap round into the spare bin ``bins``
@@ -610,26 +625,30 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
     centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
     u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
+    w_top = centres.unsqueeze(0) * (T / top).unsqueeze(1)  # [1, C, B]: w of each bin at θ = top
+    ss_sum = ss.sum(-1)  # [C]
     errors, steps = [], []
     for k in range(fractions.numel()):
         theta = (fractions[k] * top).view(1, C, 1)
-        w_bin = centres.unsqueeze(0) * T / theta + u
+        w_bin = w_top / fractions[k] + u
         if count == "exact" and free_scale:
-            # the best output step s/T for these levels, in closed form: Σ L·t / Σ L²
-            level = torch.floor(w_bin + 0.5).clamp_(0, T)
+            # the best output step s/T for these levels, in closed form: Σ L·t / Σ L², and its
+            # error Σ t² − (Σ L·t)² / Σ L² (with the step θ/T where that is not positive)
+            level = w_bin.add_(0.5).floor_().clamp_(0, T)
             num = (level * s).sum(-1)
-            den = (n * level * level).sum(-1)
-            step = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30),
-                               (theta / T).view(1, C))  # [U, C]
-            q = level * step.unsqueeze(-1)
-            err = (n * q * q - 2 * q * s + ss).sum(-1)
+            den = (level.square_() * n).sum(-1)
+            fixed = (theta / T).view(1, C)
+            ok = (den > 0) & (num > 0)
+            step = torch.where(ok, num / den.clamp(min=1e-30), fixed)  # [U, C]
+            err = torch.where(ok, ss_sum - num * step, fixed * fixed * den - 2 * fixed * num
+                              + ss_sum)
             steps.append(step)
         elif count == "exact":
             q = torch.floor(w_bin + 0.5).clamp_(0, T) * theta / T  # [U, C, B]
             err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
-        else:  # two-point count: floor(w) or floor(w) + 1, with the bernoulli mean
+        else:  # two-point count: floor(w) or floor(w) + 1, with the rule's mean
             low = torch.floor(w_bin).clamp_(0, T)
-            p_up = (F.expected_count_fast(w_bin, T) - low).clamp_(0, 1)
+            p_up = (_random_count_mean(w_bin, T, count) - low).clamp_(0, 1)
             q_lo, q_hi = low * theta / T, (low + 1) * theta / T
             err = ((1 - p_up) * (n * q_lo * q_lo - 2 * q_lo * s + ss)
                    + p_up * (n * q_hi * q_hi - 2 * q_hi * s + ss)).sum(-1)
@@ -724,13 +743,14 @@ def calibrate_for_T(
     output_correction: bool = True,
     count: str = "exact",
     output_scale: bool = True,
-    bins: int = 512,
+    bins: int | None = None,
     offset_steps: int = 9,
     batch_size: int = 256,
     seed: int = 0,
     reconstruct: bool = True,
     ridge: float = 0.1,
     max_rows: int = 16384,
+    max_features: int | None = 2048,
 ) -> CalibrationResult:
     r"""Choose the threshold of every ReLU call of ``ann`` for ``T`` time steps of exact-count
     TPP neurons (post-training quantisation of the activations, layer by layer).
@@ -755,7 +775,9 @@ def calibrate_for_T(
       input to the ANN's output of the layer, with the ridge penalty
       ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches), fitted on at
       most ``max_rows`` output positions (whole samples). Grouped or string-padded
-      convolutions keep their weights;
+      convolutions, and layers with more than ``max_features`` inputs per output (e.g. a
+      classifier on a large flattened feature map: its system would cost ``O(D³)``), keep
+      their weights;
     * ``refine='global'``: after the pass, one sweep over the layers scales each layer's
       thresholds by the factor from ``refine_grid`` that gives the smallest KL divergence of the
       fully quantised network's output from the ANN's on the calibration data; ``'local'``
@@ -789,16 +811,17 @@ def calibrate_for_T(
         activation, default: the layer compensates earlier layers' errors) or ``'input'`` (the
         ReLU of the layer's own, already perturbed, input)
     :param coherence: extra weight of each channel's summed (mean) error in the objective
-    :param count: the TPP counting rule to calibrate for: ``'exact'`` (default; the quantiser)
-        or ``'bernoulli'`` (each neuron fires ``floor(w)`` or ``ceil(w)`` times with the mean
-        :func:`~tpp_plugin.functional.expected_count`: the expected squared error is minimised,
-        and the earlier layers pass their mean output on)
+    :param count: the TPP counting rule to calibrate for: ``'exact'`` (default; the quantiser),
+        ``'bernoulli'`` or ``'unbiased'`` (each neuron fires ``floor(w)`` or ``ceil(w)`` times,
+        with the mean :func:`~tpp_plugin.functional.expected_count` of the rule: the expected
+        squared error is minimised, and the earlier layers pass their mean output on)
     :param output_scale: also choose each channel's output step (the scale ``s`` of the scaler
         after the neuron, so a neuron firing ``n`` times passes on ``s·n/T``) in closed form for
         the chosen levels, instead of ``s = θ`` (exact counts, histogram search)
     :param output_correction: with bias correction, also shift the bias of the last layer so
         the mean output (per class) matches the ANN's
-    :param bins: histogram bins per channel for ``search='binned'``
+    :param bins: histogram bins per channel for ``search='binned'``; default 512, fewer
+        (down to 64) where a channel has under 8 values per bin
     :param offset_steps: offsets tried by ``bias_correction='search'``
     :param batch_size: samples per forward pass
     :param seed: seed of the sample choices
@@ -807,6 +830,8 @@ def calibrate_for_T(
     :param ridge: the ridge penalty of ``reconstruct``, relative to the mean diagonal of the
         layer input's Gram matrix (``> 0``)
     :param max_rows: the most output positions per layer the refit uses
+    :param max_features: refit only layers with at most this many inputs per output
+        (``in_features``, or ``in_channels·kernel size``); ``None`` for all
     :return: a :class:`CalibrationResult`
     :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
@@ -828,6 +853,8 @@ def calibrate_for_T(
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
+        raise ValueError(f"bins must be a positive integer or None, got {bins!r}")
     if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
         raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
     gm = _trace(copy.deepcopy(ann)).eval()
@@ -846,12 +873,16 @@ def calibrate_for_T(
     if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
             and math.isfinite(ridge) and ridge > 0):
         raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+    if max_features is not None and (isinstance(max_features, bool)
+                                     or not isinstance(max_features, int) or max_features < 1):
+        raise ValueError(f"max_features must be a positive integer or None, got "
+                         f"{max_features!r}")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
-    if count not in ("exact", "bernoulli"):
-        raise ValueError(f"count must be 'exact' or 'bernoulli', got {count!r}")
-    if count == "bernoulli" and search != "binned":
-        raise ValueError("count='bernoulli' needs search='binned'")
+    if count not in F.COUNT_MODES:
+        raise ValueError(f"count must be one of {F.COUNT_MODES}, got {count!r}")
+    if count != "exact" and search != "binned":
+        raise ValueError(f"count={count!r} needs search='binned'")
     if reference not in ("ann", "input"):
         raise ValueError(f"reference must be 'ann' or 'input', got {reference!r}")
     if search not in ("binned", "exact"):
@@ -928,7 +959,7 @@ def calibrate_for_T(
     fitted_modules = {}
 
     def refit(target, module, x_q, z_ann):
-        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed)
+        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features)
         if fitted is not module:
             fitted_modules[target] = fitted
         return fitted
@@ -976,6 +1007,12 @@ def calibrate_for_T(
     )
 
 
+def _percentile(values: torch.Tensor, q: float) -> float:
+    """The ``q``-th percentile of ``values`` (no interpolation; a selection, not a sort)."""
+    k = min(values.numel(), max(1, math.ceil(q / 100 * values.numel())))
+    return float(values.float().kthvalue(k).values)
+
+
 def _layer_stats(name, a, target, theta, T, scale=None) -> dict:
     """Diagnostics of one calibrated layer (``a``, ``target``: ``[C, M]``)."""
     th = theta.view(-1, 1) if theta.dim() else theta
@@ -994,7 +1031,7 @@ def _layer_stats(name, a, target, theta, T, scale=None) -> dict:
                                 / target.pow(2).sum().sqrt().clamp(min=1e-30)),
         "clipped": float((a > th).sum()) / a.numel(),
         "zeroed": float((active & (q == 0)).sum()) / n_active,
-        "p99.9": float(torch.quantile(flat.float(), 0.999)),
+        "p99.9": _percentile(flat, 99.9),
     }
 
 

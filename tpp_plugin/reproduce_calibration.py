@@ -14,13 +14,14 @@ training images, batches of 256), for every ``T`` of ``--T``:
 * ``tpp``: the plugin's calibration for ``T`` (:func:`tpp_plugin.calibration.calibrate_for_T`,
   through ``ann2snn.TPPCalibrationRecipe`` on 2.x, ``convert_calibrated`` on 0.0.0.0.14,
   ``adapters.snntorch.convert(mode=...)`` on snnTorch) with TPP for each count rule. It
-  calibrates *for* ``T``: one calibration per ``T``.
+  calibrates *for* ``T`` and the count rule: one calibration per ``T`` and count rule.
 
 RateCoding and LTB thresholds do not depend on ``T``: one conversion per recipe, and its TPP
 networks keep the converted network's thresholds (neurons swapped with
 :func:`~tpp_plugin.adapters.spikingjelly.swap_neurons`; the snnTorch converter builds them per
 ``T`` with the same statistic). The calibration time of a recipe is the wall clock of its
-conversion (per ``T`` for ``tpp``); the ``tpp`` calibration uses every calibration image
+conversion (per ``T`` for ``tpp``: the exact-count calibration's); the ``tpp`` calibration uses
+every calibration image
 (``max_samples=None``), like the other recipes.
 
 TPP networks are evaluated in count mode (:func:`tpp_plugin.count_mode`, one ANN-sized pass):
@@ -184,19 +185,15 @@ class _SpikingJellyRecipes:
             nets[count] = dict.fromkeys(Ts, net)
         return nets
 
-    def calibrate(self, T: int):
-        """``(exact-count TPP network, CalibrationResult, description)`` calibrated for ``T``."""
+    def calibrate(self, T: int, count: str):
+        """``(TPP network, CalibrationResult, description)`` calibrated for ``T`` and the
+        neurons' ``count`` rule."""
         snn, result = self.sj.convert_calibrated(
-            self.ann, self.calibration, T, neuron_kwargs={"count": "exact", "seed": 0},
+            self.ann, self.calibration, T, neuron_kwargs={"count": count, "seed": 0},
             return_result=True, max_samples=None)
         how = ("tpp_plugin convert_calibrated(T)" if self.sj.IS_LEGACY
                else "tpp_plugin ann2snn.TPPCalibrationRecipe(T)")
         return snn.to(self.device).eval(), result, how
-
-    def other_counts(self, exact, result, T: int) -> dict:
-        """``{count: network}`` for the other count rules, with the calibrated thresholds."""
-        return {count: self.sj.swap_neurons(copy.deepcopy(exact), "tpp", count=count, seed=0,
-                                            T=T) for count in COUNTS[1:]}
 
     def evaluate(self, net, T, x, y, batch_size, energy, seed, count):
         from spikingjelly.activation_based import functional
@@ -236,16 +233,14 @@ class _SnnTorchRecipes:
         network is built for its window)."""
         return {count: {T: self._tpp(recipe, count, T) for T in Ts} for count in COUNTS}
 
-    def calibrate(self, T: int):
-        """``(exact-count TPP network, CalibrationResult, description)`` calibrated for ``T``:
-        ``convert(mode='tpp')`` in two steps, so the other count rules reuse the calibration."""
+    def calibrate(self, T: int, count: str):
+        """``(TPP network, CalibrationResult, description)`` calibrated for ``T`` and ``count``:
+        ``convert(mode='tpp')`` in two steps, so the result is kept for the report."""
         from .calibration import calibrate_for_T
 
-        result = calibrate_for_T(self.ann, self.calibration, T, fuse=False, max_samples=None)
-        return self._tpp(result, "exact", T), result, "tpp_plugin snnTorch convert(mode='tpp')"
-
-    def other_counts(self, exact, result, T: int) -> dict:
-        return {count: self._tpp(result, count, T) for count in COUNTS[1:]}
+        result = calibrate_for_T(self.ann, self.calibration, T, fuse=False, max_samples=None,
+                                 count=count)
+        return self._tpp(result, count, T), result, "tpp_plugin snnTorch convert(mode='tpp')"
 
     def _tpp(self, mode, count: str, T: int):
         return self.st.convert(self.ann, self.calibration, num_steps=T, mode=mode, neuron="tpp",
@@ -295,17 +290,20 @@ class CalibrationComparison:
             return broadcast_module(net)
 
         for recipe in args.calibration:
-            if recipe == "tpp":
-                seconds, how = [], None
+            if recipe == "tpp":  # one calibration per T and count rule (it calibrates for both)
+                by_count, how = {count: [] for count in COUNTS}, None
                 for T in self.Ts:
-                    start = time.perf_counter()
-                    exact, results[T], how = self.backend.calibrate(T)
-                    seconds.append(time.perf_counter() - start)
-                    echo(f"calibration tpp for T={T}: {seconds[-1]:.2f} s")
-                    nets = {"exact": exact, **self.backend.other_counts(exact, results[T], T)}
                     for count in COUNTS:
-                        self._add(recipe, f"tpp_{count}", {T: shared(nets[count])})
-                self.recipes[recipe] = {"conversion": how, "seconds": seconds, "per_T": True}
+                        start = time.perf_counter()
+                        net, result, how = self.backend.calibrate(T, count)
+                        by_count[count].append(time.perf_counter() - start)
+                        echo(f"calibration tpp for T={T}, count={count}: "
+                             f"{by_count[count][-1]:.2f} s")
+                        if count == "exact":
+                            results[T] = result
+                        self._add(recipe, f"tpp_{count}", {T: shared(net)})
+                self.recipes[recipe] = {"conversion": how, "seconds": by_count["exact"],
+                                        "seconds_by_count": by_count, "per_T": True}
                 continue
             start = time.perf_counter()
             if_net, how = self.backend.ltb() if recipe == "ltb" else \
@@ -367,8 +365,9 @@ class CalibrationComparison:
 
     def record(self) -> dict:
         """``{'images', 'recipes': {recipe: {'conversion', 'seconds', 'per_T', ['reports']}}}``:
-        ``seconds`` a number, or one per ``T`` for ``tpp`` (``per_T``), whose ``reports`` hold
-        the per-layer report of each ``T``."""
+        ``seconds`` a number, or one per ``T`` for ``tpp`` (``per_T``; the exact-count
+        calibration's, ``seconds_by_count`` has every count rule's), whose ``reports`` hold the
+        per-layer report of each ``T`` (exact-count calibration)."""
         return {"images": self.images, "recipes": self.recipes}
 
 

@@ -26,6 +26,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from collections import deque
@@ -1069,8 +1070,9 @@ def convert(
         :func:`tpp_plugin.registry.default_neuron` (whose arguments then come first in
         ``neuron_kwargs``), else ``'tpp'``
     :param mode: ReLU threshold statistic: ``'max'``, a percentile like ``'99.9%'``, or a
-        fraction of the max; or ``'tpp'``: per-channel thresholds and bias corrections chosen for
-        ``num_steps`` (:func:`tpp_plugin.calibration.calibrate_for_T`, docs/calibration.md); or
+        fraction of the max; or ``'tpp'``: per-channel thresholds, bias corrections and refitted
+        weights chosen for ``num_steps`` and the neurons' ``count``
+        (:func:`tpp_plugin.calibration.calibrate_for_T`, docs/calibration.md); or
         the :class:`~tpp_plugin.calibration.CalibrationResult` of an earlier
         ``calibrate_for_T(ann, calibration, num_steps, fuse=False)``, to build several networks
         (e.g. one per ``count``) from one calibration. Defaults to ``'max'``
@@ -1150,7 +1152,10 @@ def convert(
     elif isinstance(mode, str) and mode.lower() == "tpp":  # thresholds chosen for num_steps
         if calibration is None:
             raise ValueError("convert: mode='tpp' calibrates for num_steps: pass calibration=")
-        calibrated = calibrate_for_T(ann, calibration, num_steps, fuse=False)
+        # calibrated for the neurons' counting rule ('exact' for IF)
+        count = (neuron_kwargs.get("count", inspect.signature(TPP).parameters["count"].default)
+                 if neuron == "tpp" else "exact")
+        calibrated = calibrate_for_T(ann, calibration, num_steps, fuse=False, count=count)
         ann = apply_bias_shifts(copy.deepcopy(ann), calibrated)
     else:
         mode = check_calibration_mode(mode)

@@ -1567,7 +1567,9 @@ def _replace_calibrated(gm: fx.GraphModule, result, factory: NeuronFactory) -> f
     return _insert_spiking_blocks(gm, blocks, "tpp_calibrated")
 
 
-def _calibration_kwargs(kwargs: dict) -> dict:
+def _calibration_kwargs(kwargs: dict, neuron, neuron_kwargs) -> dict:
+    """The checked arguments of ``calibrate_for_T``; ``count`` defaults to the counting rule of
+    the neurons the network will have (a TPP neuron's ``count``, ``'exact'`` for others)."""
     import inspect
 
     from ..calibration import calibrate_for_T
@@ -1577,6 +1579,12 @@ def _calibration_kwargs(kwargs: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown calibration argument(s) {unknown}; choose from "
                         f"{sorted(allowed)}")
+    kwargs = dict(kwargs)
+    if "count" not in kwargs:
+        kind = _neuron_kind(neuron)
+        tpp = kind == "tpp" or (isinstance(kind, type) and issubclass(kind, TPPNode))
+        default = inspect.signature(TPPNode).parameters["count"].default
+        kwargs["count"] = (neuron_kwargs or {}).get("count", default) if tpp else "exact"
     return kwargs
 
 
@@ -1584,7 +1592,7 @@ if not IS_LEGACY:
 
     class TPPCalibrationRecipe(ann2snn.ConversionRecipe):
         r"""SpikingJelly 2.x recipe: thresholds calibrated for the target ``T``
-        (:func:`tpp_plugin.calibration.calibrate_for_T`), for exact and bernoulli TPP neurons.
+        (:func:`tpp_plugin.calibration.calibrate_for_T`) and the TPP neurons' counting rule.
 
         A network of exact-count TPP neurons computes the ANN with every ReLU output rounded to
         ``T`` levels of its threshold, so the recipe chooses the thresholds as post-training
@@ -1603,7 +1611,8 @@ if not IS_LEGACY:
         :param fuse_flag: fuse conv-BN pairs before calibrating
         :param calibration: more arguments of :func:`~tpp_plugin.calibration.calibrate_for_T`
             (``granularity``, ``objective``, ``bias_correction``, ``refine``, ``channel_dim``,
-            ``grid``, ``max_samples``, ``seed``, ...)
+            ``grid``, ``max_samples``, ``seed``, ...). ``count`` (the counting rule calibrated
+            for) defaults to the TPP neurons' ``count`` (``'exact'`` for other neurons)
 
         After conversion the recipe keeps the calibration in ``recipe.result`` (for
         :func:`~tpp_plugin.calibration.calibration_report`).
@@ -1633,7 +1642,7 @@ if not IS_LEGACY:
             self.T = F.check_window(T)
             self.factory = _calibration_factory(neuron, neuron_kwargs, self.T)
             self.fuse_flag = bool(fuse_flag)
-            self.calibration = _calibration_kwargs(calibration)
+            self.calibration = _calibration_kwargs(calibration, neuron, neuron_kwargs)
             self.result = None
 
         def validate(self, converter):
@@ -1685,6 +1694,7 @@ def convert_calibrated(ann: nn.Module, dataloader, T: int, neuron="tpp",
     :param fuse_flag: fuse conv-BN pairs before calibrating
     :param return_result: also return the :class:`~tpp_plugin.calibration.CalibrationResult`
     :param calibration: more arguments of :func:`~tpp_plugin.calibration.calibrate_for_T`
+        (``count`` defaults to the TPP neurons' ``count``, ``'exact'`` for other neurons)
     :return: the SNN (an ``fx.GraphModule`` in single-step mode), or ``(snn, result)``
 
     Example::
@@ -1707,7 +1717,7 @@ def convert_calibrated(ann: nn.Module, dataloader, T: int, neuron="tpp",
         return (snn, recipe.result) if return_result else snn
     T = F.check_window(T)
     factory = _calibration_factory(neuron, neuron_kwargs, T)
-    calibration = _calibration_kwargs(calibration)
+    calibration = _calibration_kwargs(calibration, neuron, neuron_kwargs)
     if dataloader is None:
         raise ValueError("convert_calibrated needs a dataloader of calibration inputs")
     model = copy.deepcopy(ann).eval()
