@@ -1,4 +1,5 @@
 import re
+import sys
 
 import pytest
 import torch
@@ -114,3 +115,15 @@ def emulated_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "check_cuda_tensor", check)
     monkeypatch.setattr(kernels, "load_nvrtc", lambda: None)
     yield calls
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """CuPy made unimportable (and the cached NVRTC/CuPy lookup cleared before and after)."""
+    from tpp_plugin.kernels import cupy as kernels
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", None)
+    kernels.load_nvrtc.cache_clear()
+    yield
+    kernels.load_nvrtc.cache_clear()

@@ -13,7 +13,6 @@ fixed seeds and a tolerance of 4 standard errors, as stated in each test.
 """
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -137,16 +136,10 @@ def test_compile_error_reports_nvrtc_log(monkeypatch):
         kernels.compile_kernels("sm_90")
 
 
-def test_missing_cupy_names_the_wheel(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", None)
-    monkeypatch.setitem(sys.modules, "cupy.cuda", None)
-    kernels.load_nvrtc.cache_clear()
-    try:
-        with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
-            TPPNode(backend="cupy")
-        assert not kernels.available()
-    finally:
-        kernels.load_nvrtc.cache_clear()
+def test_missing_cupy_names_the_wheel(no_cupy):
+    with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
+        TPPNode(backend="cupy")
+    assert not kernels.available()
 
 
 @needs_nvrtc

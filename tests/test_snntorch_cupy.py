@@ -19,7 +19,6 @@ exact-count predictions equal the torch backend's and the QCFS ANN's (float64).
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -79,22 +78,16 @@ def test_unknown_backend_is_refused_and_changes_nothing():
         convert(ann, num_steps=T, backend="gpu")
 
 
-def test_missing_cupy_names_the_wheel(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", None)
-    monkeypatch.setitem(sys.modules, "cupy.cuda", None)
-    kernels.load_nvrtc.cache_clear()
-    try:
-        with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
-            TPP(num_steps=T, backend="cupy")
-        ann = nn.Sequential(nn.Linear(4, 4), tpp_plugin.QCFS(L=T, lam=1.0))
-        with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
-            convert(ann, num_steps=T, backend="cupy")
-        tpp = TPP(num_steps=T)
-        with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
-            tpp.backend = "cupy"
-        assert tpp.backend == "torch"
-    finally:
-        kernels.load_nvrtc.cache_clear()
+def test_missing_cupy_names_the_wheel(no_cupy):
+    with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
+        TPP(num_steps=T, backend="cupy")
+    ann = nn.Sequential(nn.Linear(4, 4), tpp_plugin.QCFS(L=T, lam=1.0))
+    with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
+        convert(ann, num_steps=T, backend="cupy")
+    tpp = TPP(num_steps=T)
+    with pytest.raises(ImportError, match=r"cupy-cuda\d+x"):
+        tpp.backend = "cupy"
+    assert tpp.backend == "torch"
 
 
 @needs_nvrtc
