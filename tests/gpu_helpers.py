@@ -58,6 +58,13 @@ CUPY_MARKS = [
     pytest.mark.gpu,
     pytest.mark.skipif(not CUPY, reason="needs a CUDA device and CuPy (run on a GPU machine)"),
 ]
+#: where the exact-count oracles run, ``(device, backend)``: the CPU, and a GPU with either TPP
+#: backend (``@pytest.mark.parametrize("device, backend", ORACLE_DEVICES)``)
+ORACLE_DEVICES = [
+    pytest.param("cpu", "torch", id="cpu"),
+    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
+    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
+]
 
 
 def _apply(marks, test):

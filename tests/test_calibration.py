@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from gpu_helpers import CUDA_MARKS, CUPY_MARKS
+from gpu_helpers import ORACLE_DEVICES
 from sj_helpers import multi_step, single_step_loop
 from spikingjelly.activation_based import ann2snn, functional
 from torch import nn
@@ -72,11 +72,7 @@ def test_quantise_rounds_to_T_levels_of_the_threshold_per_channel():
 # ---------------------------------------------------------------- the oracle
 #: the oracle on the CPU, and on a GPU with either TPP backend (the neurons keep the scalar
 #: threshold 1 between the scalers, so the 'cupy' kernel takes channel-wise calibrations too)
-DEVICES = [
-    pytest.param("cpu", "torch", id="cpu"),
-    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
-    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
-]
+DEVICES = ORACLE_DEVICES
 
 
 @pytest.mark.parametrize("device, backend", DEVICES)

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from gpu_helpers import CUDA_MARKS, CUPY_MARKS
+from gpu_helpers import ORACLE_DEVICES
 from spikingjelly.activation_based import ann2snn, functional, neuron  # noqa: E402
 from torch import nn
 
@@ -153,11 +153,7 @@ def test_insert_permutation_preserves_first_layer_counts():
 # ---------------------------------------------------------------- QCFS path and the oracle
 #: where the oracle runs: the CPU in float32; on a GPU in float64 (in float32, cuDNN's default
 #: TF32 convolutions would round the ANN and the SNN differently), with either TPP backend
-DEVICES = [
-    pytest.param("cpu", "torch", id="cpu"),
-    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
-    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
-]
+DEVICES = ORACLE_DEVICES
 
 
 @pytest.mark.parametrize("device, backend", DEVICES)

@@ -11,7 +11,7 @@ import snntorch
 import snntorch.functional as SF
 import snntorch.utils
 import torch
-from gpu_helpers import CUDA_MARKS, CUPY_MARKS
+from gpu_helpers import ORACLE_DEVICES
 from torch import nn
 
 from tpp_plugin import functional as F
@@ -451,11 +451,7 @@ def qcfs_digits_cnn():
 
 
 #: the oracle on the CPU, and on a GPU with either TPP backend (model and images on the device)
-DEVICES = [
-    pytest.param("cpu", "torch", id="cpu"),
-    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
-    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
-]
+DEVICES = ORACLE_DEVICES
 
 
 @pytest.mark.parametrize("device, backend", DEVICES)

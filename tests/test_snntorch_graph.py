@@ -12,7 +12,7 @@ import copy
 import pytest
 import snntorch
 import torch
-from gpu_helpers import CUDA_MARKS, CUPY_MARKS
+from gpu_helpers import ORACLE_DEVICES
 from torch import fx, nn
 
 import tpp_plugin
@@ -115,11 +115,7 @@ def thresholds_of(net):
 # ----------------------------------------------------------------------------------------------
 #: the oracle on the CPU, and on a GPU with either TPP backend (converted on the CPU, then the
 #: network and the images moved to the device; the reference stays on the CPU)
-DEVICES = [
-    pytest.param("cpu", "torch", id="cpu"),
-    pytest.param("cuda", "torch", id="cuda-torch", marks=CUDA_MARKS),
-    pytest.param("cuda", "cupy", id="cuda-cupy", marks=CUPY_MARKS),
-]
+DEVICES = ORACLE_DEVICES
 
 
 @pytest.mark.parametrize("device, backend", DEVICES)
