@@ -21,6 +21,8 @@ from tpp_plugin.adapters.spikingjelly import (
 )
 from tpp_plugin.calibration import (
     CalibrationResult,
+    _bin_statistics,
+    _exact_count_errors,
     activation_nodes,
     calibrate_for_T,
     calibration_report,
@@ -273,6 +275,62 @@ def test_each_channel_gets_the_grid_threshold_with_the_smallest_error():
         # the histogram search finds a candidate within a whisker of the best
         k_binned = round(float(binned.thresholds[0][c]) / float(top[c]) * grid) - 1
         assert errors[k_binned] <= errors[best] * 1.02 + 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 8])
+@pytest.mark.parametrize("free_scale", [False, True])
+def test_exact_count_search_equals_the_per_bin_errors(T, free_scale):
+    """The prefix-sum search (T bin boundaries per candidate) gives, for every candidate
+    fraction and offset, the error of quantising each bin's centre directly."""
+    torch.manual_seed(T)
+    a = torch.randn(5, 3000, dtype=torch.float64) * torch.rand(5, 1, dtype=torch.float64) * 3
+    target = (a + 0.3 * torch.randn_like(a)).clamp(min=0)
+    # fractions and offsets off the binary grid: no bin centre sits exactly on a boundary
+    bins, fractions = 64, torch.arange(1, 17, dtype=torch.float64) / 16 * 0.9876543
+    offsets = torch.linspace(-0.5, 0.5, 5, dtype=torch.float64) * 0.987
+    top, stats = _bin_statistics(a, target, None, "channel", bins)
+    n, s, ss = (t[:, 1:] for t in stats)
+    assert torch.equal(stats[0].sum(1), torch.full((5,), 3000.0, dtype=torch.float64))
+    errors, steps = _exact_count_errors(n, s, ss.sum(-1), -stats[1][:, 0], top, T, fractions,
+                                        offsets, 0.0, free_scale, a.shape[1])
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins * top.unsqueeze(1)
+    for k, f in enumerate(fractions):
+        theta = f * top
+        for j, u in enumerate(offsets):
+            level = torch.floor(centres * T / theta.unsqueeze(1) + u + 0.5).clamp(0, T)
+            step = theta / T
+            if free_scale:
+                num, den = (level * s).sum(1), (level * level * n).sum(1)
+                step = torch.where((num > 0) & (den > 0), num / den.clamp(min=1e-300), step)
+                assert torch.allclose(steps[k, j], step, rtol=1e-9)
+            q = level * step.unsqueeze(1)
+            expected = (n * q * q - 2 * q * s + ss).sum(1)
+            assert torch.allclose(errors[k, j], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_calibration_leaves_values_shared_with_other_nodes_intact():
+    """The calibration overwrites an activation's input only when nothing else holds it: here
+    the second ReLU's input is a view of a value the skip layer still reads (the ANN side would
+    be corrupted otherwise, and with it the output bias correction)."""
+
+    class ViewSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 8)
+            self.relu0, self.relu1 = nn.ReLU(), nn.ReLU()
+            self.fc2, self.skip = nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.fc1(self.relu0(self.fc0(x)))
+            return self.fc2(self.relu1(y.view(-1, 8))) + self.skip(y)
+
+    torch.manual_seed(7)
+    ann = ViewSkip().double().eval()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    result = calibrate_for_T(ann, [x], T=2, reconstruct=False)
+    with torch.no_grad():
+        assert torch.allclose(quantised_ann(ann, result, 2)(x).mean(0), ann(x).mean(0),
+                              atol=1e-9)
 
 
 def test_bias_correction_matches_the_anns_mean_input_per_channel():

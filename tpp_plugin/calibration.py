@@ -174,8 +174,26 @@ class _Probe(nn.Module):
         self.keep_output = False
         self.output: torch.Tensor | None = None
         self.count = "exact"
+        self.fast = False  # calibration only: fewer passes, not bit-equal to ``quantise``
+        self.overwrite = False  # calibration only: the input may be overwritten
+
+    def _fast_quantise(self, x: torch.Tensor) -> torch.Tensor:
+        """``quantise(x + shift, θ, T, scale)`` in four passes over ``x`` (the calibration's
+        quantised side), up to rounding in the last bit."""
+        view = lambda t: _channel_view(t, x, self.channel_dim)  # noqa: E731
+        factor = view(self.T / self.theta)
+        offset = 0.5 if self.shift is None else view(self.shift * (self.T / self.theta) + 0.5)
+        step = view((self.theta if self.scale is None else self.scale) / self.T)
+        offset = torch.as_tensor(offset, dtype=x.dtype, device=x.device)
+        out = x.mul_(factor).add_(offset) if self.overwrite else torch.addcmul(offset, x, factor)
+        return out.floor_().clamp_(0, self.T).mul_(step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and self.theta is not None and self.count == "exact":
+            out = self._fast_quantise(x)
+            if self.keep_output:
+                self.output = out
+            return out
         if self.shift is not None:
             x = x + _channel_view(self.shift, x, self.channel_dim)
         if self.theta is None:
@@ -464,6 +482,8 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
     :return: ``(ann_output, quantised_output)``
     """
     modules = dict(gm.named_modules())
+    model_storage = {t.untyped_storage().data_ptr()
+                     for t in (*gm.parameters(), *gm.buffers())}
     sides = (fx.Interpreter(gm), fx.Interpreter(gm))
     for side in sides:
         side.env = {}
@@ -489,17 +509,28 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
             break
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, _Probe):
-            a_ann = sides[0].env[node.args[0]]
-            a = sides[1].env[node.args[0]]
+            src = node.args[0]
+            a_ann, a = sides[0].env[src], sides[1].env[src]
             visit(module.index, a, a_ann)
-            sides[0].env[node] = torch.relu(a_ann)
-            sides[1].env[node] = module(a)
+            # a value no one else holds is overwritten (saves a full-size copy per side)
+            own = (a is not a_ann and users_left[src] == 1
+                   and not any(_shares_storage(t, [side.env for side in sides], model_storage)
+                               for t in (a, a_ann)))
+            sides[0].env[node] = a_ann.relu_() if own else torch.relu(a_ann)
+            module.overwrite = own
+            try:
+                sides[1].env[node] = module(a)
+            finally:
+                module.overwrite = False
         elif (refit is not None and isinstance(module, _REFITTABLE) and not node.kwargs
               and len(node.args) == 1
               and sides[0].env[node.args[0]] is not sides[1].env[node.args[0]]):
             x_ann, x_q = sides[0].env[node.args[0]], sides[1].env[node.args[0]]
             sides[0].env[node] = module(x_ann)
             sides[1].env[node] = refit(node.target, module, x_q, sides[0].env[node])(x_q)
+        elif all(sides[0].env[a] is sides[1].env[a] for a in node.all_input_nodes):
+            # the same inputs on both sides (before the first ReLU call): run it once
+            sides[0].env[node] = sides[1].env[node] = sides[0].run_node(node)
         else:
             for side in sides:
                 side.env[node] = side.run_node(node)
@@ -514,13 +545,27 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
 _REFITTABLE = (nn.Linear, nn.Conv2d)
 
 
+def _shares_storage(value, envs, model_storage) -> bool:
+    """Whether ``value`` is not a plain tensor, or its memory is the model's or that of
+    another value still held in ``envs`` (a view of it, say)."""
+    if not isinstance(value, torch.Tensor) or value.requires_grad:
+        return True
+    ptr = value.untyped_storage().data_ptr()
+    if ptr in model_storage:
+        return True
+    return any(isinstance(v, torch.Tensor) and v is not value
+               and v.untyped_storage().data_ptr() == ptr
+               for env in envs for v in env.values())
+
+
 def _patches(module, x):
-    """The rows of the linear map ``module`` applies: ``[rows, in_features]``."""
+    """The inputs of the linear map ``module`` applies, one column per output position:
+    ``[in_features, positions]`` (a view for a linear layer, one copy for a convolution)."""
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features)
+        return x.reshape(-1, module.in_features).T
     cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
                                 module.stride)  # [N, D, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return cols.transpose(0, 1).reshape(cols.shape[1], -1)
 
 
 def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None):
@@ -543,17 +588,24 @@ def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None):
         x_q, z_ann = x_q[idx], z_ann[idx]
     if max_features is not None and module.weight[0].numel() > max_features:
         return module  # the (D + 1)² system would cost O(D³)
-    rows = _patches(module, x_q)
+    cols = _patches(module, x_q)  # [D, R]
     out = z_ann.movedim(channel_dim, -1).reshape(-1, z_ann.shape[channel_dim])
-    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
     w = module.weight.detach().reshape(module.weight.shape[0], -1)
     b = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
-    prior = torch.cat([w, b.unsqueeze(1)], 1).T  # [D + 1, out]
-    gram = rows.T @ rows
+    prior = torch.cat([w, b.unsqueeze(1)], 1).T.double()  # [D + 1, out]
+    # the normal equations of the rows [patch, 1] without building them
+    D = cols.shape[0]
+    gram = cols.new_empty(D + 1, D + 1, dtype=torch.float64)
+    gram[:D, :D] = cols @ cols.T
+    gram[:D, D] = gram[D, :D] = cols.sum(1)
+    gram[D, D] = cols.shape[1]
+    rhs = torch.cat([cols @ out, out.sum(0, keepdim=True)]).double()
     lam = ridge * float(gram.diagonal().mean())
     gram.diagonal().add_(lam)
-    theta = torch.linalg.solve(gram.double(), (rows.T @ out + lam * prior).double())
-    theta = theta.to(w.dtype)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    rhs = rhs + lam * prior
+    theta = (torch.cholesky_solve(rhs, factor) if int(info) == 0
+             else torch.linalg.solve(gram, rhs)).to(w.dtype)
     fitted = copy.deepcopy(module)
     fitted.weight.data = theta[:-1].T.reshape_as(module.weight).contiguous()
     fitted.bias = nn.Parameter(theta[-1].clone())
@@ -589,7 +641,74 @@ def _output_gradients(gm, probes, x, batch_size) -> list:
 
 
 def _channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.movedim(dim, 0).reshape(t.shape[dim], -1)
+    """``[C, M]``, contiguous (the histograms' scatters are several times faster on it)."""
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1).contiguous()
+
+
+def _bin_statistics(a, target, weight, granularity, bins):
+    """Histograms of each channel's non-negative pre-activations (``a``, ``[C, M]``) on
+    ``[0, top]``: per bin the (weighted) count, sum and sum of squares of ``target``
+    (``[C, bins + 1]`` each; column 0 holds the negatives, column ``b + 1`` bin ``b``)."""
+    C = a.shape[0]
+    top = a.amax(1).clamp(min=0) if granularity == "channel" else a.amax().clamp(min=0).expand(C)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    # bin of each value, shifted by one: the negatives (floor < 0) all land in bin 0
+    idx = torch.addcmul(torch.ones((), dtype=a.dtype, device=a.device), a,
+                        (bins / top).unsqueeze(1)).floor_().clamp_(0, bins).long()
+    wt = target if weight is None else weight * target
+    stats = []
+    for values in (weight, wt, wt * target):
+        acc = torch.zeros(C, bins + 1, dtype=a.dtype, device=a.device)
+        if values is None:  # unweighted counts
+            values = torch.ones((), dtype=a.dtype, device=a.device).expand_as(a)
+        stats.append(acc.scatter_add_(1, idx, values))
+    return top, stats
+
+
+def _exact_count_errors(n, s, ss_sum, neg_sum, top, T, fractions, offsets, coherence,
+                        free_scale, m):
+    """Errors ``[K, U, C]`` (and output steps, or ``None``) of every candidate fraction ``k`` and
+    offset ``u`` for the exact count, from prefix sums over the bins: a bin's level is
+    non-decreasing in its index, so each candidate is ``T`` bin boundaries and costs
+    ``O(C · T)``, not ``O(C · bins)``.
+
+    Level ``≥ j`` holds from the first bin whose centre ``c`` has ``c·T/θ + u + ½ ≥ j``; with
+    ``θ = f·top`` and ``c = (b + ½)·top/B`` that bin is ``ceil((j − ½ − u)·B·f/T − ½)``, the
+    same for every channel. ``Σ_l l·S_l`` and ``Σ_l l²·N_l`` are sums over ``j`` of the tails
+    above those boundaries (``l² = Σ_{j ≤ l} (2j − 1)``).
+    """
+    C, B = n.shape
+    zero = n.new_zeros(C, 1)
+    tail_n = torch.cat([zero, n.cumsum(1)], 1)
+    tail_n = tail_n[:, -1:] - tail_n  # [C, B + 1]: Σ of bins ≥ e
+    tail_s = torch.cat([zero, s.cumsum(1)], 1)
+    tail_s = tail_s[:, -1:] - tail_s
+    j = torch.arange(1, T + 1, dtype=torch.float64)
+    f = fractions.double().view(-1, 1, 1)
+    u = offsets.double().view(1, -1, 1)
+    first = torch.ceil((j - 0.5 - u) * (B / T) * f - 0.5).clamp_(0, B).long()  # [K, U, T]
+    K, U = first.shape[:2]
+    idx = first.reshape(-1).to(n.device)
+    tn = tail_n[:, idx].view(C, K, U, T)
+    ts = tail_s[:, idx].view(C, K, U, T)
+    level_n = tn.sum(-1)  # Σ_l l·N_l
+    num = ts.sum(-1)  # Σ_l l·S_l
+    den = (tn * (2 * j.to(tn) - 1)).sum(-1)  # Σ_l l²·N_l
+    fixed = (f.view(1, -1, 1).to(n) * top.view(C, 1, 1) / T)  # θ/T: [C, K, 1]
+    ss = ss_sum.view(C, 1, 1)
+    steps = None
+    if free_scale:
+        ok = (den > 0) & (num > 0)
+        step = torch.where(ok, num / den.clamp(min=1e-30), fixed.expand_as(num))
+        err = torch.where(ok, ss - num * step, fixed * fixed * den - 2 * fixed * num + ss)
+        steps = step.permute(1, 2, 0)
+    else:
+        step = fixed
+        err = step * step * den - 2 * step * num + ss
+    if coherence:
+        total = step * level_n - tail_s[:, :1].view(C, 1, 1) + neg_sum.view(C, 1, 1)
+        err = err + coherence * total * total / m
+    return err.permute(1, 2, 0), steps
 
 
 def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, coherence=0.0,
@@ -601,77 +720,57 @@ def _binned_search(a, target, weight, T, fractions, offsets, granularity, bins, 
     The non-negative pre-activations of each channel are put in ``bins`` bins on ``[0, max]``;
     per bin the (weighted) count, sum and sum of squares of the target give the squared error
     of any quantiser that is constant on the bin, so every candidate costs ``O(C · bins)``
-    instead of ``O(C · M)``. Negative pre-activations give 0 for every candidate (``|u| ≤ ½``)
-    and do not affect the choice. Returns ``(theta, u)``: ``[C]`` (or 0-d) and ``[C]``.
+    (``O(C · T)`` for the exact count, :func:`_exact_count_errors`) instead of ``O(C · M)``.
+    Negative pre-activations give 0 for every candidate (``|u| ≤ ½``) and do not affect the
+    choice. Returns ``(theta, u, scale)``: ``[C]`` (or 0-d), ``[C]`` and ``[C]`` or ``None``.
     """
     C = a.shape[0]
     if bins is None:  # 512, but a few values per bin at least
         bins = min(512, max(64, a.shape[1] // 8))
-    top = a.amax(1).clamp(min=0) if granularity == "channel" else a.amax().clamp(min=0).expand(C)
-    top = torch.where(top > 0, top, torch.ones_like(top))
-    # bin of each value; negatives (floor < 0) wrap round into the spare bin ``bins``
-    idx = (a * (bins / top).unsqueeze(1)).floor_().clamp_(-1, bins - 1).long().remainder_(bins + 1)
-    wt = target if weight is None else weight * target
-    stats = []
-    for values in (weight, wt, wt * target):
-        acc = torch.zeros(C, bins + 1, dtype=a.dtype, device=a.device)
-        if values is None:  # unweighted counts
-            values = torch.ones((), dtype=a.dtype, device=a.device).expand_as(a)
-        stats.append(acc.scatter_add_(1, idx, values))
-    n, s, ss = (t[:, :bins] for t in stats)
+    top, stats = _bin_statistics(a, target, weight, granularity, bins)
+    n, s, ss = (t[:, 1:] for t in stats)
     m = a.shape[1]
     # the (weighted) error sum of the negatives (output 0 for every candidate): -Σ w·target
-    neg_sum = -stats[1][:, bins]  # [C]
-    centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
-    centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
-    u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
-    w_top = centres.unsqueeze(0) * (T / top).unsqueeze(1)  # [1, C, B]: w of each bin at θ = top
+    neg_sum = -stats[1][:, 0]  # [C]
     ss_sum = ss.sum(-1)  # [C]
-    errors, steps = [], []
-    for k in range(fractions.numel()):
-        theta = (fractions[k] * top).view(1, C, 1)
-        w_bin = w_top / fractions[k] + u
-        if count == "exact" and free_scale:
-            # the best output step s/T for these levels, in closed form: Σ L·t / Σ L², and its
-            # error Σ t² − (Σ L·t)² / Σ L² (with the step θ/T where that is not positive)
-            level = w_bin.add_(0.5).floor_().clamp_(0, T)
-            num = (level * s).sum(-1)
-            den = (level.square_() * n).sum(-1)
-            fixed = (theta / T).view(1, C)
-            ok = (den > 0) & (num > 0)
-            step = torch.where(ok, num / den.clamp(min=1e-30), fixed)  # [U, C]
-            err = torch.where(ok, ss_sum - num * step, fixed * fixed * den - 2 * fixed * num
-                              + ss_sum)
-            steps.append(step)
-        elif count == "exact":
-            q = torch.floor(w_bin + 0.5).clamp_(0, T) * theta / T  # [U, C, B]
-            err = (n * q * q - 2 * q * s + ss).sum(-1)  # [U, C]
-        else:  # two-point count: floor(w) or floor(w) + 1, with the rule's mean
+    steps = None
+    if count == "exact":
+        errors, steps = _exact_count_errors(
+            n.double(), s.double(), ss_sum.double(), neg_sum.double(), top.double(), T,
+            fractions, offsets, coherence, free_scale, m)
+    else:  # two-point count: floor(w) or floor(w) + 1, with the rule's mean
+        centres = (torch.arange(bins, dtype=a.dtype, device=a.device) + 0.5) / bins
+        centres = centres.unsqueeze(0) * top.unsqueeze(1)  # [C, B]
+        u = offsets.to(a.dtype).view(-1, 1, 1)  # [U, 1, 1]
+        w_top = centres.unsqueeze(0) * (T / top).unsqueeze(1)  # [1, C, B]: w of each bin at θ=top
+        errors = []
+        for k in range(fractions.numel()):
+            theta = (fractions[k] * top).view(1, C, 1)
+            w_bin = w_top / fractions[k] + u
             low = torch.floor(w_bin).clamp_(0, T)
             p_up = (_random_count_mean(w_bin, T, count) - low).clamp_(0, 1)
             q_lo, q_hi = low * theta / T, (low + 1) * theta / T
             err = ((1 - p_up) * (n * q_lo * q_lo - 2 * q_lo * s + ss)
                    + p_up * (n * q_hi * q_hi - 2 * q_hi * s + ss)).sum(-1)
-            q = q_lo + p_up * theta / T  # the mean, for the coherence term
-        if coherence:
-            total = (n * q - s).sum(-1) + neg_sum  # Σ e per channel
-            err = err + coherence * total * total / m
-        errors.append(err)
-    errors = torch.stack(errors)  # [K, U, C]
+            if coherence:
+                q = q_lo + p_up * theta / T  # the mean
+                total = (n * q - s).sum(-1) + neg_sum  # Σ e per channel
+                err = err + coherence * total * total / m
+            errors.append(err)
+        errors = torch.stack(errors)  # [K, U, C]
     best_u_err, best_u = errors.min(1)  # [K, C]
     if granularity == "channel":
         best_k = best_u_err.argmin(0)  # [C]
-        theta = fractions[best_k] * top
+        theta = fractions[best_k].to(a.dtype) * top
         u_idx = best_u.gather(0, best_k.view(1, -1)).squeeze(0)
     else:
         best_k = best_u_err.sum(1).argmin().expand(C)
-        theta = fractions[best_k[0]] * top[0]
+        theta = fractions[best_k[0]].to(a.dtype) * top[0]
         u_idx = best_u[best_k[0]]
     scale = None
-    if steps:
-        steps = torch.stack(steps)  # [K, U, C]
+    if steps is not None:
         chosen = steps[best_k, u_idx, torch.arange(C, device=a.device)]
-        scale = chosen * T
+        scale = (chosen * T).to(a.dtype)
     return theta, offsets[u_idx], scale
 
 
@@ -894,7 +993,7 @@ def calibrate_for_T(
     x = _calibration_inputs(batches, max_samples, seed, device, dtype)
     probes = _install_probes(gm, T, channel_dim)
     for p in probes:
-        p.count = count
+        p.count, p.fast = count, True
     weights = _output_gradients(gm, probes, x, batch_size) if objective == "fisher" else None
     if refine not in (False, None, True, "global", "local"):
         raise ValueError(f"refine must be False, 'global' or 'local', got {refine!r}")
@@ -906,17 +1005,20 @@ def calibrate_for_T(
         """Calibrate ReLU call ``i`` from its input ``a`` (earlier layers quantised) and the
         ANN's ``a_ann``; leaves its threshold and shift on its probe."""
         probe = probes[i]
+        dim = _normalise_channel_dim(channel_dim, a, f"ReLU call {probe.name!r}")
+        others = [d for d in range(a.dim()) if d != dim]
+        means = []
         for name, value in (("", a), (" in the ANN", a_ann)):
-            if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+            means.append(value.mean(others))  # non-finite if any value is (or on overflow)
+            if (not bool(torch.isfinite(means[-1]).all())
+                    and not bool(torch.isfinite(value).all())):
                 raise ValueError(
                     f"ReLU call {probe.name!r} has non-finite (NaN or infinite) activations"
                     f"{name} on the calibration data; check the model's weights and the "
                     "calibration inputs")
-        dim = _normalise_channel_dim(channel_dim, a, f"ReLU call {probe.name!r}")
         shift = None
         if targets[i] is not None and bias_correction == "mean":
-            others = [d for d in range(a.dim()) if d != dim]
-            shift = a_ann.mean(others) - a.mean(others)
+            shift = means[1] - means[0]
         w = weights[i] if weights is not None else None
         a_c, ann_c, w = (None if t is None else _channels_first(t, dim) for t in
                          _subsample_samples([a, a_ann, w], dim, max_values, seed + i))
@@ -952,7 +1054,8 @@ def calibrate_for_T(
         scales.append(None if scale is None else scale.to(dtype).cpu())
         thresholds.append(theta.to(dtype).cpu())
         shifts.append(None if shift is None else shift.to(dtype).cpu())
-        stats_cols = slice(0, None, max(1, a_s.shape[1] // 4096))  # plenty for a report
+        # about 2¹⁶ values per layer (and 64 per channel) are plenty for a report
+        stats_cols = slice(0, None, max(1, min(a_s.shape[1] // 64, a_s.numel() >> 16)))
         layers.append(_layer_stats(probe.name, a_s[:, stats_cols], target_s[:, stats_cols],
                                    theta, T, scale))
 
