@@ -432,6 +432,32 @@ def test_expected_count_table_matches_the_exact_dynamic_programme(T):
 
     w = torch.linspace(-1, T + 1, 997, dtype=torch.float64)
     assert torch.allclose(F.expected_count_fast(w, T), F.expected_count(w, T), atol=1e-4)
+    single = F.expected_count_fast(w.float(), T, dtype=torch.float32)
+    assert single.dtype == torch.float32
+    assert torch.allclose(single.double(), F.expected_count_fast(w, T), atol=1e-5 * T)
+
+
+@pytest.mark.parametrize("count", ["exact", "bernoulli", "unbiased"])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+def test_the_calibrations_fast_quantiser_is_the_mean_quantiser(count, overwrite, granularity):
+    """The calibration's quantised side (fewer passes, optionally in place) computes what
+    ``quantised_ann``'s probes do, up to rounding in the last bits."""
+    from tpp_plugin.calibration import _Probe
+
+    torch.manual_seed(8)
+    x = torch.randn(16, 5, 3, 3, dtype=torch.float64) * 2
+    probes = [_Probe(0, "relu", 4, 1) for _ in range(2)]
+    theta = torch.rand(5, dtype=torch.float64) + 0.5
+    shift = 0.1 * torch.randn(5, dtype=torch.float64)
+    for probe, fast in zip(probes, (False, True)):
+        probe.theta = theta if granularity == "channel" else theta[0]
+        probe.scale, probe.shift = 0.9 * theta, shift
+        probe.count, probe.fast, probe.overwrite = count, fast, fast and overwrite
+    reference = probes[0](x)
+    given = x.clone()
+    assert torch.allclose(probes[1](given), reference, atol=1e-12)
+    assert torch.equal(given, x) != overwrite  # overwritten exactly when allowed
 
 
 def test_bernoulli_aware_calibration_differs_and_is_deterministic():

@@ -178,18 +178,26 @@ class _Probe(nn.Module):
         self.overwrite = False  # calibration only: the input may be overwritten
 
     def _fast_quantise(self, x: torch.Tensor) -> torch.Tensor:
-        """``quantise(x + shift, θ, T, scale)`` in four passes over ``x`` (the calibration's
-        quantised side), up to rounding in the last bit."""
+        """``_mean_quantise(x + shift, θ, T, scale)`` with few passes over ``x`` (the
+        calibration's quantised side), up to rounding in the last bit."""
         view = lambda t: _channel_view(t, x, self.channel_dim)  # noqa: E731
         factor = view(self.T / self.theta)
-        offset = 0.5 if self.shift is None else view(self.shift * (self.T / self.theta) + 0.5)
+        offset = 0.5 if self.count == "exact" else 0.0  # w + ½, floored, rounds
+        if self.shift is not None:
+            offset = view(self.shift * (self.T / self.theta) + offset)
         step = view((self.theta if self.scale is None else self.scale) / self.T)
         offset = torch.as_tensor(offset, dtype=x.dtype, device=x.device)
-        out = x.mul_(factor).add_(offset) if self.overwrite else torch.addcmul(offset, x, factor)
-        return out.floor_().clamp_(0, self.T).mul_(step)
+        w = x.mul_(factor).add_(offset) if self.overwrite else torch.addcmul(offset, x, factor)
+        if self.count == "exact":
+            level = w.floor_().clamp_(0, self.T)
+        elif self.count == "unbiased":
+            level = w.clamp_(0, self.T)
+        else:
+            level = F.expected_count_fast(w, self.T, dtype=w.dtype)
+        return level.mul_(step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and self.theta is not None and self.count == "exact":
+        if self.fast and self.theta is not None:
             out = self._fast_quantise(x)
             if self.keep_output:
                 self.output = out

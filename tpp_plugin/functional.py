@@ -924,10 +924,14 @@ def _table_on(T: int, dtype: torch.dtype, device) -> tuple:
     return tables
 
 
-def expected_count_fast(w: torch.Tensor, T: int) -> torch.Tensor:
+def expected_count_fast(w: torch.Tensor, T: int, dtype: torch.dtype = torch.float64
+                        ) -> torch.Tensor:
     """:func:`expected_count` (bernoulli) of potentials ``w = v/θ`` by linear interpolation in
     :func:`expected_count_table` (error below ``3e-6`` spikes for ``T ≤ 64``): the cheap form
     for many neurons at once. Shaped and typed like ``w``.
+
+    :param dtype: the precision of the interpolation (``torch.float32`` halves the memory
+        traffic, adding a relative error of about ``1e-7``)
 
     Example::
 
@@ -936,11 +940,11 @@ def expected_count_fast(w: torch.Tensor, T: int) -> torch.Tensor:
         True
     """
     T = check_window(T)
-    start, slope = _table_on(T, torch.float64, w.device)
-    pos = w.to(torch.float64).clamp(0, T) * COUNT_TABLE_BINS
-    i = pos.floor().clamp_(max=T * COUNT_TABLE_BINS)
-    frac, i = pos - i, i.long()
-    return ((start[i] + slope[i] * frac) / 2.0**16).to(w.dtype)
+    start, slope = _table_on(T, dtype, w.device)
+    pos = w.to(dtype).clamp(0, T).mul_(COUNT_TABLE_BINS)
+    i = pos.floor()  # at most T·bins: the last row is w = T
+    frac, i = pos.sub_(i), i.long()
+    return (start[i] + slope[i] * frac).div_(2.0**16).to(w.dtype)
 
 
 def tpp_count_two_point(
