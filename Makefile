@@ -14,7 +14,7 @@ SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion win
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 FASHION     := $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test test-all lint clean bench bench-calib fashion-data gpu-deps gpu-check
+.PHONY: demo test test-all lint clean bench bench-calib bench-calib-time fashion-data gpu-deps gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ bench-calib: $(STAMP) fashion-data
 	@[ -f $(FASHION) ] || exit 1
 	$(PY) -m tpp_plugin reproduce --dataset fashion-mnist --data-dir $(FASHION_DIR) \
 	  --out results/fashion-mnist-calibration --checkpoint results/checkpoints $(BENCH_CALIB_ARGS)
+
+# Calibration time: TPPCalibrationRecipe (its defaults, and every image) against SpikingJelly's
+# LTB on the same loader, interleaved, medians and ratios (docs/results.md).
+BENCH_CALIB_TIME_ARGS ?= --models mlp8 cnn5 vgg resnet --T 1 2 4 8 --repeats 3
+bench-calib-time: $(STAMP) fashion-data
+	@[ -f $(FASHION) ] || exit 1
+	OMP_NUM_THREADS=1 $(PY) -m tpp_plugin.experiments.calibration_timing \
+	  --data-dir $(FASHION_DIR) --json results/calibration-timing.json $(BENCH_CALIB_TIME_ARGS)
 
 # The GPU check (docs/performance.md, "How to run the GPU checks"): every GPU-gated test and the
 # CuPy benchmarks in one run of at most ~8 minutes, results in $$OUT or results/gpu-check/.

@@ -71,3 +71,33 @@ def test_cupy_bench_prints_ratios_to_torch_backend_and_copy(capsys, tmp_path):
         assert re.search(rf"^{re.escape(case)} \[torch\]\s+[\d.]+", out, flags=re.M), case
     rows = json.loads((tmp_path / "cupy.json").read_text())["results"]["4"]
     assert rows["TemporalPermutation neuron"]["ratios"]["× clone()"] > 0  # the kernel vs a copy
+
+
+def test_calibration_timing_runs_every_conversion_and_reports_median_ratios(tmp_path, capsys):
+    from tpp_plugin.adapters.spikingjelly import IS_LEGACY
+
+    if IS_LEGACY:
+        pytest.skip("LocalThresholdBalancingRecipe is SpikingJelly 2.x's")
+    from tpp_plugin.experiments import calibration_timing
+
+    path = tmp_path / "timing.json"
+    out = calibration_timing.main(["--dataset", "digits", "--models", "mlp8", "--T", "1", "2",
+                                   "--repeats", "2", "--calib-images", "64", "--json",
+                                   str(path)])
+    assert json.loads(path.read_text())["models"]["mlp8"].keys() == {"1", "2"}
+    assert out["environment"]["spikingjelly"].startswith("2.")
+    for row in out["models"]["mlp8"].values():
+        for name in calibration_timing.CONVERSIONS:
+            assert len(row[name]["seconds"]) == 2 and min(row[name]["seconds"]) > 0
+            assert row[name]["median"] == sum(row[name]["seconds"]) / 2  # median of two
+        assert row["ratio"]["tpp"] == row["tpp"]["median"] / row["ltb"]["median"]
+    table = capsys.readouterr().out
+    assert table.count("| mlp8 |") == 2 and "tpp / LTB" in table
+
+
+def test_calibration_timing_refuses_weights_of_a_model_it_does_not_run():
+    from tpp_plugin.experiments import calibration_timing
+
+    with pytest.raises(SystemExit):
+        calibration_timing.main(["--dataset", "digits", "--models", "mlp8",
+                                 "--weights", "cnn5=/nonexistent.pt"])

@@ -864,7 +864,7 @@ def _run(args, device: torch.device, echo) -> list[dict]:
     for model in args.model:
         for ann_type in args.ann:
             result = run_config(args, model, ann_type, dataset, device, echo)
-            result["environment"] = _environment()
+            result["environment"] = environment()
             results.append(result)
             echo("")
             echo(format_accuracy_table(result))
@@ -891,7 +891,12 @@ def _run(args, device: torch.device, echo) -> list[dict]:
     return results
 
 
-def _environment() -> dict:
+def environment() -> dict:
+    """What a result was measured with: Python, torch, the installed SpikingJelly and snnTorch
+    (their distributions' versions; SpikingJelly has no ``__version__``), the process count and
+    the GPU, if any."""
+    from importlib import metadata
+
     from .evaluate import world
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -901,9 +906,10 @@ def _environment() -> dict:
 
         env["backend"] = dist.get_backend()
     for name in ("spikingjelly", "snntorch"):
-        module = sys.modules.get(name)
-        if module is not None:
-            env[name] = getattr(module, "__version__", "?")
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
