@@ -20,7 +20,9 @@ layers lost:
 1. *weight reconstruction* (``reconstruct=True``): each conv/linear layer fed by quantised
    activations gets the weights and bias that map its quantised input to the ANN's output of
    that layer in least squares (ridge-regularised towards the ANN's weights): the layer absorbs
-   what the quantisation before it lost, as far as a linear map can;
+   what the quantisation before it lost, as far as a linear map can (a layer whose output is
+   one term of a residual sum is fitted to the ANN's sum minus the other, already quantised,
+   term, so it absorbs the shortcut's error too);
    *bias correction*: the pre-activation of the layer is shifted, per channel, so that its mean
    over the calibration data equals the ANN's (the shift is folded into the bias of the affine
    layer that produces it);
@@ -458,7 +460,9 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
     the quantised network (all earlier calls quantised) and in the ANN, and sets the probe's
     threshold and shift, which the quantised side then applies. At each conv/linear layer whose
     input differs between the two sides, ``refit(name, module, x_q, z_ann)`` (if given) returns
-    the module the quantised side runs instead (its own weights). One pass of each network in
+    the module the quantised side runs instead (its own weights); ``z_ann`` is the ANN's output
+    of the layer or, where that is one term of a residual sum whose other term is already
+    computed, the ANN's sum minus the quantised side's other term. One pass of each network in
     all — no call is recomputed. Values are freed once their last user has run.
 
     :return: ``(ann_output, quantised_output)``
@@ -498,8 +502,11 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
               and len(node.args) == 1
               and sides[0].env[node.args[0]] is not sides[1].env[node.args[0]]):
             x_ann, x_q = sides[0].env[node.args[0]], sides[1].env[node.args[0]]
-            sides[0].env[node] = module(x_ann)
-            sides[1].env[node] = refit(node.target, module, x_q, sides[0].env[node])(x_q)
+            sides[0].env[node] = z_ann = module(x_ann)
+            other = _residual_partner(node)
+            if other is not None and other in sides[1].env:  # the sum must match the ANN's
+                z_ann = z_ann + sides[0].env[other] - sides[1].env[other]
+            sides[1].env[node] = refit(node.target, module, x_q, z_ann)(x_q)
         else:
             for side in sides:
                 side.env[node] = side.run_node(node)
@@ -512,6 +519,20 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
 
 
 _REFITTABLE = (nn.Linear, nn.Conv2d)
+
+
+def _residual_partner(node: fx.Node):
+    """The other addend when ``node``'s only user is a two-term ``add`` (a residual sum such as
+    ``conv2(...) + identity``), else ``None``. A refitted layer there is fitted to the ANN's sum
+    minus the quantised network's other addend, so it also absorbs the shortcut's error."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if (user.op not in ("call_function", "call_method") or user.target not in _ADDS
+            or user.kwargs or len(user.args) != 2):
+        return None
+    other = [a for a in user.args if a is not node]
+    return other[0] if len(other) == 1 and isinstance(other[0], fx.Node) else None
 
 
 def _patches(module, x):
@@ -773,8 +794,9 @@ def calibrate_for_T(
     * ``reconstruct=True`` (default): before that, each conv/linear layer whose input is
       already quantised gets new weights and bias — the least-squares map from its quantised
       input to the ANN's output of the layer, with the ridge penalty
-      ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches), fitted on at
-      most ``max_rows`` output positions (whole samples). Grouped or string-padded
+      ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches; a layer
+      feeding a residual ``add`` is fitted to the ANN's sum minus the quantised shortcut),
+      fitted on at most ``max_rows`` output positions (whole samples). Grouped or string-padded
       convolutions, and layers with more than ``max_features`` inputs per output (e.g. a
       classifier on a large flattened feature map: its system would cost ``O(D³)``), keep
       their weights;
