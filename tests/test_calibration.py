@@ -249,6 +249,51 @@ def test_refit_weights_reduce_the_next_layers_error_and_reach_the_quantised_ann(
         assert torch.allclose(qann(x), a_q @ weight.T + bias, atol=1e-9)
 
 
+class _ResidualMLP(nn.Module):
+    """``relu(fc3(relu(fc2(h))) + h)`` with ``h = relu(fc1(x))``: a residual block on linear
+    layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        h = self.relu1(self.fc1(x))
+        return self.head(self.relu3(self.fc3(self.relu2(self.fc2(h))) + h))
+
+
+def test_refit_before_a_residual_add_matches_the_anns_sum_with_the_quantised_shortcut():
+    """The layer feeding ``+ h`` is fitted to the ANN's sum minus the quantised ``h``, so it
+    absorbs the shortcut's error too, not to the ANN's output of that layer."""
+    from tpp_plugin.calibration import _fit_weights
+
+    torch.manual_seed(7)
+    ann = _ResidualMLP().double().eval()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    T = 1
+    result = calibrate_for_T(ann, [x], T, bias_correction=False, output_correction=False)
+    assert sorted(result.weights) == ["fc2", "fc3", "head"]
+    with torch.no_grad():
+        h, h_q = ann.relu1(ann.fc1(x)), quantise(ann.fc1(x), result.thresholds[0], T,
+                                                 scale=result.output_scales[0])
+        w2, b2 = result.weights["fc2"]
+        y, y_q = ann.relu2(ann.fc2(h)), quantise(h_q @ w2.T + b2, result.thresholds[1], T,
+                                                 scale=result.output_scales[1])
+        total = ann.fc3(y) + h  # the ANN's residual sum
+        weight, bias = result.weights["fc3"]
+        kwargs = {"ridge": 0.1, "max_rows": 16384, "seed": 0}
+        expected = _fit_weights(ann.fc3, y_q, total - h_q, **kwargs)
+        assert torch.allclose(weight, expected.weight, atol=1e-9)
+        assert torch.allclose(bias, expected.bias, atol=1e-9)
+        layer_only = _fit_weights(ann.fc3, y_q, ann.fc3(y), **kwargs)  # the old target
+        assert not torch.allclose(weight, layer_only.weight, atol=1e-3)
+        error = (y_q @ weight.T + bias + h_q - total).pow(2).sum()
+        error_layer_only = (layer_only(y_q) + h_q - total).pow(2).sum()
+        assert float(error) < 0.95 * float(error_layer_only)
+
+
 def test_each_channel_gets_the_grid_threshold_with_the_smallest_error():
     """One ReLU layer, objective='activation', no bias correction: brute force over the grid."""
     torch.manual_seed(3)

@@ -20,7 +20,9 @@ layers lost:
 1. *weight reconstruction* (``reconstruct=True``): each conv/linear layer fed by quantised
    activations gets the weights and bias that map its quantised input to the ANN's output of
    that layer in least squares (ridge-regularised towards the ANN's weights): the layer absorbs
-   what the quantisation before it lost, as far as a linear map can;
+   what the quantisation before it lost, as far as a linear map can (a layer whose output is
+   one term of a residual sum is fitted to the ANN's sum minus the other, already quantised,
+   term, so it absorbs the shortcut's error too);
    *bias correction*: the pre-activation of the layer is shifted, per channel, so that its mean
    over the calibration data equals the ANN's (the shift is folded into the bias of the affine
    layer that produces it);
@@ -483,9 +485,12 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
     At each ReLU call (a :class:`_Probe`) ``visit(index, a, a_ann)`` gets the call's input in
     the quantised network (all earlier calls quantised) and in the ANN, and sets the probe's
     threshold and shift, which the quantised side then applies. At each conv/linear layer whose
-    input differs between the two sides, ``refit(name, module, x_q, z_ann)`` (if given) returns
-    the module the quantised side runs instead (its own weights). One pass of each network in
-    all — no call is recomputed. Values are freed once their last user has run.
+    input differs between the two sides, ``refit(name, module, x_q, z_ann, partner)`` (if
+    given) returns the module the quantised side runs instead (its own weights); ``z_ann`` is
+    the ANN's output of the layer and ``partner``, where that output is one term of a residual
+    sum whose other term is already computed, that term on both sides (else ``None``). One pass
+    of each network in all — no call is recomputed. Values are freed once their last user has
+    run.
 
     :return: ``(ann_output, quantised_output)``
     """
@@ -534,8 +539,12 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
               and len(node.args) == 1
               and sides[0].env[node.args[0]] is not sides[1].env[node.args[0]]):
             x_ann, x_q = sides[0].env[node.args[0]], sides[1].env[node.args[0]]
-            sides[0].env[node] = module(x_ann)
-            sides[1].env[node] = refit(node.target, module, x_q, sides[0].env[node])(x_q)
+            sides[0].env[node] = z_ann = module(x_ann)
+            other = _residual_partner(node)
+            # a residual sum must match the ANN's: the target is the sum minus the other term
+            partner = ((sides[0].env[other], sides[1].env[other])
+                       if other is not None and other in sides[1].env else None)
+            sides[1].env[node] = refit(node.target, module, x_q, z_ann, partner)(x_q)
         elif all(sides[0].env[a] is sides[1].env[a] for a in node.all_input_nodes):
             # the same inputs on both sides (before the first ReLU call): run it once
             sides[0].env[node] = sides[1].env[node] = sides[0].run_node(node)
@@ -566,6 +575,20 @@ def _shares_storage(value, envs, model_storage) -> bool:
                for env in envs for v in env.values())
 
 
+def _residual_partner(node: fx.Node):
+    """The other addend when ``node``'s only user is a two-term ``add`` (a residual sum such as
+    ``conv2(...) + identity``), else ``None``. A refitted layer there is fitted to the ANN's sum
+    minus the quantised network's other addend, so it also absorbs the shortcut's error."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if (user.op not in ("call_function", "call_method") or user.target not in _ADDS
+            or user.kwargs or len(user.args) != 2):
+        return None
+    other = [a for a in user.args if a is not node]
+    return other[0] if len(other) == 1 and isinstance(other[0], fx.Node) else None
+
+
 def _patches(module, x):
     """The inputs of the linear map ``module`` applies, one column per output position:
     ``[in_features, positions]`` (a view for a linear layer, one copy for a convolution)."""
@@ -576,16 +599,19 @@ def _patches(module, x):
     return cols.transpose(0, 1).reshape(cols.shape[1], -1)
 
 
-def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None):
+def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, partner=None):
     """A copy of the conv/linear ``module`` whose weights and bias map the quantised network's
     input ``x_q`` to the ANN's output ``z_ann`` in least squares, with a ridge penalty
-    ``ridge · mean(diag(AᵀA)) · ‖θ − θ_ANN‖²`` towards the ANN's weights. At most ``max_rows``
-    rows (output positions) are fitted: whole samples, chosen with ``seed``. A grouped or
-    string-padded convolution, or a layer with more than ``max_features`` inputs per output,
-    is returned as it is."""
+    ``ridge · mean(diag(AᵀA)) · ‖θ − θ_ANN‖²`` towards the ANN's weights. With ``partner``, the
+    other term of a residual sum in the ANN and in the quantised network, the target is
+    ``z_ann + partner[0] − partner[1]``. At most ``max_rows`` rows (output positions) are
+    fitted: whole samples, chosen with ``seed``. A grouped or string-padded convolution, or a
+    layer with more than ``max_features`` inputs per output, is returned as it is."""
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
                                           or module.padding_mode != "zeros"):
         return module
+    if max_features is not None and module.weight[0].numel() > max_features:
+        return module  # the (D + 1)² system would cost O(D³)
     channel_dim = -1 if isinstance(module, nn.Linear) else 1
     per_sample = z_ann[0].numel() // z_ann.shape[channel_dim]
     n = x_q.shape[0]
@@ -594,8 +620,9 @@ def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None):
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
         idx = idx.sort().values.to(x_q.device)
         x_q, z_ann = x_q[idx], z_ann[idx]
-    if max_features is not None and module.weight[0].numel() > max_features:
-        return module  # the (D + 1)² system would cost O(D³)
+        partner = None if partner is None else tuple(t[idx] for t in partner)
+    if partner is not None:
+        z_ann = z_ann + partner[0] - partner[1]
     cols = _patches(module, x_q)  # [D, R]
     out = z_ann.movedim(channel_dim, -1).reshape(-1, z_ann.shape[channel_dim])
     w = module.weight.detach().reshape(module.weight.shape[0], -1)
@@ -880,8 +907,9 @@ def calibrate_for_T(
     * ``reconstruct=True`` (default): before that, each conv/linear layer whose input is
       already quantised gets new weights and bias — the least-squares map from its quantised
       input to the ANN's output of the layer, with the ridge penalty
-      ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches), fitted on at
-      most ``max_rows`` output positions (whole samples). Grouped or string-padded
+      ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches; a layer
+      feeding a residual ``add`` is fitted to the ANN's sum minus the quantised shortcut),
+      fitted on at most ``max_rows`` output positions (whole samples). Grouped or string-padded
       convolutions, and layers with more than ``max_features`` inputs per output (e.g. a
       classifier on a large flattened feature map: its system would cost ``O(D³)``), keep
       their weights;
@@ -1069,8 +1097,8 @@ def calibrate_for_T(
 
     fitted_modules = {}
 
-    def refit(target, module, x_q, z_ann):
-        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features)
+    def refit(target, module, x_q, z_ann, partner=None):
+        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features, partner)
         if fitted is not module:
             fitted_modules[target] = fitted
         return fitted
