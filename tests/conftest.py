@@ -40,21 +40,21 @@ def gen():
 
 @pytest.fixture(scope="session")
 def digits():
-    from tpp_plugin import data
+    from tpp_plugin.experiments import data
 
     return data.load_digits(seed=0)
 
 
 @pytest.fixture(scope="session")
 def digits_loaders(digits):
-    from tpp_plugin import data
+    from tpp_plugin.experiments import data
 
     return data.loaders(*digits, seed=0)
 
 
 @pytest.fixture(scope="session")
 def relu_cnn(digits_loaders):
-    from tpp_plugin.models import digits_cnn, train_ann
+    from tpp_plugin.experiments.models import digits_cnn, train_ann
 
     torch.manual_seed(0)
     return train_ann(digits_cnn(), digits_loaders[0], epochs=8)
@@ -62,7 +62,7 @@ def relu_cnn(digits_loaders):
 
 @pytest.fixture(scope="session")
 def qcfs_cnn(digits_loaders):
-    from tpp_plugin.models import digits_cnn, train_ann
+    from tpp_plugin.experiments.models import digits_cnn, train_ann
 
     torch.manual_seed(0)
     return train_ann(digits_cnn(qcfs_levels=4), digits_loaders[0], epochs=8)

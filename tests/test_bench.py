@@ -39,7 +39,7 @@ def test_bench_json_has_every_row(tmp_path, capsys):
 
 
 def test_bench_timing_is_interleaved_and_uses_medians():
-    from tpp_plugin.bench import time_cases
+    from tpp_plugin.experiments.bench import time_cases
 
     calls = []
     cases = [(name, lambda name=name: calls.append(name)) for name in "abc"]

@@ -30,7 +30,7 @@ from tpp_plugin.calibration import (
     quantise,
     quantised_ann,
 )
-from tpp_plugin.models import cnn5, cnn5_maxpool, resnet, vgg
+from tpp_plugin.experiments.models import cnn5, cnn5_maxpool, resnet, vgg
 
 needs_recipes = pytest.mark.skipif(IS_LEGACY, reason="recipes exist on 2.x only")
 

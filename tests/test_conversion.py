@@ -18,7 +18,7 @@ from tpp_plugin.adapters.spikingjelly import (
     insert_permutation,
     swap_neurons,
 )
-from tpp_plugin.demo import spikingjelly_accuracy
+from tpp_plugin.experiments.demo import spikingjelly_accuracy
 
 
 def rate_convert(ann, loader, **hook):
@@ -105,7 +105,7 @@ def test_tpp_beats_default_if_at_low_T(relu_cnn, digits_loaders):
     """The method's headline (DESIGN §1) on the digits CNN: with SpikingJelly's default IF
     (v starts at 0) a 5-layer net is silent at T=4; TPP is close to the ANN."""
     train, test = digits_loaders
-    ann_acc = tpp_plugin.models.ann_accuracy(relu_cnn, test)
+    ann_acc = tpp_plugin.experiments.models.ann_accuracy(relu_cnn, test)
     if_acc = spikingjelly_accuracy(rate_convert(relu_cnn, train, neuron="if"), test, 4)
     tpp = rate_convert(relu_cnn, train, neuron="tpp", neuron_kwargs={"count": "exact", "seed": 0})
     tpp_acc = spikingjelly_accuracy(tpp, test, 4)

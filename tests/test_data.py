@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpp_plugin import data
+from tpp_plugin.experiments import data
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")

@@ -2,7 +2,7 @@
 
 from tpp_plugin.adapters.spikingjelly import IS_LEGACY
 from tpp_plugin.cli import main
-from tpp_plugin.demo import format_table, run_demo
+from tpp_plugin.experiments.demo import format_table, run_demo
 
 
 def test_demo_reduced_run():

@@ -94,7 +94,7 @@ def test_torchrun_environment_without_a_process_group_is_an_error(monkeypatch, r
 
 def _qcfs_snn():
     from tpp_plugin.adapters.spikingjelly import convert_qcfs
-    from tpp_plugin.models import digits_cnn
+    from tpp_plugin.experiments.models import digits_cnn
 
     torch.manual_seed(0)
     return convert_qcfs(digits_cnn(qcfs_levels=4).eval(), "tpp", {"count": "exact", "seed": 0})
@@ -120,7 +120,7 @@ def test_evaluate_in_one_process_matches_a_manual_loop(digits):
 
 def test_distributed_calibration_equals_the_one_process_rule(digits):
     from tpp_plugin.convert import calibrate_thresholds as one_process
-    from tpp_plugin.models import digits_cnn
+    from tpp_plugin.experiments.models import digits_cnn
 
     torch.manual_seed(0)
     ann = digits_cnn().eval()
@@ -145,12 +145,12 @@ WORKER = textwrap.dedent('''
     import torch
     import torch.distributed as dist
     import tpp_plugin
-    from tpp_plugin import data
+    from tpp_plugin.experiments import data
     from tpp_plugin.evaluate import (ShardSampler, calibrate_thresholds, init_distributed,
                                      shutdown_distributed, sync_thresholds, world)
     from tpp_plugin.convert import calibrate_thresholds as one_process
     from tpp_plugin.adapters.spikingjelly import convert_qcfs
-    from tpp_plugin.models import digits_cnn
+    from tpp_plugin.experiments.models import digits_cnn
 
     # argv: output file, device ('cpu': gloo; 'cuda': nccl, one GPU per rank, float64)
     device = sys.argv[2] if len(sys.argv) > 2 else "cpu"

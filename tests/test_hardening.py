@@ -475,7 +475,7 @@ def test_cli_types_refuse_bad_values():
 
 
 def test_non_gzip_data_file_names_its_path(tmp_path):
-    from tpp_plugin import data
+    from tpp_plugin.experiments import data
 
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(b"this is not gzip")

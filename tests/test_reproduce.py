@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tpp_plugin.cli import main as cli_main
-from tpp_plugin.reproduce import VARIANTS, FiringDiagnostic
+from tpp_plugin.experiments.reproduce import VARIANTS, FiringDiagnostic
 
 TS = [2, 4]
 
@@ -125,7 +125,7 @@ def test_checkpoint_name_holds_every_training_setting():
     """A run on another subset, or with other epochs, must not load another run's ANN."""
     import argparse
 
-    from tpp_plugin.reproduce import _checkpoint_path
+    from tpp_plugin.experiments.reproduce import _checkpoint_path
 
     args = argparse.Namespace(checkpoint="ck", dataset="fashion-mnist", L=4, lr=2e-3, train_seed=0)
     names = {_checkpoint_path(args, "resnet", "relu", 14, n, e)
@@ -152,8 +152,8 @@ def _has_ltb() -> bool:
 def _trained(folder, model):
     """The run's ANN (from its --checkpoint folder) and its data: the calibration batches and
     the test set, as reproduce made them."""
-    from tpp_plugin.models import build_model
-    from tpp_plugin.reproduce import load_dataset
+    from tpp_plugin.experiments.models import build_model
+    from tpp_plugin.experiments.reproduce import load_dataset
 
     (path,) = folder.glob(f"*-{model}-*.pt")
     ann = build_model(model, 8)

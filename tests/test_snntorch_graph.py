@@ -19,7 +19,7 @@ import tpp_plugin
 from tpp_plugin import registry
 from tpp_plugin.adapters import snntorch as adapter
 from tpp_plugin.adapters.snntorch import IF, TPP, convert, steps_needed
-from tpp_plugin.models import cnn5_maxpool, resnet
+from tpp_plugin.experiments.models import cnn5_maxpool, resnet
 
 SIZE = 8
 
@@ -334,7 +334,7 @@ class ViewNet(nn.Module):
 
 
 def test_sequential_of_residual_blocks_takes_the_graph_path():
-    from tpp_plugin.models import BasicBlock
+    from tpp_plugin.experiments.models import BasicBlock
 
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), BasicBlock(4, 4),

@@ -24,7 +24,7 @@ from spikingjelly.activation_based import ann2snn, functional
 
 import tpp_plugin
 from tpp_plugin.adapters.spikingjelly import IS_LEGACY
-from tpp_plugin.data import FASHION_MNIST_DIR, read_idx
+from tpp_plugin.experiments.data import FASHION_MNIST_DIR, read_idx
 
 T = 8
 NEURON_KWARGS = {"T": T, "seed": 0}  # bernoulli: the same seeds must give the same draws

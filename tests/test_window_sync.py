@@ -22,7 +22,7 @@ from tpp_plugin.adapters.spikingjelly import (
     swap_neurons,
     window_synchronous,
 )
-from tpp_plugin.models import cnn5_maxpool, resnet
+from tpp_plugin.experiments.models import cnn5_maxpool, resnet
 
 needs_recipes = pytest.mark.skipif(IS_LEGACY, reason="recipes exist on 2.x only")
 

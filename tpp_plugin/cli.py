@@ -119,9 +119,11 @@ def calibration_mode(text: str) -> str:
 
 # command -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("tpp_plugin.demo", "accuracy vs T on sklearn digits: IF vs TPP"),
-    "bench": ("tpp_plugin.bench", "time TPPNode vs IFNode, clone and rand_like; count mode"),
-    "reproduce": ("tpp_plugin.reproduce", "the paper's experiment: accuracy vs T, IF/perm/TPP; "
+    "demo": ("tpp_plugin.experiments.demo", "accuracy vs T on sklearn digits: IF vs TPP"),
+    "bench": ("tpp_plugin.experiments.bench",
+              "time TPPNode vs IFNode, clone and rand_like; count mode"),
+    "reproduce": ("tpp_plugin.experiments.reproduce",
+                  "the paper's experiment: accuracy vs T, IF/perm/TPP; "
                   "or calibration recipes side by side (--calibration)"),
     "run": ("tpp_plugin.runner", "run an unmodified script with TPP as the converters' default"),
 }

@@ -1098,7 +1098,7 @@ def convert(
 
         import snntorch.functional as SF
         from tpp_plugin.adapters.snntorch import convert, reset, steps_needed
-        from tpp_plugin.models import resnet, train_ann
+        from tpp_plugin.experiments.models import resnet, train_ann
 
         ann = train_ann(resnet(image_size=8), train_loader)       # residual, not Sequential
         num_steps = 4

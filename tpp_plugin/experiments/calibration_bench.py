@@ -30,9 +30,9 @@ import torch
 
 import tpp_plugin
 from tpp_plugin import calibration as C
-from tpp_plugin.data import loaders
-from tpp_plugin.models import MODELS, train_ann
-from tpp_plugin.reproduce import load_dataset
+from tpp_plugin.experiments.data import loaders
+from tpp_plugin.experiments.models import MODELS, train_ann
+from tpp_plugin.experiments.reproduce import load_dataset
 
 
 def _accuracy(predict, x, y, batch=500) -> float:

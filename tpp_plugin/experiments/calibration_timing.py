@@ -32,8 +32,8 @@ import time
 
 import torch
 
-from ..models import MODELS
-from ..reproduce import environment, load_dataset
+from .models import MODELS
+from .reproduce import environment, load_dataset
 
 __all__ = ["time_calibrations", "format_timing", "main"]
 

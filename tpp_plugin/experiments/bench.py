@@ -272,9 +272,9 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
 
     import tpp_plugin
 
+    from ..adapters import snntorch as snt
+    from ..adapters.spikingjelly import IS_LEGACY
     from . import data
-    from .adapters import snntorch as snt
-    from .adapters.spikingjelly import IS_LEGACY
     from .models import digits_cnn, train_ann
 
     torch.manual_seed(0)
@@ -344,7 +344,7 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin bench``."""
-    from .cli import device, nonnegative_int, positive_int
+    from ..cli import device, nonnegative_int, positive_int
 
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
                         help="implementation to time (default: torch)")

@@ -83,7 +83,7 @@ def recipe_argument(text: str) -> str:
         ...
         argparse.ArgumentTypeError: unknown calibration recipe 'qcfs': use a RateCoding mode ...
     """
-    from .convert import check_calibration_mode
+    from ..convert import check_calibration_mode
 
     if text.lower() in NAMED_RECIPES:
         return text.lower()
@@ -156,7 +156,7 @@ class _SpikingJellyRecipes:
     def __init__(self, ann, calibration, device):
         import tpp_plugin  # noqa: F401  (registers the hooks)
 
-        from .adapters import spikingjelly as sj
+        from ..adapters import spikingjelly as sj
 
         self.sj, self.ann, self.calibration, self.device = sj, ann, calibration, device
         self.diagnostic = sj_diagnostic()
@@ -214,7 +214,7 @@ class _SnnTorchRecipes:
         return "IF (plugin's, v starts at θ/2)"
 
     def __init__(self, ann, calibration, device):
-        from .adapters import snntorch as st
+        from ..adapters import snntorch as st
 
         self.st, self.ann, self.calibration, self.device = st, ann, calibration, device
         self.diagnostic = snntorch_diagnostic()
@@ -236,7 +236,7 @@ class _SnnTorchRecipes:
     def calibrate(self, T: int, count: str):
         """``(TPP network, CalibrationResult, description)`` calibrated for ``T`` and ``count``:
         ``convert(mode='tpp')`` in two steps, so the result is kept for the report."""
-        from .calibration import calibrate_for_T
+        from ..calibration import calibrate_for_T
 
         result = calibrate_for_T(self.ann, self.calibration, T, fuse=False, max_samples=None,
                                  count=count)
@@ -255,9 +255,10 @@ class _SnnTorchRecipes:
 # the comparison: a 'framework' of reproduce.run_config
 # ------------------------------------------------------------------------------------------------
 class CalibrationComparison:
-    """The recipes of ``args.calibration`` on one ReLU ANN, as :func:`tpp_plugin.reproduce.
-    run_config` runs a framework's variants: ``variants`` (row key → ``(label, stochastic)``),
-    ``nets`` and :meth:`evaluate`; :meth:`record` is the JSON part of the calibrations.
+    """The recipes of ``args.calibration`` on one ReLU ANN, as
+    :func:`tpp_plugin.experiments.reproduce.run_config` runs a framework's variants:
+    ``variants`` (row key → ``(label, stochastic)``), ``nets`` and :meth:`evaluate`;
+    :meth:`record` is the JSON part of the calibrations.
 
     Every conversion happens here, timed: one per RateCoding mode and for LTB, one per ``T`` for
     ``tpp``.
@@ -273,7 +274,7 @@ class CalibrationComparison:
     name = "calibration"
 
     def __init__(self, args, ann, calibration, device, echo=print):
-        from .evaluate import broadcast_module, sync_thresholds
+        from ..evaluate import broadcast_module, sync_thresholds
 
         self.Ts = list(args.T)
         self.energy = _energy_constants(args)
@@ -322,7 +323,7 @@ class CalibrationComparison:
                                               for T in self.Ts]
 
     def _add(self, recipe: str, neuron: str, nets: dict) -> None:
-        from .count_domain import check_count_domain
+        from ..count_domain import check_count_domain
 
         key = _row_key(recipe, neuron)
         if key not in self.nets:
@@ -344,7 +345,7 @@ class CalibrationComparison:
             self.backend.if_label(recipe) if count is None else f"TPP {count}"), stochastic)
 
     def _report(self, result, references: dict) -> dict:
-        from .calibration import calibration_report
+        from ..calibration import calibration_report
 
         refs = {label: values for label, values in references.items()
                 if len(values) == len(result.thresholds)}
@@ -399,7 +400,7 @@ def format_calibration_times(result) -> str:
 
 def format_calibration_report(result, T: int) -> str:
     """The ``tpp`` calibration's per-layer report at ``T`` (``''`` without ``tpp``)."""
-    from .calibration import format_report
+    from ..calibration import format_report
 
     rec = result["calibration"]["recipes"].get("tpp")
     if rec is None:

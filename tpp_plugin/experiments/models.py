@@ -14,7 +14,7 @@ import sys
 import torch
 from torch import fx, nn
 
-from .qcfs import QCFS, replace_relu
+from ..qcfs import QCFS, replace_relu
 
 __all__ = [
     "digits_cnn",

@@ -31,7 +31,7 @@ With ``--calibration RECIPE [RECIPE ...]`` (RateCoding modes such as ``99.9%``, 
 ``tpp``) a ReLU configuration compares threshold calibrations instead, on the same ANN and
 calibration images: each recipe with its own IF neuron and with TPP of every count rule, the
 calibration time of each recipe and the per-layer report of the T-aware calibration
-(:mod:`tpp_plugin.reproduce_calibration`).
+(:mod:`tpp_plugin.experiments.reproduce_calibration`).
 
 Output: tables on the terminal, and per configuration ``OUT/<name>.json`` and ``OUT/<name>.png``
 (accuracy vs ``T`` on a log-2 axis, the diagnostic, and accuracy vs spikes per image), each
@@ -57,11 +57,11 @@ import time
 import torch
 from torch import nn
 
+from .. import functional as F
+from ..count_domain import count_window
+from ..qcfs import qcfs_levels
 from . import data
-from . import functional as F
-from .count_domain import count_window
 from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
-from .qcfs import qcfs_levels
 
 __all__ = [
     "DEFAULT_TS",
@@ -172,7 +172,7 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     image_size = x_train.shape[-1]
     torch.manual_seed(args.train_seed)
     net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
-    from .evaluate import barrier, broadcast_module, world
+    from ..evaluate import barrier, broadcast_module, world
 
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
     path = _checkpoint_path(args, model, ann, image_size, len(x_train), epochs)
@@ -258,7 +258,7 @@ class FiringDiagnostic:
 
     def all_reduce(self, group=None) -> FiringDiagnostic:
         """Sum the totals over the ranks of a ``torch.distributed`` group (in place)."""
-        from .evaluate import all_reduce_sum
+        from ..evaluate import all_reduce_sum
 
         if self.totals:
             self.totals = all_reduce_sum(self.totals, group, torch.int64).tolist()
@@ -292,7 +292,7 @@ def _eval_batch_size(args, T: int) -> int:
 
 def _variant_seed(seed: int, T: int) -> int:
     """The base seed of a (seed, T) run on this rank (rank 0: the one-process seed)."""
-    from .evaluate import rank_seed, world
+    from ..evaluate import rank_seed, world
 
     return rank_seed(seed * 1_000_003 + T * 1_009, world()[0])
 
@@ -329,7 +329,7 @@ def evaluate_net(net, T: int, x, y, batch_size: int, diagnostic: dict, energy, *
     """
     import tpp_plugin
 
-    from .stats import SpikeStats
+    from ..stats import SpikeStats
 
     reset = reset or tpp_plugin.reset
     if seed is not None:  # every random module gets its own seed spawned from this one
@@ -358,7 +358,7 @@ def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]
     """
     from spikingjelly.activation_based import ann2snn
 
-    from .adapters import spikingjelly as sj
+    from ..adapters import spikingjelly as sj
 
     mode = "Max" if mode == "max" else mode
     if sj.IS_LEGACY:
@@ -367,7 +367,7 @@ def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]
         net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
             copy.deepcopy(ann))
         return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
-    from .evaluate import shared_calibration
+    from ..evaluate import shared_calibration
 
     # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
     # and the statistics all-reduced (in one process: the recipe unchanged)
@@ -384,7 +384,7 @@ class _SpikingJelly:
     def __init__(self, args, ann, ann_type, calibration, device):
         import tpp_plugin  # noqa: F401  (registers the hooks)
 
-        from .adapters import spikingjelly as sj
+        from ..adapters import spikingjelly as sj
 
         self.sj, self.device = sj, device
         self.diagnostic = sj_diagnostic()
@@ -394,7 +394,7 @@ class _SpikingJelly:
         else:
             v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
         v0 = v0.to(device).eval()
-        from .evaluate import sync_thresholds
+        from ..evaluate import sync_thresholds
 
         # every rank calibrated on the same batches: make sure they all use rank 0's thresholds
         self.threshold_gap = sync_thresholds(v0)
@@ -419,14 +419,14 @@ class _SpikingJelly:
 
 def sj_diagnostic() -> dict:
     """:class:`FiringDiagnostic` arguments for SpikingJelly networks (IF and TPP neurons)."""
-    from .adapters.spikingjelly import _SPIKING_TYPES  # IF, half-threshold IF (2.x), TPP
+    from ..adapters.spikingjelly import _SPIKING_TYPES  # IF, half-threshold IF (2.x), TPP
 
     return {"neuron_types": _SPIKING_TYPES, "threshold": lambda m: m.v_threshold}
 
 
 def snntorch_diagnostic() -> dict:
     """:class:`FiringDiagnostic` arguments for the plugin's snnTorch networks (graded spikes)."""
-    from .adapters.snntorch import IF, TPP
+    from ..adapters.snntorch import IF, TPP
 
     return {"neuron_types": (TPP, IF), "threshold": lambda m: m.threshold,
             "spike_scale": lambda m: m.graded_spikes_factor}
@@ -439,7 +439,7 @@ class _SnnTorch:
     name = "snntorch"
 
     def __init__(self, args, ann, ann_type, calibration, device):
-        from .adapters import snntorch as st
+        from ..adapters import snntorch as st
 
         self.st, self.ann = st, ann
         self.calibration = calibration if ann_type == "relu" else None
@@ -460,7 +460,7 @@ class _SnnTorch:
             kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
-        from .evaluate import sync_thresholds
+        from ..evaluate import sync_thresholds
 
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
         self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
@@ -481,14 +481,14 @@ def _predict(ann, x, batch_size):
 
 def _accuracy(preds, y) -> float:
     """Share of ``preds == y`` over the whole test set: this rank's counts summed over ranks."""
-    from .evaluate import all_reduce_sum
+    from ..evaluate import all_reduce_sum
 
     correct, n = all_reduce_sum([int((preds == y).sum()), len(y)], dtype=torch.int64).tolist()
     return correct / n if n else float("nan")
 
 
 def _energy_constants(args) -> tuple[float, float]:
-    from .stats import E_AC_PJ, E_MAC_PJ
+    from ..stats import E_AC_PJ, E_MAC_PJ
 
     return getattr(args, "e_ac", None) or E_AC_PJ, getattr(args, "e_mac", None) or E_MAC_PJ
 
@@ -517,7 +517,7 @@ def config_name(args, model: str, ann: str) -> str:
 
 def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> dict:
     """Train/load, convert and evaluate one (model, ANN type); return the JSON-ready result."""
-    from .evaluate import all_reduce_sum, shard_indices, world
+    from ..evaluate import all_reduce_sum, shard_indices, world
 
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = dataset
@@ -813,7 +813,7 @@ def run(args, echo=print) -> list[dict]:
     """
     import torch.distributed as dist
 
-    from .evaluate import init_distributed, shutdown_distributed
+    from ..evaluate import init_distributed, shutdown_distributed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
@@ -824,7 +824,7 @@ def run(args, echo=print) -> list[dict]:
 
 
 def _run_on(args, device: torch.device, echo) -> list[dict]:
-    from .evaluate import check_process_group, world
+    from ..evaluate import check_process_group, world
 
     check_process_group()
     rank, size = world()
@@ -849,7 +849,7 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _run(args, device: torch.device, echo) -> list[dict]:
-    from .evaluate import world
+    from ..evaluate import world
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_dataset(
         args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)
@@ -897,7 +897,7 @@ def environment() -> dict:
     the GPU, if any."""
     from importlib import metadata
 
-    from .evaluate import world
+    from ..evaluate import world
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "world_size": world()[1]}
@@ -921,7 +921,7 @@ def environment() -> dict:
 def _energy_argument(text: str) -> float:
     import argparse
 
-    from .stats import check_energy_constant
+    from ..stats import check_energy_constant
 
     try:
         return check_energy_constant(float(text), "the energy")
@@ -931,7 +931,7 @@ def _energy_argument(text: str) -> float:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
-    from .cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
+    from ..cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
     from .reproduce_calibration import recipe_argument
 
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
@@ -1014,7 +1014,7 @@ def check_arguments(args) -> None:
 
 
 def _fill_defaults(args) -> None:
-    from .convert import check_calibration_mode
+    from ..convert import check_calibration_mode
 
     args.mode = check_calibration_mode("99.9%" if args.mode is None else args.mode)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

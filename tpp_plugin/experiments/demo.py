@@ -11,9 +11,9 @@ import time
 
 import torch
 
+from ..qcfs import qcfs_levels
 from . import data
 from .models import ann_accuracy, digits_cnn, progress_bar, train_ann
-from .qcfs import qcfs_levels
 
 __all__ = ["run_demo", "spikingjelly_accuracy", "snntorch_accuracy", "format_table"]
 
@@ -41,7 +41,7 @@ def spikingjelly_accuracy(snn, loader, T: int) -> float:
 def snntorch_accuracy(snn, loader, T: int) -> float:
     """Accuracy of a network from :func:`tpp_plugin.adapters.snntorch.convert` (sequence mode)
     run for ``T`` steps with the image as a constant input current."""
-    from .adapters.snntorch import reset
+    from ..adapters.snntorch import reset
 
     correct = total = 0
     for x, y in loader:
@@ -106,7 +106,7 @@ def run_demo(
 
     import tpp_plugin  # noqa: F401  (registers neuron='tpp' into SpikingJelly)
 
-    from .adapters.spikingjelly import IS_LEGACY, convert_calibrated, convert_qcfs
+    from ..adapters.spikingjelly import IS_LEGACY, convert_calibrated, convert_qcfs
 
     start = time.perf_counter()
     train, test, relu_ann, qcfs_ann = _train_models(epochs, seed, levels)
@@ -157,7 +157,7 @@ def run_demo(
 
 
 def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
-    from .adapters.snntorch import convert
+    from ..adapters.snntorch import convert
 
     start = time.perf_counter()
     train, test, relu_ann, qcfs_ann = _train_models(epochs, seed, levels)
@@ -186,7 +186,7 @@ def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin demo``."""
-    from .cli import nonnegative_int, positive_int, seed_int
+    from ..cli import nonnegative_int, positive_int, seed_int
 
     parser.add_argument("--framework", choices=["spikingjelly", "snntorch"], default="spikingjelly")
     parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
