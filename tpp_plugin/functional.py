@@ -941,10 +941,11 @@ def expected_count_fast(w: torch.Tensor, T: int, dtype: torch.dtype = torch.floa
     """
     T = check_window(T)
     start, slope = _table_on(T, dtype, w.device)
-    pos = w.to(dtype).clamp(0, T).mul_(COUNT_TABLE_BINS)
+    pos = w.to(dtype).clamp(0, T).mul_(COUNT_TABLE_BINS).reshape(-1)
     i = pos.floor()  # at most T·bins: the last row is w = T
-    frac, i = pos.sub_(i), i.long()
-    return (start[i] + slope[i] * frac).div_(2.0**16).to(w.dtype)
+    frac, i = pos.sub_(i), i.int()  # index_select: several times faster than start[i]
+    count = start.index_select(0, i).add_(slope.index_select(0, i).mul_(frac))
+    return count.div_(2.0**16).view(w.shape).to(w.dtype)
 
 
 def tpp_count_two_point(
