@@ -289,3 +289,19 @@ def test_snntorch_count_mode():
         run()
     check(stats.summary(), maps, len(x))
     assert math.isclose(stats.summary()["layers"][1]["fan_out"], 5.0)
+
+
+@pytest.mark.parametrize("window, batch", [(8, 16), (2**22, 8)])
+def test_per_neuron_counts_are_exact_in_either_summation(window, batch):
+    """Whole counts are summed in float32 while every partial sum stays below 2²⁴ (exact),
+    in float64 beyond: either way the per-neuron totals equal a float64 sum."""
+    from tpp_plugin.stats import _Layer
+
+    torch.manual_seed(0)
+    counts = torch.randint(0, window + 1, (batch, 3, 5)).to(torch.float64)
+    out = (counts / window).to(torch.float32)  # what a count-mode neuron passes on (s = 1)
+    recorded = _Layer("layer", nn.Identity())
+    recorded.add(out, window)
+    expected = (out.double() * window).round().sum(0)
+    assert torch.equal(recorded.per_neuron, expected)
+    assert recorded.spikes == int(expected.sum())

@@ -99,16 +99,21 @@ class _Layer:
     def add(self, out: torch.Tensor, window) -> None:
         out = out.detach()
         if window is not None:  # count mode: out = count/T (times the spike scale)
-            counts = torch.round(out * (window / _spike_scale(self.module)))
+            counts = (out * (window / _spike_scale(self.module))).round_()
             steps, batch_dims = window, 1
         else:
-            counts = (out != 0).to(torch.float64)
+            counts = (out != 0).to(torch.float32)
             steps = 1
             batch_dims = 2 if _is_multi_step(self.module) and out.dim() >= 2 else 1
             if batch_dims == 2:
                 steps = out.shape[0]
         shape = tuple(out.shape[batch_dims:])
-        per_neuron = counts.to(torch.float64).sum(dim=tuple(range(batch_dims)))
+        dims = tuple(range(batch_dims))
+        if counts.dtype == torch.float32 and math.prod(counts.shape[:batch_dims]) * steps < 2**24:
+            # whole counts, partial sums below 2²⁴: exact in float32, many times faster
+            per_neuron = counts.sum(dim=dims).to(torch.float64)
+        else:
+            per_neuron = counts.sum(dim=dims, dtype=torch.float64)
         if self.per_neuron is None or self.shape != shape:
             if self.per_neuron is not None:
                 raise ValueError(

@@ -247,12 +247,13 @@ class FiringDiagnostic:
             theta = self.threshold(module)
             if getattr(module, "pool", None) is not None:  # a TPP neuron max-pools its potential
                 potential = module.pool(potential)
-            wanted = torch.clamp(torch.floor(potential / theta + 0.5), 0, T)
-            count = torch.round(count / self.spike_scale(module))
+            # potential and count are this hook's own tensors: rounded in place
+            wanted = potential.div_(theta).add_(0.5).floor_().clamp_(0, T)
+            count = count.div_(self.spike_scale(module)).round_()
             totals = self.totals[i]
             totals[0] += count.numel()
-            totals[1] += int((count > wanted).sum())
-            totals[2] += int((count < wanted).sum())
+            totals[1] += int(torch.count_nonzero(count > wanted))
+            totals[2] += int(torch.count_nonzero(count < wanted))
 
         return hook
 
