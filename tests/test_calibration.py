@@ -273,7 +273,8 @@ def test_refit_before_a_residual_add_matches_the_anns_sum_with_the_quantised_sho
     ann = _ResidualMLP().double().eval()
     x = torch.randn(300, 6, dtype=torch.float64)
     T = 1
-    result = calibrate_for_T(ann, [x], T, bias_correction=False, output_correction=False)
+    result = calibrate_for_T(ann, [x], T, bias_correction=False, output_correction=False,
+                             relu_steps=0)  # plain least squares (the ReLU-aware fit: below)
     assert sorted(result.weights) == ["fc2", "fc3", "head"]
     with torch.no_grad():
         h, h_q = ann.relu1(ann.fc1(x)), quantise(ann.fc1(x), result.thresholds[0], T,
@@ -292,6 +293,39 @@ def test_refit_before_a_residual_add_matches_the_anns_sum_with_the_quantised_sho
         error = (y_q @ weight.T + bias + h_q - total).pow(2).sum()
         error_layer_only = (layer_only(y_q) + h_q - total).pow(2).sum()
         assert float(error) < 0.95 * float(error_layer_only)
+
+
+def test_refit_feeding_a_relu_ignores_the_error_the_relu_zeroes():
+    """``relu_steps``: a refitted layer feeding a ReLU (here also through the residual sum) is
+    fitted for what the ReLU passes on — its error after the ReLU drops below plain least
+    squares' — while the classifier head, which feeds no ReLU, gets the same fit either way."""
+    torch.manual_seed(7)
+    ann = _ResidualMLP().double().eval()
+    x = torch.randn(300, 6, dtype=torch.float64)
+    # a weak ridge, so the fit (not the pull towards the ANN's weights) decides
+    kwargs = {"T": 1, "bias_correction": False, "output_correction": False, "ridge": 0.01}
+    aware = calibrate_for_T(ann, [x], relu_steps=8, **kwargs)
+    plain = calibrate_for_T(ann, [x], relu_steps=0, **kwargs)
+    assert aware.settings["relu_steps"] == 8
+    with torch.no_grad():
+        h_q = quantise(ann.fc1(x), plain.thresholds[0], 1, scale=plain.output_scales[0])
+        target = torch.relu(ann.fc2(ann.relu1(ann.fc1(x))))
+        errors = {}
+        for name, result in (("aware", aware), ("plain", plain)):
+            assert torch.equal(result.thresholds[0], plain.thresholds[0])  # before any refit
+            weight, bias = result.weights["fc2"]
+            errors[name] = float((torch.relu(h_q @ weight.T + bias) - target).pow(2).sum())
+        assert errors["aware"] < 0.98 * errors["plain"]  # 0.963 measured
+        assert not torch.allclose(aware.weights["fc3"][0], plain.weights["fc3"][0])
+    with pytest.raises(ValueError, match="relu_steps"):
+        calibrate_for_T(ann, [x], T=1, relu_steps=-1)
+
+
+def test_refit_of_a_layer_feeding_no_relu_is_plain_least_squares():
+    ann = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(200, 6, dtype=torch.float64)
+    fits = [calibrate_for_T(ann, [x], T=2, relu_steps=steps).weights["2"] for steps in (0, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(*fits))
 
 
 def test_each_channel_gets_the_grid_threshold_with_the_smallest_error():

@@ -485,12 +485,12 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
     At each ReLU call (a :class:`_Probe`) ``visit(index, a, a_ann)`` gets the call's input in
     the quantised network (all earlier calls quantised) and in the ANN, and sets the probe's
     threshold and shift, which the quantised side then applies. At each conv/linear layer whose
-    input differs between the two sides, ``refit(name, module, x_q, z_ann, partner)`` (if
+    input differs between the two sides, ``refit(name, module, x_q, z_ann, partner, relu)`` (if
     given) returns the module the quantised side runs instead (its own weights); ``z_ann`` is
-    the ANN's output of the layer and ``partner``, where that output is one term of a residual
-    sum whose other term is already computed, that term on both sides (else ``None``). One pass
-    of each network in all — no call is recomputed. Values are freed once their last user has
-    run.
+    the ANN's output of the layer, ``partner``, where that output is one term of a residual
+    sum whose other term is already computed, that term on both sides (else ``None``), and
+    ``relu`` whether the output (or the sum) feeds a ReLU call alone. One pass of each network
+    in all — no call is recomputed. Values are freed once their last user has run.
 
     :return: ``(ann_output, quantised_output)``
     """
@@ -544,7 +544,9 @@ def _lockstep(gm: fx.GraphModule, x: torch.Tensor, visit, refit=None) -> tuple:
             # a residual sum must match the ANN's: the target is the sum minus the other term
             partner = ((sides[0].env[other], sides[1].env[other])
                        if other is not None and other in sides[1].env else None)
-            sides[1].env[node] = refit(node.target, module, x_q, z_ann, partner)(x_q)
+            relu = _feeds_probe(node, modules) or (
+                partner is not None and _feeds_probe(next(iter(node.users)), modules))
+            sides[1].env[node] = refit(node.target, module, x_q, z_ann, partner, relu)(x_q)
         elif all(sides[0].env[a] is sides[1].env[a] for a in node.all_input_nodes):
             # the same inputs on both sides (before the first ReLU call): run it once
             sides[0].env[node] = sides[1].env[node] = sides[0].run_node(node)
@@ -575,6 +577,14 @@ def _shares_storage(value, envs, model_storage) -> bool:
                for env in envs for v in env.values())
 
 
+def _feeds_probe(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node``'s only user is a ReLU call (a :class:`_Probe`)."""
+    if len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    return user.op == "call_module" and isinstance(modules.get(user.target), _Probe)
+
+
 def _residual_partner(node: fx.Node):
     """The other addend when ``node``'s only user is a two-term ``add`` (a residual sum such as
     ``conv2(...) + identity``), else ``None``. A refitted layer there is fitted to the ANN's sum
@@ -599,14 +609,20 @@ def _patches(module, x):
     return cols.transpose(0, 1).reshape(cols.shape[1], -1)
 
 
-def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, partner=None):
+def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, partner=None,
+                 relu_steps=0):
     """A copy of the conv/linear ``module`` whose weights and bias map the quantised network's
     input ``x_q`` to the ANN's output ``z_ann`` in least squares, with a ridge penalty
     ``ridge · mean(diag(AᵀA)) · ‖θ − θ_ANN‖²`` towards the ANN's weights. With ``partner``, the
     other term of a residual sum in the ANN and in the quantised network, the target is
     ``z_ann + partner[0] − partner[1]``. At most ``max_rows`` rows (output positions) are
     fitted: whole samples, chosen with ``seed``. A grouped or string-padded convolution, or a
-    layer with more than ``max_features`` inputs per output, is returned as it is."""
+    layer with more than ``max_features`` inputs per output, is returned as it is.
+
+    ``relu_steps > 0``: the output feeds a ReLU, so where the ANN's ReLU input is ``≤ 0`` only
+    the fit's positive part is an error: that many times, the fit is solved again with the
+    target there replaced by ``min(fit, 0)`` (the ReLU input's; the Gram matrix and its factor
+    are reused, each step costs two products of the size of the right-hand side)."""
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
                                           or module.padding_mode != "zeros"):
         return module
@@ -621,10 +637,13 @@ def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, p
         idx = idx.sort().values.to(x_q.device)
         x_q, z_ann = x_q[idx], z_ann[idx]
         partner = None if partner is None else tuple(t[idx] for t in partner)
+    rows = lambda t: t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])  # noqa: E731
+    floor = 0.0  # where the target is at most this, the ReLU input is ≤ 0
     if partner is not None:
         z_ann = z_ann + partner[0] - partner[1]
+        floor = -rows(partner[1])
     cols = _patches(module, x_q)  # [D, R]
-    out = z_ann.movedim(channel_dim, -1).reshape(-1, z_ann.shape[channel_dim])
+    out = rows(z_ann)
     w = module.weight.detach().reshape(module.weight.shape[0], -1)
     b = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
     prior = torch.cat([w, b.unsqueeze(1)], 1).T.double()  # [D + 1, out]
@@ -634,13 +653,18 @@ def _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, p
     gram[:D, :D] = cols @ cols.T
     gram[:D, D] = gram[D, :D] = cols.sum(1)
     gram[D, D] = cols.shape[1]
-    rhs = torch.cat([cols @ out, out.sum(0, keepdim=True)]).double()
     lam = ridge * float(gram.diagonal().mean())
     gram.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(gram)
-    rhs = rhs + lam * prior
-    theta = (torch.cholesky_solve(rhs, factor) if int(info) == 0
-             else torch.linalg.solve(gram, rhs)).to(w.dtype)
+    target = out
+    for step in range(relu_steps + 1):
+        rhs = torch.cat([cols @ target, target.sum(0, keepdim=True)]).double() + lam * prior
+        theta = (torch.cholesky_solve(rhs, factor) if int(info) == 0
+                 else torch.linalg.solve(gram, rhs)).to(w.dtype)
+        if step < relu_steps:
+            fit = torch.addmm(theta[-1], cols.T, theta[:-1])
+            target = torch.where(out <= floor, torch.minimum(fit, torch.as_tensor(floor).to(fit)),
+                                 out)
     fitted = copy.deepcopy(module)
     fitted.weight.data = theta[:-1].T.reshape_as(module.weight).contiguous()
     fitted.bias = nn.Parameter(theta[-1].clone())
@@ -885,6 +909,7 @@ def calibrate_for_T(
     ridge: float = 0.1,
     max_rows: int = 16384,
     max_features: int | None = 2048,
+    relu_steps: int = 0,
 ) -> CalibrationResult:
     r"""Choose the threshold of every ReLU call of ``ann`` for ``T`` time steps of exact-count
     TPP neurons (post-training quantisation of the activations, layer by layer).
@@ -909,7 +934,9 @@ def calibrate_for_T(
       input to the ANN's output of the layer, with the ridge penalty
       ``ridge · mean(diag(AᵀA)) · ‖W − W_ANN‖²`` (``A`` the layer's input patches; a layer
       feeding a residual ``add`` is fitted to the ANN's sum minus the quantised shortcut),
-      fitted on at most ``max_rows`` output positions (whole samples). Grouped or string-padded
+      fitted on at most ``max_rows`` output positions (whole samples; where the output feeds a
+      ReLU, the error where the ANN's ReLU input and the fit are both ``≤ 0`` is ignored,
+      ``relu_steps`` re-solves). Grouped or string-padded
       convolutions, and layers with more than ``max_features`` inputs per output (e.g. a
       classifier on a large flattened feature map: its system would cost ``O(D³)``), keep
       their weights;
@@ -967,6 +994,10 @@ def calibrate_for_T(
     :param max_rows: the most output positions per layer the refit uses
     :param max_features: refit only layers with at most this many inputs per output
         (``in_features``, or ``in_channels·kernel size``); ``None`` for all
+    :param relu_steps: for a refitted layer that feeds a ReLU call, re-solve the fit this many
+        times ignoring the error where the ANN's ReLU input and the fit are both ``≤ 0`` (the
+        ReLU zeroes both). Default ``0``: plain least squares (``8`` measured +0.6 points on
+        vgg at T ≤ 4 and up to +0.8 on mlp8, at 2.4× the calibration time on mlp8)
     :return: a :class:`CalibrationResult`
     :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
@@ -1014,6 +1045,8 @@ def calibrate_for_T(
                          f"{max_features!r}")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+    if isinstance(relu_steps, bool) or not isinstance(relu_steps, int) or relu_steps < 0:
+        raise ValueError(f"relu_steps must be a non-negative integer, got {relu_steps!r}")
     if count not in F.COUNT_MODES:
         raise ValueError(f"count must be one of {F.COUNT_MODES}, got {count!r}")
     if count != "exact" and search != "binned":
@@ -1097,8 +1130,9 @@ def calibrate_for_T(
 
     fitted_modules = {}
 
-    def refit(target, module, x_q, z_ann, partner=None):
-        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features, partner)
+    def refit(target, module, x_q, z_ann, partner=None, relu=False):
+        fitted = _fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features, partner,
+                              relu_steps if relu else 0)
         if fitted is not module:
             fitted_modules[target] = fitted
         return fitted
@@ -1141,7 +1175,7 @@ def calibrate_for_T(
         settings={"fuse": bool(fuse), "count": count, "granularity": granularity,
                   "objective": objective, "bias_correction": bias_correction,
                   "refine": refine, "grid": grid, "output_scale": output_scale,
-                  "reconstruct": bool(reconstruct), "ridge": ridge,
+                  "reconstruct": bool(reconstruct), "ridge": ridge, "relu_steps": relu_steps,
                   "samples": int(x.shape[0])},
     )
 
