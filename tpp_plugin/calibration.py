@@ -141,13 +141,14 @@ def quantise(a: torch.Tensor, theta, T: int, channel_dim: int = 1, scale=None) -
 
 
 
-def _random_count_mean(w: torch.Tensor, T: int, count: str) -> torch.Tensor:
+def _random_count_mean(w: torch.Tensor, T: int, count: str,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The mean spike count of a random-count TPP neuron at ``w = v/θ``: the bernoulli rule's
-    :func:`~tpp_plugin.functional.expected_count` (tabulated), or ``clamp(w, 0, T)`` for
-    ``'unbiased'`` (up to its uniforms' 2⁻¹⁶ grid)."""
+    :func:`~tpp_plugin.functional.expected_count` (tabulated, interpolated in ``dtype``), or
+    ``clamp(w, 0, T)`` for ``'unbiased'`` (up to its uniforms' 2⁻¹⁶ grid)."""
     if count == "unbiased":
         return w.clamp(0, T)
-    return F.expected_count_fast(w, T)
+    return F.expected_count_fast(w, T, dtype=dtype)
 
 
 def _mean_quantise(a, theta, T, channel_dim, count, scale=None):
@@ -192,10 +193,8 @@ class _Probe(nn.Module):
         w = x.mul_(factor).add_(offset) if self.overwrite else torch.addcmul(offset, x, factor)
         if self.count == "exact":
             level = w.floor_().clamp_(0, self.T)
-        elif self.count == "unbiased":
-            level = w.clamp_(0, self.T)
         else:
-            level = F.expected_count_fast(w, self.T, dtype=w.dtype)
+            level = _random_count_mean(w, self.T, self.count, dtype=w.dtype)
         return level.mul_(step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
