@@ -606,6 +606,25 @@ def test_calibrated_conversion_equals_the_quantised_ann(build, T):
         convert(ann, num_steps=T, mode="tpp")
 
 
+@pytest.mark.parametrize("build", [cnn5_maxpool, resnet])
+def test_a_finetuned_calibration_as_mode_equals_its_quantised_ann(build):
+    """A calibration fine-tuned against the ANN (calibrate_for_T(finetune_epochs=...)) passed as
+    mode: its tuned weights, thresholds and output steps give exact TPP == its quantised ANN."""
+    from tpp_plugin.calibration import calibrate_for_T, quantised_ann
+
+    torch.manual_seed(0)
+    ann = build(image_size=SIZE, channels=4).double().eval()
+    x = torch.rand(64, 1, SIZE, SIZE, dtype=torch.float64)
+    result = calibrate_for_T(ann, [x], 2, fuse=False, finetune_epochs=2, finetune_holdout=0.0)
+    assert result.settings["finetune"]["epoch"] == 2 and result.weights
+    net = convert(ann, [x], num_steps=2, mode=result, count="exact", seed=0)
+    with torch.no_grad():
+        got = net(x.expand(2, *x.shape)).mean(0)
+        expected = quantised_ann(ann, result, 2)(x)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
 def test_a_calibration_result_as_mode_builds_the_mode_tpp_network():
     """mode=<CalibrationResult>: one calibration, several networks (e.g. one per count); the
     network equals mode='tpp''s; a result for another T, or of a fused graph, is refused."""
