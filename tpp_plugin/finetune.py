@@ -138,7 +138,9 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
         counts
     :return: a new :class:`~tpp_plugin.calibration.CalibrationResult`; its
         ``settings['finetune']`` records the held-out divergence after every epoch
-        (``'holdout'``, epoch 0 first) and the epoch kept (``'epoch'``)
+        (``'holdout'``, epoch 0 first) and the epoch kept (``'epoch'``); its ``layers`` (the
+        statistics :func:`~tpp_plugin.calibration.calibration_report` shows) still describe the
+        calibration before fine-tuning
 
     Example::
 
