@@ -40,14 +40,16 @@ def test_finetuned_exact_tpp_equals_the_quantised_ann(name, T):
 
 
 @pytest.fixture(scope="module")
-def digits_mlp(digits_loaders):
-    """A trained ReLU MLP (3 hidden layers of 64) on sklearn's digits, 90 % test accuracy."""
+def digits_mlp(digits):
+    """A trained ReLU MLP (3 hidden layers of 64) on sklearn's digits, 90 % test accuracy. Its
+    own loader: the shared one's shuffling state depends on which tests used it before."""
+    from tpp_plugin.experiments import data
     from tpp_plugin.experiments.models import train_ann
 
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                         nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    return train_ann(ann, digits_loaders[0], epochs=8).eval()
+    return train_ann(ann, data.loaders(*digits, seed=0)[0], epochs=8).eval()
 
 
 @pytest.mark.parametrize("count", ["exact", "bernoulli"])
