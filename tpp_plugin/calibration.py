@@ -306,6 +306,14 @@ def fuse_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _bias_shift_targets(result: CalibrationResult) -> list:
+    """``(module name, shift)`` for every bias shift of ``result`` (the ReLU calls' and the
+    output's), in the order :func:`apply_bias_shifts` adds them."""
+    pairs = [*zip(result.bias_targets, result.bias_shifts),
+             (result.output_target, result.output_shift)]
+    return [(name, shift) for name, shift in pairs if name is not None and shift is not None]
+
+
 def apply_bias_shifts(model: nn.Module, result: CalibrationResult) -> nn.Module:
     """Put the refitted weights of a calibration into the layers they belong to, then add its
     bias shifts (in place).
@@ -324,11 +332,7 @@ def apply_bias_shifts(model: nn.Module, result: CalibrationResult) -> nn.Module:
             module.bias = nn.Parameter(bias.to(module.weight).clone())
         else:
             module.bias.data = bias.to(module.bias).clone()
-    pairs = list(zip(result.bias_targets, result.bias_shifts))
-    pairs.append((result.output_target, result.output_shift))
-    for name, shift in pairs:
-        if name is None or shift is None:
-            continue
+    for name, shift in _bias_shift_targets(result):
         module = model.get_submodule(name)
         if isinstance(module, _BATCH_NORMS):
             module.bias.data += shift.to(module.bias)
@@ -878,9 +882,14 @@ def _subsample_samples(tensors, channel_dim: int, max_values, seed: int):
     return [None if t is None else t[idx] for t in tensors]
 
 
-def _kl(log_p_ref: torch.Tensor, logits: torch.Tensor) -> float:
+def _kl_divergence(log_p_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref ‖ softmax(logits)) over dim 1, averaged over samples (differentiable)."""
     log_q = torch.log_softmax(logits, dim=1)
-    return float((log_p_ref.exp() * (log_p_ref - log_q)).sum(1).mean())
+    return (log_p_ref.exp() * (log_p_ref - log_q)).sum(1).mean()
+
+
+def _kl(log_p_ref: torch.Tensor, logits: torch.Tensor) -> float:
+    return float(_kl_divergence(log_p_ref, logits))
 
 
 @torch.no_grad()
@@ -1086,6 +1095,8 @@ def calibrate_for_T(
     check_finetune_args(finetune_epochs, finetune_lr, finetune_drop, finetune_holdout)
     x_all = _calibration_inputs(batches, device, dtype)
     x = _subsample(x_all, max_samples, seed)
+    if not finetune_epochs:
+        x_all = None  # only fine-tuning uses every sample: do not hold them all meanwhile
     probes = _install_probes(gm, T, channel_dim)
     for p in probes:
         p.count, p.fast = count, True

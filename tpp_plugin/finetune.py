@@ -33,7 +33,15 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .calibration import _channel_view, _Probe, _random_count_mean, _run, quantised_ann
+from .calibration import (
+    _bias_shift_targets,
+    _channel_view,
+    _kl_divergence,
+    _Probe,
+    _random_count_mean,
+    _run,
+    quantised_ann,
+)
 
 __all__ = ["finetune"]
 
@@ -59,11 +67,8 @@ class _TrainableNeuron(nn.Module):
         self.sample = False
         self.generator: torch.Generator | None = None
 
-    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _channel_view(t, x, self.channel_dim) if t.dim() else t
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x * (self.T / self._view(self.theta, x))
+        w = x * (self.T / _channel_view(self.theta, x, self.channel_dim))
         clamped = w.clamp(0, self.T)
         with torch.no_grad():
             if self.count == "exact":
@@ -79,7 +84,7 @@ class _TrainableNeuron(nn.Module):
         if self.drop > 0:
             keep = torch.rand(w.shape, generator=self.generator, device=w.device) < self.drop
             level = torch.where(keep, clamped, level)
-        return level * (self._view(self.scale, x) / self.T)
+        return level * (_channel_view(self.scale, x, self.channel_dim) / self.T)
 
 
 def _distance(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -87,19 +92,7 @@ def _distance(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     error for outputs without a class dimension."""
     if out.dim() < 2:
         return (out - ref).pow(2).mean()
-    log_p, log_q = torch.log_softmax(ref, 1), torch.log_softmax(out, 1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
-
-
-def _shift_totals(result) -> dict:
-    """Per module name, the sum of the bias shifts the result adds to its bias."""
-    totals = {}
-    pairs = [*zip(result.bias_targets, result.bias_shifts),
-             (result.output_target, result.output_shift)]
-    for name, shift in pairs:
-        if name is not None and shift is not None:
-            totals[name] = totals.get(name, 0) + shift.detach().cpu()
-    return totals
+    return _kl_divergence(torch.log_softmax(ref, 1), out)
 
 
 def check_finetune_args(epochs, lr, drop, holdout) -> None:
@@ -234,7 +227,9 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     settings = {**result.settings, "finetune": record}
     if best == 0:
         return dataclasses.replace(result, settings=settings)
-    shifts = _shift_totals(result)
+    shifts = {}  # what apply_bias_shifts will add back to each bias
+    for name, shift in _bias_shift_targets(result):
+        shifts[name] = shifts.get(name, 0) + shift.detach().cpu()
     weights = {}
     for name, m in tuned.items():
         bias = None if m.bias is None else m.bias.detach().cpu() - shifts.get(name, 0)
