@@ -133,7 +133,26 @@ class _Layer:
             self.samples += batch
 
 
-class SpikeStats:
+class ForwardHooks:
+    """Forward hooks kept in ``self._handles``; a context manager that removes them on exit
+    (what the hooks counted stays)."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        """Remove the hooks (the counts stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class SpikeStats(ForwardHooks):
     r"""Forward hooks that count spikes and synaptic operations; see :func:`spike_stats`.
 
     :param net: the spiking network
@@ -367,6 +386,8 @@ class SpikeStats:
         least one batch (the per-neuron maps are allocated by the first one)."""
         import torch.distributed as dist
 
+        from .evaluate import all_reduce_sum
+
         if not (dist.is_available() and dist.is_initialized()):
             return self
         for layer in self.layers:
@@ -375,30 +396,13 @@ class SpikeStats:
                     f"spike_stats: layer {layer.name!r} saw no batch on rank "
                     f"{dist.get_rank()}; every rank must evaluate at least one batch"
                 )
-            device = layer.per_neuron.device
-            if dist.get_backend(group) == "nccl" and device.type != "cuda":
-                device = torch.device("cuda", torch.cuda.current_device())
-            counts = torch.tensor([layer.spikes, layer.neuron_steps, layer.samples,
-                                   layer.single_steps], dtype=torch.float64, device=device)
-            per_neuron = layer.per_neuron.to(device)
-            dist.all_reduce(counts, group=group)
-            dist.all_reduce(per_neuron, group=group)
+            counts = all_reduce_sum([layer.spikes, layer.neuron_steps, layer.samples,
+                                     layer.single_steps], group)
             layer.spikes, layer.neuron_steps, layer.samples, layer.single_steps = (
                 int(round(c)) for c in counts.tolist())
-            layer.per_neuron = per_neuron.to(layer.per_neuron.device)
+            layer.per_neuron = all_reduce_sum(layer.per_neuron, group, layer.per_neuron.dtype).to(
+                layer.per_neuron.device)
         return self
-
-    def remove(self) -> None:
-        """Remove the hooks (the counts stay)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def spike_stats(net: nn.Module, T: int | None = None, *, e_ac: float = E_AC_PJ,

@@ -60,6 +60,7 @@ from torch import nn
 from .. import functional as F
 from ..count_domain import count_window
 from ..qcfs import qcfs_levels
+from ..stats import ForwardHooks
 from . import data
 from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
 
@@ -197,7 +198,7 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
 # ------------------------------------------------------------------------------------------------
 # the per-layer firing diagnostic
 # ------------------------------------------------------------------------------------------------
-class FiringDiagnostic:
+class FiringDiagnostic(ForwardHooks):
     """Count, per spiking layer, neurons firing more or fewer spikes than the ANN asks for.
 
     Forward hooks on the spiking neurons of a network run in multi-step (sequence) mode see the
@@ -272,16 +273,6 @@ class FiringDiagnostic:
             for name, (n, over, under) in zip(self.layers, self.totals)
         ]
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 # ------------------------------------------------------------------------------------------------
