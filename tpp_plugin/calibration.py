@@ -924,7 +924,7 @@ def calibrate_for_T(
     relu_steps: int = 0,
     finetune_epochs: int = 0,
     finetune_lr: float = 1e-3,
-    finetune_drop: float = 0.5,
+    finetune_drop: float = 0.0,
     finetune_holdout: float = 0.2,
 ) -> CalibrationResult:
     r"""Choose the threshold of every ReLU call of ``ann`` for ``T`` time steps of exact-count
@@ -971,7 +971,9 @@ def calibrate_for_T(
 
     :param ann: a ReLU network (``nn.ReLU`` modules; traceable with ``torch.fx``). Not modified
     :param batches: an iterable of input batches ``[N, *]`` or ``(inputs, labels)`` tuples (e.g.
-        a ``DataLoader``)
+        a ``DataLoader``). Every batch is read and kept, on the model's device, until
+        ``max_samples`` of them are drawn (all of them through fine-tuning): for a data set
+        that does not fit there, pass a loader over part of it (``torch.utils.data.Subset``)
     :param T: the number of time steps (levels) to calibrate for, ``>= 1``
     :param granularity: ``'channel'`` (one threshold per channel along ``channel_dim``) or
         ``'layer'`` (one per ReLU call)
@@ -1020,13 +1022,14 @@ def calibrate_for_T(
         ReLU zeroes both). Default ``0``: plain least squares (``8`` measured +0.6 points on
         vgg at T ≤ 4 and up to +0.8 on mlp8, at 2.4× the calibration time on mlp8)
     :param finetune_epochs: epochs of gradient fine-tuning after the calibration (``0``, the
-        default: none). Measured on full Fashion-MNIST (2 048 calibration images, 10 000 test
-        images): mlp8 +7.2 / +4.5 / +1.9 points at T = 1 / 2 / 4 (32 epochs), the convolutional
-        models at most +0.7 (16 epochs), at 35–60× the calibration's time (docs/calibration.md,
-        step 4)
+        default: none) on every sample of ``loader`` (:mod:`tpp_plugin.finetune`). Pass the
+        training loader: on Fashion-MNIST, 4 epochs on the whole training set gained 2.6–9.8
+        points at T=1, 1.2–6.0 at T=2 and 0.1–2.6 at T=4 on four models, where 2 048 images
+        gained at most +0.7 on the convolutional ones; it takes minutes per model on a CPU
+        (docs/calibration.md, step 4)
     :param finetune_lr: Adam's learning rate (cosine-annealed to 0)
     :param finetune_drop: the probability that an activation keeps its unrounded value in a
-        training step (QDrop), in ``[0, 1)``
+        training step (QDrop), in ``[0, 1)``; default ``0``: off
     :param finetune_holdout: the share of the calibration samples held out to choose the epoch,
         in ``[0, 1)`` (``0``: keep the last)
     :return: a :class:`CalibrationResult`
