@@ -1023,7 +1023,7 @@ def calibrate_for_T(
         vgg at T ≤ 4 and up to +0.8 on mlp8, at 2.4× the calibration time on mlp8)
     :param finetune_epochs: epochs of gradient fine-tuning after the calibration (``0``, the
         default: none) on every sample of ``loader`` (:mod:`tpp_plugin.finetune`). Pass the
-        training loader: on Fashion-MNIST, 4 epochs on the whole training set gained 2.6–9.8
+        training loader: on Fashion-MNIST, 4 epochs on the whole training set gained 4.2–9.8
         points at T=1, 1.2–6.0 at T=2 and 0.1–2.6 at T=4 on four models, where 2 048 images
         gained at most +0.7 on the convolutional ones; it takes minutes per model on a CPU
         (docs/calibration.md, step 4)
