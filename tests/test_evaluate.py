@@ -356,3 +356,17 @@ def test_evaluate_snntorch_network(relu_cnn, digits):
     assert full["correct"] == count["correct"] == int((preds == y).sum())
     assert full["spike_stats"]["spikes"] == count["spike_stats"]["spikes"] > 0
     assert full["spike_stats"]["layers"][-1]["fan_out"] == 10
+
+
+def test_evaluate_takes_a_list_of_batches_like_the_pair_it_was_cut_from(digits):
+    """Regression: a list of (x, y) batches was taken for a data set of samples and collated
+    again (40 one-image batches gave an accuracy of 3.0)."""
+    _, _, x, y = digits
+    x, y = x[:40].double(), y[:40]
+    snn = _qcfs_snn().double()
+    whole = tpp_plugin.evaluate(snn, (x, y), T=2)
+    for size in (1, 7, 40):
+        batches = [(x[i:i + size], y[i:i + size]) for i in range(0, 40, size)]
+        for data in (batches, iter(batches)):
+            result = tpp_plugin.evaluate(snn, data, T=2)
+            assert result["images"] == 40 and result["correct"] == whole["correct"], size

@@ -132,3 +132,21 @@ def test_bad_finetuning_settings_are_refused_naming_them(kwargs, match):
     ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     with pytest.raises(ValueError, match=match):
         calibrate_for_T(ann, [torch.rand(16, 4)], 2, **kwargs)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_finetuning_leaves_the_users_ann_unchanged_in_train_and_eval_mode(train):
+    """Regression: the reference outputs were computed on the ANN as passed, so a train-mode
+    ANN had its BatchNorm running statistics updated (and dropout noise in its targets)."""
+    import copy
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Flatten(), nn.Linear(144, 3))
+    ann.train(train)
+    ann[3].eval()  # a per-module mode is given back as it was, not overwritten by the root's
+    before = copy.deepcopy(ann.state_dict())
+    calibrate_for_T(ann, [torch.rand(32, 1, 8, 8)], T=2, finetune_epochs=1)
+    changed = [k for k, v in before.items() if not torch.equal(v, ann.state_dict()[k])]
+    assert changed == []
+    assert ann.training is train and ann[1].training is train and ann[3].training is False

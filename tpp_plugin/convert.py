@@ -2,6 +2,7 @@ r"""Framework-neutral pieces of ANN→SNN conversion: find activations, calibrat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -15,7 +16,23 @@ __all__ = [
     "check_momentum",
     "activation_statistic",
     "calibrate_thresholds",
+    "eval_mode",
 ]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every module of ``model`` in eval mode for the duration, then give each its own
+    ``training`` flag back (a model in train mode with frozen batch norms stays so): running
+    a user's ANN for statistics or reference outputs must neither update its BatchNorm running
+    statistics nor see dropout noise."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in saved:
+            module.training = training
 
 
 def named_modules_of_type(model: nn.Module, types, exact: bool = False) -> Iterator:
@@ -137,31 +154,29 @@ def calibrate_thresholds(
             stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
 
     handles = [m.register_forward_hook(hook) for m in uses]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters(), torch.empty(0)).device
-    try:
-        for batch in dataloader:
-            inputs = batch_inputs(batch).to(device)
-            seen.clear()
-            try:
-                model(inputs)
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"calibration batch of shape {tuple(inputs.shape)} does not fit the model "
-                    f"(the model's error: {exc}); calibrate with batches shaped like its input"
-                ) from exc
-            for module, n in uses.items():
-                if seen.get(id(module), 0) != n:
+    with eval_mode(model):
+        try:
+            for batch in dataloader:
+                inputs = batch_inputs(batch).to(device)
+                seen.clear()
+                try:
+                    model(inputs)
+                except RuntimeError as exc:
                     raise ValueError(
-                        f"the forward called {type(module).__name__} {seen.get(id(module), 0)} "
-                        f"times, but {n} calls were expected (its torch.fx trace): the forward "
-                        "must call its activations the same way for every input"
-                    )
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+                        f"calibration batch of shape {tuple(inputs.shape)} does not fit the model "
+                        f"(the model's error: {exc}); calibrate with batches shaped like its input"
+                    ) from exc
+                for module, n in uses.items():
+                    if seen.get(id(module), 0) != n:
+                        raise ValueError(
+                            f"the forward called {type(module).__name__} {seen.get(id(module), 0)} "
+                            f"times, but {n} calls were expected (its torch.fx trace): the forward "
+                            "must call its activations the same way for every input"
+                        )
+        finally:
+            for h in handles:
+                h.remove()
     if all(s is None for s in stats):
         raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
     thresholds = []

@@ -245,19 +245,17 @@ def calibrate_thresholds(model: nn.Module, batches, modules: list, mode="max",
     handles = [m.register_forward_hook(
         lambda mod, args, out, i=i: current.__setitem__(i, _convert.activation_statistic(
             out, mode))) for i, m in enumerate(modules)]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters(), torch.empty(0)).device
-    try:
-        for b in range(rank, len(batches), size):
-            current.clear()
-            model(_convert.batch_inputs(batches[b]).to(device))
-            for i in range(len(modules)):
-                stats[b, i] = float(current[i])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with _convert.eval_mode(model):
+        try:
+            for b in range(rank, len(batches), size):
+                current.clear()
+                model(_convert.batch_inputs(batches[b]).to(device))
+                for i in range(len(modules)):
+                    stats[b, i] = float(current[i])
+        finally:
+            for h in handles:
+                h.remove()
     stats = all_reduce_sum(stats, group)
     thresholds = []
     for i in range(len(modules)):
@@ -406,12 +404,23 @@ def sync_thresholds(net: nn.Module, group=None) -> float:
 # ------------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------------
+def _is_batch_list(data) -> bool:
+    """A list or tuple of ``(x, y)`` batches: every item a pair of tensors whose labels ``y``
+    have a batch dimension (a data set's samples carry one label each)."""
+    return isinstance(data, (list, tuple)) and len(data) > 0 and all(
+        isinstance(b, (list, tuple)) and len(b) == 2
+        and all(isinstance(t, torch.Tensor) for t in b) and b[1].dim() >= 1
+        and len(b[0]) == len(b[1]) for b in data)
+
+
 def _loader(data, batch_size: int, group) -> tuple:
     """A loader over this rank's shard of ``data``, and the data set's size."""
     rank, size = world(group)
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor)
                                                            for t in data):
         data = TensorDataset(*data)
+    elif _is_batch_list(data):  # a list of (x, y) batches is not a data set of samples
+        data = TensorDataset(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data]))
     if isinstance(data, DataLoader):
         dataset, batch_size = data.dataset, data.batch_size or batch_size
         options = dict(num_workers=data.num_workers, collate_fn=data.collate_fn,
@@ -463,7 +472,8 @@ def evaluate(net: nn.Module, data, T: int, *, count_mode: bool = False,
 
     :param net: converted network (SpikingJelly or snnTorch), on its device, in eval mode
     :param data: a ``Dataset`` of ``(x, y)``, a ``DataLoader`` (its data set is re-sharded), an
-        ``(x, y)`` pair of tensors, or — in one process only — any iterable of ``(x, y)`` batches
+        ``(x, y)`` pair of tensors, a list of ``(x, y)`` batches (joined into one data set), or —
+        in one process only — any other iterable of ``(x, y)`` batches
     :param T: time steps
     :param count_mode: evaluate in the count domain
     :param bernoulli: count-mode sampler of bernoulli neurons (see :func:`tpp_plugin.count_mode`)

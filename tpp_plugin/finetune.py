@@ -48,6 +48,7 @@ from .calibration import (
     _run,
     quantised_ann,
 )
+from .convert import eval_mode
 
 __all__ = ["finetune"]
 
@@ -188,7 +189,7 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     n_hold = int(round(holdout * x.shape[0]))
     n_hold = min(n_hold, x.shape[0] - 1)
     x_hold, x_train = x[order[:n_hold]], x[order[n_hold:]]
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(ann):  # the reference: no BatchNorm update, no dropout
         ref_hold = _run(ann, x_hold, 256) if n_hold else None
         ref_train = _run(ann, x_train, 256)
 
