@@ -17,11 +17,11 @@ import time
 import snntorch.functional as SF
 import torch
 from snntorch import utils
+from tpp_plugin.data import load_digits, loaders
+from tpp_plugin.models import ann_accuracy, digits_cnn, train_ann
 
 import tpp_plugin  # noqa: F401  (registers snn.TPP; utils.reset now resets it too)
 from tpp_plugin.adapters.snntorch import convert, steps_needed
-from tpp_plugin.data import load_digits, loaders
-from tpp_plugin.models import ann_accuracy, digits_cnn, train_ann
 
 
 @torch.no_grad()
