@@ -1,9 +1,11 @@
 """snnTorch + tpp_plugin: convert a small digits CNN, then compare IF and TPP neurons.
 
-The snnTorch tutorial pattern, unchanged: ``utils.reset(net)``, a time loop feeding the image
-as a constant input current at every step, ``snntorch.functional.accuracy_rate`` on the recorded
-output. The plugin adds ``snn.TPP`` and the converter; ``steps_needed`` says how long to run
-(each TPP layer delays its output by one window, so only the last ``num_steps`` steps count).
+The snnTorch tutorial pattern, unchanged: ``utils.reset(net)``, a time loop of ``num_steps``
+steps feeding the image as a constant input current at every step,
+``snntorch.functional.accuracy_rate`` on the recorded output. The plugin adds ``snn.TPP`` and the
+converter; its time-loop networks are window-synchronous, so step ``t`` of the loop is step ``t``
+of sequence mode (for input that changes within a window: ``streaming='delayed'`` and
+``steps_needed``).
 
 Run (CPU, well under a minute)::
 
@@ -17,11 +19,11 @@ import time
 import snntorch.functional as SF
 import torch
 from snntorch import utils
-from tpp_plugin.data import load_digits, loaders
-from tpp_plugin.models import ann_accuracy, digits_cnn, train_ann
 
 import tpp_plugin  # noqa: F401  (registers snn.TPP; utils.reset now resets it too)
-from tpp_plugin.adapters.snntorch import convert, steps_needed
+from tpp_plugin.adapters.snntorch import convert
+from tpp_plugin.experiments.data import load_digits, loaders
+from tpp_plugin.experiments.models import ann_accuracy, digits_cnn, train_ann
 
 
 @torch.no_grad()
@@ -29,9 +31,9 @@ def snn_accuracy(net, x, y, num_steps: int) -> float:
     """snnTorch's tutorial loop over a converted (time-loop) network."""
     utils.reset(net)  # clears Leaky *and* TPP state
     out_rec = []
-    for _step in range(steps_needed(net, num_steps)):  # num_steps for IF, (L+1)·num_steps for TPP
+    for _step in range(num_steps):
         out_rec.append(net(x))  # direct current input: the image at every step
-    out = torch.stack(out_rec[-num_steps:])  # [num_steps, batch, 10]: the last, valid window
+    out = torch.stack(out_rec)  # [num_steps, batch, 10]
     return SF.accuracy_rate(out, y)
 
 
@@ -61,7 +63,7 @@ def main():
             accs.append(snn_accuracy(net, x_test, y_test, num_steps))
         print(f"{label:<16}" + "".join(f"  {a:6.2%}" for a in accs))
 
-    # the same TPP network in sequence mode: one call on [T, B, ...], no delay, same spikes
+    # the same TPP network in sequence mode: one call on [T, B, ...], the same spikes
     num_steps = 4
     loop = convert(ann, calibration, num_steps=num_steps, mode="99.9%", sequence=False, seed=0)
     seq = convert(ann, calibration, num_steps=num_steps, mode="99.9%", sequence=True, seed=0)

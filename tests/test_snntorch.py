@@ -14,6 +14,7 @@ import torch
 from gpu_helpers import ORACLE_DEVICES
 from torch import nn
 
+import tpp_plugin
 from tpp_plugin import functional as F
 from tpp_plugin import registry
 from tpp_plugin.adapters import snntorch as adapter
@@ -137,7 +138,7 @@ def test_return_signatures(init_hidden, output, sequence):
 
 
 def test_time_loop_delays_by_one_window_and_mem_is_window_potential():
-    tpp = TPP(threshold=0.5, num_steps=T, count="exact", v_init=0.25, seed=0)
+    tpp = TPP(threshold=0.5, num_steps=T, count="exact", v_init=0.25, seed=0, streaming="delayed")
     x = torch.tensor([[0.5, 0.25, 1.0]])
     spk, mem = run_loop(tpp, x.expand(3 * T, 1, 3))
     assert spk[:T].abs().sum() == 0  # first window: accumulate only
@@ -148,7 +149,7 @@ def test_time_loop_delays_by_one_window_and_mem_is_window_potential():
 
 
 def test_utils_reset_resets_tpp_in_nested_containers():
-    tpp = TPP(num_steps=T, init_hidden=True, seed=0)
+    tpp = TPP(num_steps=T, init_hidden=True, seed=0, streaming="delayed")
     net = nn.Sequential(nn.Identity(), nn.Sequential(nn.Sequential(tpp)))
     x = torch.full((2, 3), 0.6)
     for _ in range(T + 2):
@@ -178,7 +179,7 @@ def test_utils_reset_resets_tpp_in_nested_containers():
 
 
 def test_detach_hidden():
-    tpp = TPP(num_steps=T, init_hidden=True)
+    tpp = TPP(num_steps=T, init_hidden=True, streaming="delayed")
     w = torch.ones(3, requires_grad=True)
     tpp(w * 0.5)
     assert tpp.mem.requires_grad
@@ -187,7 +188,7 @@ def test_detach_hidden():
 
 
 def test_state_follows_dtype():
-    tpp = TPP(threshold=0.75, num_steps=T, init_hidden=True, seed=0)
+    tpp = TPP(threshold=0.75, num_steps=T, init_hidden=True, seed=0, streaming="delayed")
     x = torch.full((2, 3), 0.6)
     for _ in range(T + 1):
         tpp(x)
@@ -200,7 +201,8 @@ def test_state_follows_dtype():
 
 
 def test_state_dict_round_trip_without_state():
-    a = TPP(threshold=0.7, num_steps=T, v_init=0.1, graded_spikes_factor=0.7, seed=0)
+    a = TPP(threshold=0.7, num_steps=T, v_init=0.1, graded_spikes_factor=0.7, seed=0,
+            streaming="delayed")
     for _ in range(T + 1):
         a(torch.full((2, 3), 0.4))
     sd = a.state_dict()
@@ -208,7 +210,7 @@ def test_state_dict_round_trip_without_state():
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
-    b = TPP(threshold=1.0, num_steps=T)
+    b = TPP(threshold=1.0, num_steps=T, streaming="delayed")
     b.load_state_dict(torch.load(buf))
     assert float(b.threshold) == pytest.approx(0.7) and float(b.v_init) == pytest.approx(0.1)
     assert float(b.graded_spikes_factor) == pytest.approx(0.7)
@@ -226,7 +228,7 @@ def test_bad_seed_or_generator():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_state_and_seeded_generator_follow_the_device():
     x = torch.rand(2 * T, 5, 7, device="cuda")
-    loop = TPP(num_steps=T, seed=1).to("cuda")
+    loop = TPP(num_steps=T, seed=1, streaming="delayed").to("cuda")
     seq = TPP(num_steps=T, seed=1, sequence=True).to("cuda")
     spk_loop, _ = run_loop(loop, torch.cat([x, x[:T]]))
     spk_seq, _ = seq(x)
@@ -242,7 +244,7 @@ def test_cuda_state_and_seeded_generator_follow_the_device():
 def test_loop_equals_sequence_bit_for_bit(count, pass_mem):
     k = 3
     x = (torch.rand(k * T, 5, 7, generator=torch.Generator().manual_seed(1)) - 0.2) * 0.8
-    loop = TPP(threshold=0.6, num_steps=T, count=count, v_init=0.05, seed=123)
+    loop = TPP(threshold=0.6, num_steps=T, count=count, v_init=0.05, seed=123, streaming="delayed")
     seq = TPP(threshold=0.6, num_steps=T, count=count, v_init=0.05, seed=123, sequence=True)
     spk_loop, mem_loop = run_loop(loop, torch.cat([x, torch.zeros(T, 5, 7)]), pass_mem)
     spk_seq, mem_seq = seq(x)
@@ -251,7 +253,8 @@ def test_loop_equals_sequence_bit_for_bit(count, pass_mem):
     assert 0 < spk_seq.sum() < spk_seq.numel()
     # the same with a shared torch.Generator, via forward_sequence
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    spk_loop, _ = run_loop(TPP(num_steps=T, count=count, generator=g1), torch.cat([x, x[:T]]))
+    spk_loop, _ = run_loop(TPP(num_steps=T, count=count, generator=g1, streaming="delayed"),
+                           torch.cat([x, x[:T]]))
     spk_seq, _ = TPP(num_steps=T, count=count, generator=g2).forward_sequence(x)
     assert torch.equal(spk_loop[T:], spk_seq)
 
@@ -287,7 +290,7 @@ def test_bernoulli_mean_count_and_exact_positions():
 
 
 def test_steps_needed():
-    make = lambda: TPP(num_steps=T, init_hidden=True)  # noqa: E731
+    make = lambda: TPP(num_steps=T, init_hidden=True, streaming="delayed")  # noqa: E731
     net = nn.Sequential(nn.Linear(3, 3), make(), nn.Sequential(nn.Linear(3, 3), make()), make())
     assert steps_needed(net, T) == 4 * T
     assert steps_needed(net) == 4 * T  # window taken from the layers
@@ -315,7 +318,7 @@ def test_steps_needed():
     ],
 )
 def test_bad_step_input_leaves_state_unchanged(bad, exc, name):
-    tpp = TPP(num_steps=T, seed=0)
+    tpp = TPP(num_steps=T, seed=0, streaming="delayed")
     for _ in range(T + 2):  # a pending window and a half-accumulated one
         tpp(torch.full((2, 3), 0.6))
     before = state_of(tpp)
@@ -325,7 +328,7 @@ def test_bad_step_input_leaves_state_unchanged(bad, exc, name):
 
 
 def test_bad_mem_and_sequence_input():
-    tpp = TPP(num_steps=T, seed=0)
+    tpp = TPP(num_steps=T, seed=0, streaming="delayed")
     tpp(torch.full((2, 3), 0.6))
     before = state_of(tpp)
     with pytest.raises(ValueError, match="mem"):
@@ -475,7 +478,7 @@ def test_exact_tpp_conversion_equals_qcfs_ann(qcfs_digits_cnn, T_, device, backe
 def test_exact_tpp_conversion_time_loop(qcfs_digits_cnn):
     ann, x, _ = qcfs_digits_cnn
     x = x[:300]
-    net = convert(ann, num_steps=T, count="exact", seed=0, sequence=False)
+    net = convert(ann, num_steps=T, count="exact", seed=0, sequence=False, streaming="delayed")
     n_steps = steps_needed(net, T)
     assert n_steps == 4 * T
     adapter.reset(net)
@@ -495,7 +498,7 @@ def test_bernoulli_conversion_time_loop_equals_sequence(qcfs_digits_cnn):
     # spike decision; one different spike would move the logits by ~θ/T·|w| >> 1e-9.)
     ann, x, _ = qcfs_digits_cnn
     x = x[:300]
-    loop = convert(ann, num_steps=T, seed=3, sequence=False)
+    loop = convert(ann, num_steps=T, seed=3, sequence=False, streaming="delayed")
     seq = convert(ann, num_steps=T, seed=3)
     assert [m.warmup_windows for m in loop if isinstance(m, TPP)] == [0, 1, 2]
     with torch.no_grad():
@@ -508,7 +511,7 @@ def test_bernoulli_conversion_time_loop_equals_sequence(qcfs_digits_cnn):
 
 def test_warmup_windows_stay_silent_and_draw_nothing():
     x = torch.rand(3 * T, 4, 6, generator=torch.Generator().manual_seed(2))
-    late = TPP(num_steps=T, seed=9, warmup_windows=1)
+    late = TPP(num_steps=T, seed=9, warmup_windows=1, streaming="delayed")
     spk, _ = run_loop(late, x)
     assert not spk[: 2 * T].any()
     ref, _ = TPP(num_steps=T, seed=9, sequence=True)(x[T:2 * T])  # no draws for window 1
@@ -565,7 +568,7 @@ def test_converter_permutation_layers():
     net = convert(ann, num_steps=T, neuron="if", permutation="neuron", seed=0)
     assert isinstance(net[2], TemporalPermutation)
     with pytest.raises(ValueError, match="sequence"):
-        convert(ann, num_steps=T, permutation="neuron", sequence=False)
+        convert(ann, num_steps=T, permutation="neuron", sequence=False, streaming="delayed")
 
 
 def test_converter_refuses_unsupported_modules():
@@ -587,3 +590,44 @@ def test_converter_refuses_unsupported_modules():
     pooled = nn.Sequential(nn.Conv2d(1, 2, 3), QCFS(L=2, lam=1.0), nn.MaxPool2d(2))
     assert convert(pooled, num_steps=T)[1].pool is not None  # TPP pools its window potential
     assert isinstance(convert(pooled, num_steps=T, neuron="if")[2].module, nn.MaxPool2d)
+
+
+# ----------------------------------------------------------------------------------------------
+# the window-synchronous time loop (the default)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", ["exact", "bernoulli"])
+def test_tutorial_time_loop_on_a_sequential_cnn_equals_sequence_mode(qcfs_digits_cnn, count):
+    """snnTorch's tutorial loop with num_steps = T on a converted Sequential CNN: step t is
+    sequence mode's step t (float64; bernoulli with the same draws), and exact counts give the
+    QCFS ANN with L = T."""
+    ann, x, _ = qcfs_digits_cnn
+    x = x[:200]
+    loop = convert(ann, num_steps=T, count=count, seed=1, sequence=False)
+    seq = convert(ann, num_steps=T, count=count, seed=1)
+    snntorch.utils.reset(loop)
+    with torch.no_grad():
+        steps = torch.stack([loop(x) for step in range(T)])
+        assert torch.equal(steps, seq(x.expand(T, *x.shape)))
+        if count == "exact":
+            with qcfs_levels(ann, T):
+                torch.testing.assert_close(steps.mean(0), ann(x), rtol=0, atol=1e-9)
+        with tpp_plugin.count_mode(loop, T):  # the loop steps aside: one ANN-sized pass
+            counted = loop(x)
+    if count == "exact":
+        torch.testing.assert_close(counted, steps.mean(0), rtol=0, atol=1e-9)
+
+
+def test_single_tpp_neuron_time_loop_is_synchronous_by_default():
+    x = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    loop = TPP(num_steps=T, count="bernoulli", seed=2)
+    seq = TPP(num_steps=T, count="bernoulli", seed=2, sequence=True)
+    out = [loop(x) for _ in range(T)]
+    spk_seq, mem_seq = seq(x.expand(T, 5, 3))
+    assert torch.equal(torch.stack([s for s, _ in out]), spk_seq)
+    assert torch.equal(torch.stack([m for _, m in out]), mem_seq)
+    assert steps_needed(loop) == T
+    loop(x)
+    with pytest.raises(ValueError, match="differs from the first call.*streaming='delayed'"):
+        loop(x + 1)
+    loop.reset_mem()
+    loop(x + 1)  # a new window

@@ -101,7 +101,7 @@ def test_cpu_input_is_refused_with_advice_and_state_unchanged(sequence):
         tpp(x)
     with pytest.raises(ValueError, match=r"CUDA tensors, but x_seq is on 'cpu'.*backend='torch'"):
         tpp.forward_sequence(torch.rand(T, 2, 3))
-    assert tpp._step == 0 and tpp.mem.numel() == 0 and tpp._philox is None
+    assert tpp._step == 0 and tpp.mem.numel() == 0 and tpp.random_stream._philox is None
 
 
 @needs_nvrtc

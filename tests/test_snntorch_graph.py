@@ -229,7 +229,7 @@ def test_count_mode_on_converted_resnet(trained, model, count):
     def reseed():
         for m in net.modules():
             if isinstance(m, TPP):
-                m.generator = torch.Generator().manual_seed(m.seed)
+                m.manual_seed(m.seed)
 
     reseed()
     with torch.no_grad():
@@ -247,7 +247,8 @@ def test_time_loop_max_pool_equals_sequence(trained):
     ann, x, _ = trained["cnn5_maxpool"]
     calib, x = x[:256], x[256:356]
     T = 2
-    loop = convert(ann, [calib], num_steps=T, seed=5, sequence=False)
+    loop = convert(ann, [calib], num_steps=T, seed=5, sequence=False,
+                   streaming="delayed")
     seq = convert(ann, [calib], num_steps=T, seed=5)
     assert sum(m.pool is not None for m in loop if isinstance(m, TPP)) == 2
     with torch.no_grad():
@@ -260,7 +261,8 @@ def test_time_loop_resnet_equals_sequence(trained, count):
     ann, x, _ = trained["resnet"]
     calib, x = x[:256], x[256:356]
     T = 4
-    loop = convert(ann, [calib], num_steps=T, count=count, seed=3, sequence=False)
+    loop = convert(ann, [calib], num_steps=T, count=count, seed=3, sequence=False,
+                   streaming="delayed")
     seq = convert(ann, [calib], num_steps=T, count=count, seed=3)
     n_steps = steps_needed(loop)
     assert n_steps == (9 + 1) * T  # the longest path passes all 9 TPP layers
@@ -525,7 +527,8 @@ def test_nir_export_of_a_tpp_net_raises_a_clear_error():
     from snntorch.export_nir import export_to_nir
 
     relu = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    net = convert(relu, [torch.rand(8, 4)], num_steps=4, sequence=False, seed=0)
+    net = convert(relu, [torch.rand(8, 4)], num_steps=4, sequence=False, streaming="delayed",
+                  seed=0)
     with pytest.raises(TypeError, match=r"module '1' \(.*TPP\).*no NIR primitive"):
         export_to_nir(net, torch.zeros(1, 4))
     import snntorch.export_nir
@@ -645,3 +648,45 @@ def test_a_calibration_result_as_mode_builds_the_mode_tpp_network():
         convert(ann, [x], num_steps=2, mode=calibrate_for_T(ann, [x], 2))
     with pytest.raises(ValueError, match="pass calibration="):
         convert(ann, num_steps=2, mode=result)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tutorial time loop, window-synchronous (the default): num_steps calls == sequence mode
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", ["exact", "bernoulli"])
+@pytest.mark.parametrize("model", ["resnet", "cnn5_maxpool"])
+def test_tutorial_time_loop_equals_sequence_mode_step_for_step(trained, model, count):
+    """``for step in range(num_steps)`` on a converted fx ResNet / max-pool CNN returns, step for
+    step, what sequence mode returns (float64; bernoulli with the same draws: same seeds)."""
+    ann, x, _ = trained[model]
+    calib, x = x[:256], x[256:356]
+    T = 4
+    loop = convert(ann, [calib], num_steps=T, count=count, seed=3, sequence=False)
+    seq = convert(ann, [calib], num_steps=T, count=count, seed=3)
+    assert isinstance(loop, adapter.TimeLoop) and steps_needed(loop) == T
+    snntorch.utils.reset(loop)
+    with torch.no_grad():
+        steps = torch.stack([loop(x) for _ in range(T)])
+        expected = seq(x.expand(T, *x.shape))
+    assert torch.equal(steps, expected)
+    assert 0 < steps.abs().sum()
+    # a second window after snnTorch's reset draws new spikes from the same streams
+    snntorch.utils.reset(loop)
+    with torch.no_grad():
+        again = torch.stack([loop(x) for _ in range(T)])
+        expected_again = seq(x.expand(T, *x.shape))
+    assert torch.equal(again, expected_again)
+    if count == "exact":  # count mode sees through the loop: one ANN-sized pass
+        with torch.no_grad(), tpp_plugin.count_mode(loop, T):
+            torch.testing.assert_close(loop(x), steps.mean(0), rtol=0, atol=1e-9)
+
+
+def test_tutorial_time_loop_refuses_a_changed_input_inside_a_window(trained):
+    ann, x, _ = trained["resnet"]
+    loop = convert(ann, [x[:64]], num_steps=4, seed=0, sequence=False)
+    with torch.no_grad():
+        loop(x[:8])
+        with pytest.raises(ValueError, match=r"call 2/4 differs.*snntorch.utils.reset.*delayed"):
+            loop(x[8:16])
+        snntorch.utils.reset(loop)
+        loop(x[8:16])  # a new window takes a new input (and batch size)

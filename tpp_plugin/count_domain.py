@@ -27,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import warnings
 import weakref
 
 import torch
 from torch import fx, nn
 
+from . import contract
 from . import functional as F
 
 __all__ = ["count_mode", "check_count_domain", "count_window", "BERNOULLI_SAMPLERS"]
@@ -49,18 +51,10 @@ def count_window(module: nn.Module) -> int | None:
     :func:`count_mode` (its output is then ``count/T`` per neuron), else ``None``."""
     return _COUNT_WINDOWS.get(module)
 
-_AFFINE_TYPES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-    nn.ConstantPad3d,
-)
+_AFFINE_TYPES = (contract.WEIGHTED + contract.AVG_POOLS + contract.RESHAPES + contract.PADS
+                 + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
 # affine in eval mode only (batch statistics / random masks in training mode)
-_EVAL_AFFINE_TYPES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout,
-)
+_EVAL_AFFINE_TYPES = contract.BATCH_NORMS + contract.DROPOUTS
 _AFFINE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.add, torch.sub,
     torch.neg, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.sum,
@@ -82,81 +76,22 @@ _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d
                       torch.nn.functional.dropout2d, torch.nn.functional.dropout3d}
 
 
-# ------------------------------------------------------------------------------------------------
-# the module types of the installed frameworks
-# ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _types() -> dict:
-    """Plugin and framework classes by role, for whichever frameworks are importable."""
-    t = {"tpp": (), "perm": (), "neuron": (), "affine": (), "chain": (nn.Sequential,),
-         "time_flatten": (), "step_module": (), "snn_tpp": (), "sync": (), "eval_affine": ()}
-    try:
-        from spikingjelly.activation_based import base, layer
-        from spikingjelly.activation_based.ann2snn.modules import VoltageScaler
-
-        from .adapters import spikingjelly as sj
-
-        t["tpp"] += (sj.TPPNode,)
-        t["perm"] += (sj.TemporalPermutation,)
-        t["step_module"] += (base.StepModule,)
-        t["neuron"] += (base.MemoryModule,)  # IF and every other stateful SpikingJelly module
-        t["affine"] += (VoltageScaler, sj._StepFlatten) + _sj_affine_types()
-        t["sync"] += (sj.WindowSynchronizer,)
-        t["eval_affine"] += tuple(getattr(layer, name) for name in (
-            "Dropout", "Dropout2d") if hasattr(layer, name))
-        t["chain"] += tuple(
-            getattr(layer, name) for name in ("StepModeContainer", "SeqToANNContainer",
-                                              "MultiStepContainer") if hasattr(layer, name)
-        )
-    except ImportError:
-        pass
-    try:
-        import snntorch
-
-        from .adapters import snntorch as snt
-
-        t["tpp"] += (snt.TPP,)
-        t["snn_tpp"] += (snt.TPP,)
-        t["perm"] += (snt.TemporalPermutation,)
-        t["neuron"] += (snntorch.SpikingNeuron,)
-        t["time_flatten"] += (snt.TimeFlatten,)
-    except ImportError:
-        pass
-    return t
-
-
-def _sj_affine_types() -> tuple:
-    """SpikingJelly 2.x conversion modules that are affine: channel-wise scalers and the
-    step-mode tensor ops (flatten, reshape, mean, cat, ...) of its step-mode graph adapter."""
-    found = ()
-    try:
-        from spikingjelly.activation_based.ann2snn import modules
-
-        if hasattr(modules, "ChannelVoltageScaler"):
-            found += (modules.ChannelVoltageScaler,)
-        from spikingjelly.activation_based.ann2snn.recipes import step_mode_adapters
-
-        found += (step_mode_adapters._StepModeTensorOp,)
-    except (ImportError, AttributeError):
-        pass
-    return found
-
-
 def _kind(module: nn.Module) -> str:
-    t = _types()
-    if isinstance(module, t["tpp"]):
+    """The module's role for the count domain (framework classes: :func:`contract.types_of`)."""
+    types = contract.types_of
+    if isinstance(module, types("tpp")):
         return "tpp"
-    if isinstance(module, t["perm"]):
+    if isinstance(module, types("permutation")):
         return "perm"
-    if isinstance(module, t["eval_affine"]):  # SpikingJelly's dropout layers (MemoryModules)
+    if isinstance(module, types("eval_affine")):  # SpikingJelly's dropout layers (MemoryModules)
         return "nonaffine" if module.training else "affine"
-    if isinstance(module, t["neuron"]):
+    if isinstance(module, types("neuron")):
         return "neuron"
-    if isinstance(module, _AFFINE_TYPES + t["affine"]):
+    if isinstance(module, _AFFINE_TYPES + types("affine")):
         return "affine"
     if isinstance(module, _EVAL_AFFINE_TYPES):
         return "nonaffine" if module.training else "affine"
-    if isinstance(module, t["chain"] + t["time_flatten"]):
+    if isinstance(module, (nn.Sequential,) + types("chain") + types("time_flatten")):
         return "chain"
     return "nonaffine"
 
@@ -193,6 +128,8 @@ def _walk_module(module: nn.Module, name: str, on_spikes: bool, found: list) -> 
                        "is not a function of its input's window sum")
     if kind == "affine":
         return on_spikes
+    if isinstance(module, fx.GraphModule):  # e.g. the network inside a snnTorch TimeLoop
+        return _walk_graph(module, module.graph, found, on_spikes)
     if kind == "chain":
         for child_name, child in module.named_children():
             on_spikes = _walk_module(child, f"{name}.{child_name}" if name else child_name,
@@ -214,7 +151,7 @@ def _carries(arg, spiking: dict) -> bool:
     return any(spiking.get(n, False) for n in nodes)
 
 
-def _call_is_affine(node: fx.Node, spiking: dict) -> bool:
+def call_is_affine(node: fx.Node, spiking: dict) -> bool:
     """Whether a function or method node is affine in its spiking operands (``spiking``: node →
     carries spikes)."""
     target = node.target
@@ -232,15 +169,17 @@ def _call_is_affine(node: fx.Node, spiking: dict) -> bool:
     return target in _AFFINE_FUNCTIONS
 
 
-def _walk_graph(gm: nn.Module, graph: fx.Graph, found: list) -> None:
+def _walk_graph(gm: nn.Module, graph: fx.Graph, found: list, input_spikes: bool = False) -> bool:
+    """Check a graph whose inputs carry spikes or not; return whether its output does."""
     spiking: dict = {}
     for node in graph.nodes:
-        on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes)
+        on_spikes = any(spiking.get(n, False) for n in node.all_input_nodes) or (
+            node.op == "placeholder" and input_spikes)
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             spiking[node] = _walk_module(module, node.target, on_spikes, found)
         elif node.op in ("call_function", "call_method"):
-            if _call_is_affine(node, spiking):
+            if call_is_affine(node, spiking):
                 spiking[node] = on_spikes
             elif on_spikes:
                 target = node.target if isinstance(node.target, str) else getattr(
@@ -250,7 +189,8 @@ def _walk_graph(gm: nn.Module, graph: fx.Graph, found: list) -> None:
             else:
                 spiking[node] = False
         else:
-            spiking[node] = False
+            spiking[node] = on_spikes
+    return any(spiking.get(n, False) for n in graph.nodes if n.op == "output")
 
 
 class _LeafTracer(fx.Tracer):
@@ -296,10 +236,23 @@ def check_count_domain(net: nn.Module) -> list:
 # ------------------------------------------------------------------------------------------------
 # the count-mode forwards
 # ------------------------------------------------------------------------------------------------
-def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str, pool=None):
-    """The window's spike counts from the mean current ``x`` (``v = pool(T·x + v_init)``): one
-    draw per neuron, or the full simulation's draws."""
+def window_counts(x: torch.Tensor, T: int, *, v_init, threshold, count: str, stream,
+                  bernoulli: str, pool=None, fire=None) -> torch.Tensor:
+    """A TPP neuron's spike counts over a window from its mean current ``x``
+    (``v = pool(T·x + v_init)``): one draw per neuron, or the full simulation's draws.
+
+    The neurons' :meth:`~tpp_plugin.contract.TPPLayer.count_forward` call this.
+
+    :param stream: the neuron's :class:`~tpp_plugin.engine.stream.RandomStream`
+    :param fire: ``fire(v, T) -> spikes`` of a neuron on the ``'cupy'`` backend: exact counts and
+        ``bernoulli='draw-equal'`` fire the window with the kernel's own random stream, as the
+        full simulation does
+    """
     F.check_tensor(x, "x")
+    if fire is not None and (count == "exact" or bernoulli == "draw-equal"):
+        v = _window_potential(x, T, v_init)
+        return fire(v if pool is None else pool(v), T).sum(0)
+    generator = stream.generator_for(x.device)
     if count == "bernoulli" and bernoulli == "one-draw":
         F.check_threshold(threshold)
         if pool is None:  # v = T·x + v_init is formed inside the sampler, in one pass
@@ -310,44 +263,20 @@ def _counts(x, T: int, v_init, threshold, count: str, generator, bernoulli: str,
                        draw_steps=bernoulli == "draw-equal")  # ('unbiased': one draw, or T + 1)
 
 
-def _window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+def window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
+    """``T·x + v_init``: the window potential of a constant current ``x`` (a new tensor)."""
     v = x * T
     zero = not bool(v_init.any()) if isinstance(v_init, torch.Tensor) else v_init == 0
     return v if zero else v.add_(v_init)
 
 
-def _sj_tpp(node, T: int, bernoulli: str, x: torch.Tensor) -> torch.Tensor:
-    pool = getattr(node, "pool", None)  # a TPP neuron that max-pools its window potential
-    if node.backend == "cupy" and (node.count == "exact" or bernoulli == "draw-equal"):
-        v = _window_potential(F.check_tensor(x, "x"), T, node.v_init)
-        v = v if pool is None else pool(v)
-        return node._fire(v, T).sum(0) / T  # the kernel's own random stream, as in the full run
-    counts = _counts(x, T, node.v_init, node.v_threshold, node.count,
-                     node._generator(x.device), bernoulli, pool)
-    return counts.div_(T)
+_window_potential = window_potential
 
 
-def _snn_tpp(neuron, T: int, bernoulli: str, input_: torch.Tensor, mem=None):
-    from .adapters.snntorch import _returns
-
-    pool = getattr(neuron, "pool", None)  # snn.TPP(pool=...): pool the window potential
-    if neuron.backend == "cupy" and (neuron.count == "exact" or bernoulli == "draw-equal"):
-        neuron._check_cupy_input(F.check_tensor(input_, "input_"), "input_")
-        v = _window_potential(input_, T, neuron.v_init)
-        counts = neuron._fire(v, T).sum(0)  # the kernel's own random stream, as in the full run
-    else:
-        generator = neuron._generator_for(input_.device)
-        counts = _counts(input_, T, neuron.v_init, neuron.threshold, neuron.count, generator,
-                         bernoulli, pool)
-    spk = counts.div_(T).mul_(neuron.graded_spikes_factor)
-    if neuron.init_hidden and not neuron.output:
-        return spk  # the membrane potential is not returned: do not compute it
-    v = _window_potential(input_, T, neuron.v_init)
-    return _returns(neuron, spk, v if pool is None else pool(v))
-
-
-def _identity(x, *args, **kwargs):
-    return x
+def _count_forward(module, T: int, bernoulli: str, x, *args, **kwargs):
+    """A TPP module's forward inside :func:`count_mode` (extra arguments, such as snnTorch's
+    ``mem``, are not used: a count window starts afresh)."""
+    return module.count_forward(x, T, bernoulli)
 
 
 def _time_flatten(wrapper, x):
@@ -355,7 +284,7 @@ def _time_flatten(wrapper, x):
 
 
 def _window_of(module):
-    return getattr(module, "num_steps", None) or getattr(module, "T", None)
+    return contract.window_of(module)
 
 
 def _infer_T(found) -> int:
@@ -441,6 +370,14 @@ def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-dr
         raise ValueError(f"bernoulli must be one of {BERNOULLI_SAMPLERS}, got {bernoulli!r}")
     found = check_count_domain(net)
     T = _infer_T(found) if T is None else F.check_window(T)
+    counters = contract.active_counters(net)
+    if counters:
+        warnings.warn(
+            f"count_mode: {', '.join(counters)} is counting this network's operations, but "
+            "count mode runs one ANN-sized pass on window means instead of the T steps of the "
+            "simulation: the counts describe that pass, not the spiking network (use "
+            "tpp_plugin.spike_stats, which knows count mode, or count the full simulation)",
+            RuntimeWarning, stacklevel=3)
     for name, module in found:
         window = _window_of(module)
         if _kind(module) == "tpp" and window is not None and window != T:
@@ -448,7 +385,6 @@ def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-dr
                 f"count_mode: TPP layer {name!r} has window {window}, but T={T}: count mode "
                 "evaluates one window"
             )
-    types = _types()
     patches = []  # (module, forward it had in its __dict__ or None)
 
     def patch(module, forward):
@@ -456,21 +392,17 @@ def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-dr
         module.__dict__["forward"] = forward  # an instance attribute shadows the class's forward
 
     for _, module in found:
-        if _kind(module) == "perm":
-            patch(module, _identity)
-        elif isinstance(module, types["snn_tpp"]):
-            patch(module, functools.partial(_snn_tpp, module, T, bernoulli))
-        else:
-            patch(module, functools.partial(_sj_tpp, module, T, bernoulli))
+        patch(module, functools.partial(_count_forward, module, T, bernoulli))
         _COUNT_WINDOWS[module] = T
     modes = []
     for module in net.modules():
-        if isinstance(module, types["time_flatten"]):
+        if isinstance(module, contract.types_of("time_flatten")):
             patch(module, functools.partial(_time_flatten, module))
-        if isinstance(module, types["step_module"]):
+        if isinstance(module, contract.types_of("step_module")):
             modes.append((module, module.step_mode))
             # a window-synchronous network's driver steps aside: count mode is one pass
-            module.step_mode = "m" if isinstance(module, types["sync"]) else "s"
+            module.step_mode = "m" if isinstance(
+                module, contract.types_of("window_driver")) else "s"
     guard = _guard_sequence_input(net)
     try:
         yield net

@@ -199,7 +199,8 @@ def check_neuron_name(neuron) -> str:
     """
     if not isinstance(neuron, str) or neuron.lower() not in NEURON_NAMES:
         raise ValueError(
-            f"unknown neuron {neuron!r}: tpp_plugin's converters know {', '.join(NEURON_NAMES)}"
+            f"unknown neuron {neuron!r}: neuron must be one of {NEURON_NAMES} (in any case); "
+            f"tpp_plugin's converters know {', '.join(NEURON_NAMES)}"
         )
     return neuron.lower()
 

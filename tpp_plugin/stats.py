@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as nnF
 
+from . import contract
 from .count_domain import count_window
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "SpikeStats", "spike_stats", "check_energy_constant"]
@@ -40,8 +41,8 @@ E_AC_PJ = 0.9
 #: energy of one multiply-accumulate, pJ, 45 nm CMOS
 E_MAC_PJ = 4.6
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_WEIGHTED = _CONV + (nn.Linear,)
+_CONV = contract.CONVS
+_WEIGHTED = contract.WEIGHTED
 _AVG_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
@@ -57,31 +58,8 @@ def check_energy_constant(value, name: str) -> float:
 
 
 def _spiking_types() -> tuple:
-    types = ()
-    try:
-        from spikingjelly.activation_based import neuron
-
-        from .adapters.spikingjelly import TPPNode
-
-        types += (TPPNode, neuron.BaseNode)
-    except ImportError:
-        pass
-    try:
-        import snntorch
-
-        types += (snntorch.SpikingNeuron,)
-    except ImportError:
-        pass
-    return types
-
-
-def _is_multi_step(module: nn.Module) -> bool:
-    return getattr(module, "step_mode", None) == "m" or bool(getattr(module, "sequence", False))
-
-
-def _spike_scale(module: nn.Module):
-    scale = getattr(module, "graded_spikes_factor", 1.0)  # snnTorch outputs θ·spike
-    return scale.detach() if isinstance(scale, torch.Tensor) else scale
+    """The spiking modules whose spikes are counted (TPP and the frameworks' own neurons)."""
+    return contract.types_of("spiking")
 
 
 class _Layer:
@@ -99,12 +77,12 @@ class _Layer:
     def add(self, out: torch.Tensor, window) -> None:
         out = out.detach()
         if window is not None:  # count mode: out = count/T (times the spike scale)
-            counts = (out * (window / _spike_scale(self.module))).round_()
+            counts = (out * (window / contract.spike_scale(self.module))).round_()
             steps, batch_dims = window, 1
         else:
             counts = (out != 0).to(torch.float32)
             steps = 1
-            batch_dims = 2 if _is_multi_step(self.module) and out.dim() >= 2 else 1
+            batch_dims = 2 if contract.runs_sequences(self.module) and out.dim() >= 2 else 1
             if batch_dims == 2:
                 steps = out.shape[0]
         shape = tuple(out.shape[batch_dims:])
@@ -298,8 +276,7 @@ class SpikeStats(ForwardHooks):
     def _window(self):
         if self.T is not None:
             return self.T
-        windows = {getattr(lay.module, "T", None) or getattr(lay.module, "num_steps", None)
-                   for lay in self.layers} - {None}
+        windows = {contract.window_of(lay.module) for lay in self.layers} - {None}
         return windows.pop() if len(windows) == 1 else None
 
     def _images(self):

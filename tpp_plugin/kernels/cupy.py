@@ -47,6 +47,8 @@ import os
 import numpy as np
 import torch
 
+from ..engine.stream import PhiloxStream
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "MAX_PERMUTE_T",
@@ -58,7 +60,7 @@ __all__ = [
     "tpp_permute",
     "philox4x32",
     "PhiloxStream",
-    "module_stream",
+    "fire_potentials",
     "check_cuda_tensor",
 ]
 
@@ -420,40 +422,29 @@ def available() -> bool:
 # ------------------------------------------------------------------------------------------------
 # launching
 # ------------------------------------------------------------------------------------------------
-class PhiloxStream:
-    """The random stream of one module: a 64-bit key (the seed) and a window counter.
+def fire_potentials(potentials: torch.Tensor, T: int, threshold, count: str,
+                    stream: PhiloxStream) -> torch.Tensor:
+    r"""Phase 2 of ``k`` accumulated windows, ``potentials`` ``[k, *shape]``, in one launch.
 
-    Each window takes the next counter value, so the same seed gives the same spikes whether
-    windows are launched one by one (streaming) or together (multi-step).
+    ``w = v/θ`` is formed by torch exactly as :func:`tpp_plugin.functional.tpp_fire` forms it
+    (float32 for 16-bit ``v``), and the kernel fires ``w`` with ``θ = 1``: ``w·1`` is exact, so
+    every threshold shape works (per channel too) and exact counts equal the torch backend's
+    neuron for neuron.
+
+    :param potentials: CUDA tensor ``[k, *shape]`` (pooled, ``v_init`` included)
+    :param T: firing steps per window
+    :param threshold: θ, a number or a tensor broadcastable to ``shape``
+    :param count: ``'bernoulli'``, ``'exact'`` or ``'unbiased'``
+    :param stream: the module's :class:`PhiloxStream` (advanced by ``k`` windows)
+    :return: spikes ``[k·T, *shape]`` in ``potentials``' dtype
     """
+    from .. import functional as F
 
-    def __init__(self, seed: int):
-        self.seed = int(seed) & (2**64 - 1)
-        self.offset = 0
-
-    def take(self, windows: int) -> tuple[int, int, int]:
-        """Reserve ``windows`` windows; return ``(key0, key1, first window number)``."""
-        first = self.offset
-        self.offset = (self.offset + windows) % 2**32
-        return self.seed & 0xFFFFFFFF, self.seed >> 32, first
-
-
-def module_stream(module) -> PhiloxStream:
-    """The random stream of a TPP module on the ``'cupy'`` backend (SpikingJelly's ``TPPNode`` and
-    ``TemporalPermutation``, snnTorch's ``TPP`` share this rule).
-
-    With ``module.seed`` set: the module's own stream, kept in ``module._philox`` (created on first
-    use; ``manual_seed`` drops it), so consecutive calls take consecutive windows. Without a seed:
-    a fresh key for every call, drawn from ``module.generator`` (or torch's global generator).
-    """
-    if module.seed is not None:
-        if module._philox is None:
-            module._philox = PhiloxStream(module.seed)
-        return module._philox
-    generator = module.generator
-    device = generator.device if generator is not None else "cpu"
-    key = torch.randint(2**63 - 1, (), generator=generator, device=device)
-    return PhiloxStream(int(key))
+    F.check_threshold(threshold, shape=potentials.shape[1:])
+    check_cuda_tensor(potentials, "potentials", SUPPORTED_DTYPES)
+    rdtype = F._random_dtype(potentials.dtype)
+    w = F._potential_in_thresholds(potentials, T, threshold, "bernoulli", rdtype)
+    return tpp_window(w, T, 1.0, count, stream, steps_in=1).to(potentials.dtype)
 
 
 def check_cuda_tensor(x: torch.Tensor, name: str, dtypes=None) -> None:
