@@ -5,7 +5,9 @@ statistics) is the rest of :mod:`tpp_plugin`; this folder holds what runs it:
 
 * the demo (:mod:`~tpp_plugin.experiments.demo`) and the paper's experiment
   (:mod:`~tpp_plugin.experiments.reproduce`, with
-  :mod:`~tpp_plugin.experiments.reproduce_calibration` for threshold calibrations side by side);
+  :mod:`~tpp_plugin.experiments.reproduce_calibration` for threshold calibrations side by side;
+  both build and run their networks with :mod:`~tpp_plugin.experiments.variants` and print and
+  plot with :mod:`~tpp_plugin.experiments.report`);
 * the benchmarks (:mod:`~tpp_plugin.experiments.bench`,
   :mod:`~tpp_plugin.experiments.calibration_bench`,
   :mod:`~tpp_plugin.experiments.calibration_timing`);

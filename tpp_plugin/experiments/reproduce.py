@@ -46,7 +46,6 @@ the JSON records ``environment.world_size`` and ``config.test_images_evaluated``
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -57,12 +56,33 @@ import time
 import torch
 from torch import nn
 
-from .. import functional as F
-from ..count_domain import count_window
 from ..qcfs import qcfs_levels
-from ..stats import ForwardHooks
 from . import data
 from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
+from .report import (
+    format_accuracy_table,
+    format_calibration_report,
+    format_diagnostic_table,
+    format_spike_table,
+    plot_result,
+)
+from .reproduce_calibration import (
+    CalibrationComparison,
+    check_recipes,
+    recipe_argument,
+    recipe_slug,
+)
+from .variants import (  # noqa: F401 (evaluate_net and the sj_/snntorch_ helpers lived here)
+    FRAMEWORKS,
+    SCOPES,
+    VARIANTS,
+    FiringDiagnostic,
+    _energy_constants,
+    evaluate_net,
+    sj_diagnostic,
+    sj_rate_coding,
+    snntorch_diagnostic,
+)
 
 __all__ = [
     "DEFAULT_TS",
@@ -82,16 +102,6 @@ __all__ = [
 
 SCHEMA = "tpp_plugin.reproduce/1"
 DEFAULT_TS = (1, 2, 4, 8, 16, 32, 64)
-SCOPES = ("neuron", "sample", "layer")
-
-#: variant key -> (label, stochastic)
-VARIANTS = {
-    "if_v0": ("IF, v starts at 0 (SJ default)", False),
-    "if_half": ("IF, v starts at θ/2", False),
-    **{f"perm_{s}": (f"IF θ/2 + permutation ({s})", True) for s in SCOPES},
-    "tpp_bernoulli": ("TPP bernoulli", True),
-    "tpp_exact": ("TPP exact", True),
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,275 +206,12 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------
-# the per-layer firing diagnostic
-# ------------------------------------------------------------------------------------------------
-class FiringDiagnostic(ForwardHooks):
-    """Count, per spiking layer, neurons firing more or fewer spikes than the ANN asks for.
-
-    Forward hooks on the spiking neurons of a network run in multi-step (sequence) mode see the
-    input currents ``x`` ``[T, N, ...]`` and the spikes ``[T, N, ...]`` of each window. A neuron is
-    *over-firing* if its count exceeds ``clamp(round(Σ_t x_t / θ), 0, T)`` (round half up, the
-    QCFS rule; the sum is taken in time order, as the neurons do), *under-firing* if it falls short.
-    Under :func:`tpp_plugin.count_mode` a TPP neuron sees its mean current ``m`` ``[N, ...]`` and
-    outputs ``s·count/T``: the same comparison with ``Σ_t x_t = T·m``.
-
-    :param net: the spiking network
-    :param neuron_types: module types to watch (one hook each, in ``named_modules`` order)
-    :param threshold: ``f(module) -> θ`` (number or tensor broadcastable to a step)
-    :param spike_scale: ``f(module) -> s``: the module outputs ``s·spike`` (snnTorch's graded
-        spikes), default 1
-
-    Use as a context manager (hooks are removed on exit); :meth:`summary` gives the totals.
-
-    Example::
-
-        >>> from tpp_plugin.adapters.spikingjelly import TPPNode
-        >>> snn = nn.Sequential(TPPNode(count='exact', step_mode='m', seed=0))
-        >>> x_seq = torch.full((4, 2, 3), 0.3)           # Σx = 1.2θ: one spike wanted
-        >>> with FiringDiagnostic(snn, (TPPNode,), lambda m: m.v_threshold) as diag:
-        ...     _ = snn(x_seq)
-        >>> diag.summary()[0]['over']      # share of over-firing neurons in the first layer
-        0.0
-    """
-
-    def __init__(self, net: nn.Module, neuron_types, threshold, spike_scale=None):
-        self.layers = [name for name, m in net.named_modules() if isinstance(m, neuron_types)]
-        modules = [m for m in net.modules() if isinstance(m, neuron_types)]
-        self.threshold, self.spike_scale = threshold, spike_scale or (lambda m: 1.0)
-        self.totals = [[0, 0, 0] for _ in modules]  # neurons seen, over, under
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
-
-    def _hook(self, i):
-        def hook(module, inputs, output):
-            x_seq = inputs[0]
-            spikes = output[0] if isinstance(output, tuple) else output
-            T = count_window(module)
-            if T is not None:  # count mode: mean current in, s·count/T out
-                potential, count = T * x_seq, spikes * T
-            elif x_seq.dim() < 2 or spikes.dim() != x_seq.dim() or len(spikes) != len(x_seq):
-                return  # single-step call: nothing to compare
-            else:
-                T, potential, count = x_seq.shape[0], F.tpp_accumulate(x_seq), spikes.sum(0)
-            theta = self.threshold(module)
-            if getattr(module, "pool", None) is not None:  # a TPP neuron max-pools its potential
-                potential = module.pool(potential)
-            # potential and count are this hook's own tensors: rounded in place
-            wanted = potential.div_(theta).add_(0.5).floor_().clamp_(0, T)
-            count = count.div_(self.spike_scale(module)).round_()
-            totals = self.totals[i]
-            totals[0] += count.numel()
-            totals[1] += int(torch.count_nonzero(count > wanted))
-            totals[2] += int(torch.count_nonzero(count < wanted))
-
-        return hook
-
-    def all_reduce(self, group=None) -> FiringDiagnostic:
-        """Sum the totals over the ranks of a ``torch.distributed`` group (in place)."""
-        from ..evaluate import all_reduce_sum
-
-        if self.totals:
-            self.totals = all_reduce_sum(self.totals, group, torch.int64).tolist()
-        return self
-
-    def summary(self) -> list[dict]:
-        """``[{'layer', 'neurons', 'over', 'under'}]``: shares of the (image, neuron) pairs seen."""
-        return [
-            {"layer": name, "neurons": n, "over": over / max(n, 1), "under": under / max(n, 1)}
-            for name, (n, over, under) in zip(self.layers, self.totals)
-        ]
-
-
-# ------------------------------------------------------------------------------------------------
-# frameworks: build the variants, run them
+# one configuration
 # ------------------------------------------------------------------------------------------------
 def _eval_batch_size(args, T: int) -> int:
     return max(1, min(args.batch_size, args.batch_steps // T))
 
 
-def _variant_seed(seed: int, T: int) -> int:
-    """The base seed of a (seed, T) run on this rank (rank 0: the one-process seed)."""
-    from ..evaluate import rank_seed, world
-
-    return rank_seed(seed * 1_000_003 + T * 1_009, world()[0])
-
-
-def _spike_record(stats) -> dict:
-    """The JSON part of a reduced :class:`~tpp_plugin.stats.SpikeStats`."""
-    s = stats.all_reduce().summary()
-    return {"spikes_per_image": s["spikes_per_image"], "sops_per_image": s["sops_per_image"],
-            "energy_pj_per_image": s["energy"]["snn_pj_per_image"],
-            "ann_macs_per_image": s["ann_macs_per_image"],
-            "snn_macs_per_image": s["snn_macs_per_image"],
-            "firing_rate": [layer["firing_rate"] for layer in s["layers"]]}
-
-
-@torch.no_grad()
-def evaluate_net(net, T: int, x, y, batch_size: int, diagnostic: dict, energy, *, seed=None,
-                 count: bool = False, reset=None):
-    """Predictions, per-layer firing diagnostic and spike record of one network on ``(x, y)``
-    (this rank's shard; the diagnostic and the spike statistics are all-reduced).
-
-    :param net: converted network; SpikingJelly ones already in multi-step mode
-    :param T: time steps
-    :param batch_size: images per forward
-    :param diagnostic: keyword arguments of :class:`FiringDiagnostic` (``neuron_types``,
-        ``threshold``, optionally ``spike_scale``)
-    :param energy: ``(e_ac, e_mac)`` in pJ
-    :param seed: reseed the random modules with :func:`tpp_plugin.reseed` first (``None``: keep
-        their streams)
-    :param count: evaluate under :func:`tpp_plugin.count_mode` (one pass per batch) instead of
-        the full ``[T, N, ...]`` simulation
-    :param reset: resets the network's state before each batch of the full simulation (default
-        :func:`tpp_plugin.reset`)
-    :return: ``(predictions, diagnostic summary, spike record)``
-    """
-    import tpp_plugin
-
-    from ..stats import SpikeStats
-
-    reset = reset or tpp_plugin.reset
-    if seed is not None:  # every random module gets its own seed spawned from this one
-        tpp_plugin.reseed(net, seed)
-    preds = []
-    with FiringDiagnostic(net, **diagnostic) as diag, SpikeStats(net, T, *energy) as stats:
-        for start in range(0, len(y), batch_size):
-            xb = x[start : start + batch_size]
-            if count:
-                with tpp_plugin.count_mode(net, T):
-                    preds.append(net(xb).argmax(1))
-            else:
-                reset(net)
-                preds.append(net(xb.unsqueeze(0).expand(T, *xb.shape)).sum(0).argmax(1))
-    if not count:
-        reset(net)
-    return torch.cat(preds), diag.all_reduce().summary(), _spike_record(stats)
-
-
-def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]:
-    """SpikingJelly's own conversion of a ReLU ANN with thresholds from ``mode`` (``max`` or a
-    percentile): ``RateCodingRecipe`` on 2.x (under torchrun with the calibration batches shared
-    among the ranks), the ``Converter`` on 0.0.0.0.14; IF neurons starting at ``v = 0``.
-
-    :return: ``(network, description)``; the ANN is not modified
-    """
-    from spikingjelly.activation_based import ann2snn
-
-    from ..adapters import spikingjelly as sj
-
-    mode = "Max" if mode == "max" else mode
-    if sj.IS_LEGACY:
-        # the plain 0.0.0.0.14 result runs single-step only: neuron='if' builds the same IFNode
-        # (v = 0) and makes the graph multi-step capable
-        net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
-            copy.deepcopy(ann))
-        return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
-    from ..evaluate import shared_calibration
-
-    # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
-    # and the statistics all-reduced (in one process: the recipe unchanged)
-    recipe = shared_calibration(ann2snn.RateCodingRecipe)(calibration, mode=mode)
-    net = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
-    return net, f"spikingjelly RateCodingRecipe(mode={mode!r})"
-
-
-class _SpikingJelly:
-    """Variants through the SpikingJelly adapter (2.x and 0.0.0.0.14)."""
-
-    name = "spikingjelly"
-
-    def __init__(self, args, ann, ann_type, calibration, device):
-        import tpp_plugin  # noqa: F401  (registers the hooks)
-
-        from ..adapters import spikingjelly as sj
-
-        self.sj, self.device = sj, device
-        self.diagnostic = sj_diagnostic()
-        if ann_type == "qcfs":
-            v0 = sj.convert_qcfs(ann, "if", {"v_init": 0.0})
-            self.conversion = "tpp_plugin convert_qcfs (threshold = λ)"
-        else:
-            v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
-        v0 = v0.to(device).eval()
-        from ..evaluate import sync_thresholds
-
-        # every rank calibrated on the same batches: make sure they all use rank 0's thresholds
-        self.threshold_gap = sync_thresholds(v0)
-        self.e_ac, self.e_mac = _energy_constants(args)
-        half = sj.swap_neurons(copy.deepcopy(v0), "if", v_init=0.5)
-        self.nets = {"if_v0": v0, "if_half": half}
-        for scope in SCOPES:
-            self.nets[f"perm_{scope}"] = sj.insert_permutation(copy.deepcopy(half), scope, seed=0)
-        for count in ("bernoulli", "exact"):
-            self.nets[f"tpp_{count}"] = sj.swap_neurons(
-                copy.deepcopy(half), "tpp", count=count, seed=0)
-
-    def evaluate(self, key, T, seed, x, y, batch_size):
-        from spikingjelly.activation_based import functional
-
-        net = self.nets[key]
-        functional.set_step_mode(net, "m")
-        # every random module gets its own seed spawned from the variant's, whatever ran before
-        return evaluate_net(net, T, x, y, batch_size, self.diagnostic, (self.e_ac, self.e_mac),
-                            seed=_variant_seed(seed, T), reset=functional.reset_net)
-
-
-def sj_diagnostic() -> dict:
-    """:class:`FiringDiagnostic` arguments for SpikingJelly networks (IF and TPP neurons)."""
-    from ..adapters.spikingjelly import _SPIKING_TYPES  # IF, half-threshold IF (2.x), TPP
-
-    return {"neuron_types": _SPIKING_TYPES, "threshold": lambda m: m.v_threshold}
-
-
-def snntorch_diagnostic() -> dict:
-    """:class:`FiringDiagnostic` arguments for the plugin's snnTorch networks (graded spikes)."""
-    from ..adapters.snntorch import IF, TPP
-
-    return {"neuron_types": (TPP, IF), "threshold": lambda m: m.threshold,
-            "spike_scale": lambda m: m.graded_spikes_factor}
-
-
-class _SnnTorch:
-    """Variants through the plugin's snnTorch converter (sequence mode). snnTorch has no
-    converter of its own, so there is no 'framework default' IF: the plugin's IF starts at θ/2."""
-
-    name = "snntorch"
-
-    def __init__(self, args, ann, ann_type, calibration, device):
-        from ..adapters import snntorch as st
-
-        self.st, self.ann = st, ann
-        self.calibration = calibration if ann_type == "relu" else None
-        self.mode = args.mode
-        self.diagnostic = snntorch_diagnostic()
-        self.nets = {k: None for k in VARIANTS if k != "if_v0"}
-        self.threshold_gap = 0.0
-        self.e_ac, self.e_mac = _energy_constants(args)
-        self.conversion = (f"tpp_plugin snnTorch convert(mode={args.mode!r})"
-                           if ann_type == "relu" else "tpp_plugin snnTorch convert (threshold = λ)")
-
-    @torch.no_grad()
-    def evaluate(self, key, T, seed, x, y, batch_size):
-        kwargs = {"neuron": "if"}
-        if key.startswith("perm_"):
-            kwargs["permutation"] = key[len("perm_"):]
-        elif key.startswith("tpp_"):
-            kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
-        if key != "if_half":
-            kwargs["seed"] = _variant_seed(seed, T)
-        from ..evaluate import sync_thresholds
-
-        net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
-        self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
-        return evaluate_net(net, T, x, y, batch_size, self.diagnostic, (self.e_ac, self.e_mac),
-                            reset=self.st.reset)
-
-
-FRAMEWORKS = {"spikingjelly": _SpikingJelly, "snntorch": _SnnTorch}
-
-
-# ------------------------------------------------------------------------------------------------
-# one configuration
-# ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _predict(ann, x, batch_size):
     return torch.cat([ann(x[s : s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
@@ -476,12 +223,6 @@ def _accuracy(preds, y) -> float:
 
     correct, n = all_reduce_sum([int((preds == y).sum()), len(y)], dtype=torch.int64).tolist()
     return correct / n if n else float("nan")
-
-
-def _energy_constants(args) -> tuple[float, float]:
-    from ..stats import E_AC_PJ, E_MAC_PJ
-
-    return getattr(args, "e_ac", None) or E_AC_PJ, getattr(args, "e_mac", None) or E_MAC_PJ
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -496,8 +237,6 @@ def config_name(args, model: str, ann: str) -> str:
     if ann == "qcfs":
         detail = f"L{args.L}"
     elif recipes:
-        from .reproduce_calibration import recipe_slug
-
         detail = "calib-" + "-".join(recipe_slug(r) for r in recipes)
     else:
         detail = "p" + args.mode[:-1] if args.mode.endswith("%") else args.mode
@@ -552,8 +291,6 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
         for s in range(0, n_calib, 256)
     ]
     if recipes:  # calibration recipes side by side (reproduce_calibration)
-        from .reproduce_calibration import CalibrationComparison
-
         fw = CalibrationComparison(args, ann, calibration, device, echo)
     else:
         fw = FRAMEWORKS[args.framework](args, ann, ann_type, calibration, device)
@@ -621,176 +358,8 @@ def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# output
+# running
 # ------------------------------------------------------------------------------------------------
-def _rows(result) -> dict:
-    """``{label: [(mean, std), ...]}`` in display order, the ANN rows first."""
-    Ts = result["config"]["T"]
-    ann = result["ann"]
-    L = result["config"]["L"]
-    rows = {(f"ANN (QCFS, L={L})" if L else "ANN (ReLU)"): [(ann["accuracy"], 0.0)] * len(Ts)}
-    if "accuracy_L_eq_T" in ann:
-        rows["ANN with L=T"] = [(a, 0.0) for a in ann["accuracy_L_eq_T"]]
-    for v in result["variants"].values():
-        rows[v["label"]] = list(zip(v["mean"], v["std"]))
-    return rows
-
-
-def format_accuracy_table(result) -> str:
-    """Accuracy (%) per variant and ``T``, ``mean±std`` over seeds for stochastic variants."""
-    cfg = result["config"]
-    Ts = cfg["T"]
-    rows = _rows(result)
-    width = max(len(k) for k in rows) + 2
-    head = f"{'':<{width}}" + "".join(f"{f'T={T}':>11}" for T in Ts)
-    seeds = f"mean±std over {cfg['seeds']} seed(s)" if cfg["seeds"] > 1 else "1 seed"
-    title = (f"{cfg['dataset']} {cfg['model']} ({cfg['spiking_layers']} spiking layers), "
-             f"{cfg['ann']} → {cfg.get('conversion', cfg['framework'])}; test accuracy %, "
-             f"{seeds}")
-    lines = [title, head, "-" * len(head)]
-    for label, cells in rows.items():
-        text = "".join(
-            (f"{100 * m:.1f}±{100 * s:.1f}" if s else f"{100 * m:.1f}").rjust(11)
-            for m, s in cells
-        )
-        lines.append(f"{label:<{width}}{text}")
-    if "calibration" in result:
-        from .reproduce_calibration import format_calibration_times
-
-        lines.append(format_calibration_times(result))
-    if "oracle" in result:
-        o = result["oracle"]
-        agreement = ", ".join(f"{100 * a:.2f}%" for a in o["agreement_min_over_seeds"])
-        lines.append(f"TPP exact == ANN with L=T image for image: {o['holds']} "
-                     f"(agreement per T: {agreement})")
-    return "\n".join(lines)
-
-
-def format_diagnostic_table(result, T: int) -> str:
-    """Per-layer share (%) of over-/under-firing neurons at one ``T``, as ``over/under``."""
-    Ts = result["config"]["T"]
-    i = Ts.index(T)
-    variants = list(result["variants"].values())
-    n_layers = len(variants[0]["diagnostic"])
-    width = max(len(v["label"]) for v in variants) + 2
-    head = f"{'':<{width}}" + "".join(f"{f'layer {j + 1}':>12}" for j in range(n_layers))
-    lines = [f"spike count vs round(Σx/θ) at T={T}: % of neurons over-firing/under-firing",
-             head, "-" * len(head)]
-    for v in variants:
-        cells = "".join(
-            f"{100 * d['over'][i]:.1f}/{100 * d['under'][i]:.1f}".rjust(12)
-            for d in v["diagnostic"]
-        )
-        lines.append(f"{v['label']:<{width}}{cells}")
-    return "\n".join(lines)
-
-
-def format_spike_table(result) -> str:
-    """Spikes and synaptic operations (SOPs) per image per variant and ``T`` (mean over seeds),
-    and the SNN's energy estimate against the ANN's."""
-    cfg, ann = result["config"], result["ann"]
-    Ts = cfg["T"]
-    variants = [v for v in result["variants"].values() if "spikes_per_image" in v]
-    if not variants:
-        return ""
-    width = max(len(v["label"]) for v in variants) + 2
-    head = f"{'':<{width}}" + "".join(f"{f'T={T}':>19}" for T in Ts)
-
-    def cell(spikes, sops):
-        return "—".rjust(19) if spikes is None else f"{spikes:,.0f} / {sops:,.0f}".rjust(19)
-
-    energy = cfg.get("energy_pj", {})
-    lines = [f"spikes / SOPs per image (SOP = a spike reaching a synapse); ANN: "
-             f"{ann.get('macs_per_image', 0):,} MACs per image", head, "-" * len(head)]
-    for v in variants:
-        cells = "".join(cell(a, b) for a, b in zip(v["spikes_per_image"], v["sops_per_image"]))
-        lines.append(f"{v['label']:<{width}}{cells}")
-    if energy and ann.get("energy_pj_per_image"):
-        lines.append(f"energy per image, {energy['accumulate']} pJ/AC and "
-                     f"{energy['multiply_accumulate']} pJ/MAC: ANN "
-                     f"{ann['energy_pj_per_image'] / 1e3:,.1f} nJ; SNN as % of the ANN:")
-        for v in variants:
-            cells = "".join(("—" if e is None else f"{100 * e / ann['energy_pj_per_image']:.1f}%")
-                            .rjust(19) for e in v["energy_pj_per_image"])
-            lines.append(f"{v['label']:<{width}}{cells}")
-    return "\n".join(lines)
-
-
-def plot_result(result, path: str, diag_T: int) -> None:
-    """Accuracy vs ``T`` (log-2 axis, error bars = std over seeds) and the per-layer diagnostic
-    at ``diag_T``, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = result["config"]
-    Ts = cfg["T"]
-    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4.8),
-                                       gridspec_kw={"width_ratios": [3, 2, 3]})
-    colors = {}
-    lines = _line_styles(result)  # calibration rows: colour per recipe, line style per neuron
-    for label, cells in _rows(result).items():
-        means = [100 * m for m, _ in cells]
-        stds = [100 * s for _, s in cells]
-        style = {"linestyle": "--", "color": "black" if label.startswith("ANN (") else "gray"} \
-            if label.startswith("ANN") else {"marker": "o", "markersize": 3, **lines.get(label, {})}
-        bars = ax.errorbar(Ts, means, yerr=stds, label=label, capsize=2, **style)
-        colors[label] = bars.lines[0].get_color()
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(Ts, [str(T) for T in Ts])
-    ax.set_xlabel("time steps T")
-    ax.set_ylabel("test accuracy (%)")
-    detail = (f" L={cfg['L']}" if cfg["L"] else f" mode={cfg['mode']}" if cfg.get("mode")
-              else " calibration: " + ", ".join(cfg.get("calibration") or []))
-    ax.set_title(f"{cfg['dataset']} {cfg['model']} {cfg['ann']}{detail}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    i = Ts.index(diag_T)
-    for v in result["variants"].values():
-        layers = range(1, len(v["diagnostic"]) + 1)
-        style = lines.get(v["label"], {})
-        line, = ax2.plot(layers, [100 * d["under"][i] for d in v["diagnostic"]], marker="v",
-                         label=v["label"], **style)
-        ax2.plot(layers, [100 * d["over"][i] for d in v["diagnostic"]], marker="^",
-                 **({"linestyle": ":"} if not style else {"linestyle": style["linestyle"],
-                                                          "alpha": 0.5}),
-                 color=line.get_color())
-    ax2.set_xticks(list(layers))
-    ax2.set_xlabel("spiking layer")
-    ax2.set_ylabel("% of neurons (▼ under-firing, ^ over-firing)")
-    ax2.set_title(f"count ≠ round(Σx/θ) at T={diag_T}", fontsize=10)
-    ax2.grid(alpha=0.3)
-    for v in result["variants"].values():  # accuracy against the spike budget, per variant
-        points = [(s, 100 * m) for s, m in zip(v.get("spikes_per_image", []), v["mean"])
-                  if s is not None and s > 0]
-        if points:
-            ax3.plot(*zip(*points), marker="o", markersize=3, label=v["label"],
-                     **{"color": colors.get(v["label"]), **lines.get(v["label"], {})})
-    if ax3.lines:
-        ax3.set_xscale("log")
-    ax3.axhline(100 * result["ann"]["accuracy"], linestyle="--", color="black", linewidth=1)
-    ax3.set_xlabel("spikes per image (points: T)")
-    ax3.set_ylabel("test accuracy (%)")
-    ax3.set_title("accuracy vs spikes per image", fontsize=10)
-    ax3.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _line_styles(result) -> dict:
-    """``{label: {'color', 'linestyle'}}`` of the rows of a calibration comparison (colour per
-    recipe, line style per neuron); ``{}`` otherwise."""
-    if "calibration" not in result:
-        return {}
-    recipes = list(result["config"]["calibration"])
-    dashes = {None: "-", "exact": "--", "bernoulli": ":", "unbiased": "-."}
-    return {v["label"]: {"color": f"C{recipes.index(v['recipe']) % 10}",
-                         "linestyle": dashes.get(v["count"], "-")}
-            for v in result["variants"].values()}
-
-
 def _diag_T(args) -> int:
     return args.diag_T if args.diag_T in args.T else (4 if 4 in args.T else min(args.T))
 
@@ -860,8 +429,6 @@ def _run(args, device: torch.device, echo) -> list[dict]:
             echo("")
             echo(format_accuracy_table(result))
             if "calibration" in result and "tpp" in result["calibration"]["recipes"]:
-                from .reproduce_calibration import format_calibration_report
-
                 echo("")
                 echo(format_calibration_report(result, _diag_T(args)))
             echo("")
@@ -923,7 +490,6 @@ def _energy_argument(text: str) -> float:
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
     from ..cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
-    from .reproduce_calibration import recipe_argument
 
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
@@ -993,8 +559,6 @@ def check_arguments(args) -> None:
     if args.subset is not None and len(args.subset) > 2:
         raise ValueError(f"--subset takes N_TRAIN [N_TEST], got {len(args.subset)} values")
     if args.calibration:
-        from .reproduce_calibration import check_recipes
-
         if args.mode is not None:
             raise ValueError(
                 "--mode sets the thresholds of the IF/permutation/TPP comparison; with "

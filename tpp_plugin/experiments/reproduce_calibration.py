@@ -40,7 +40,8 @@ import time
 
 import torch
 
-from .reproduce import (
+from .report import format_calibration_report, format_calibration_times
+from .variants import (
     _energy_constants,
     _variant_seed,
     evaluate_net,
@@ -378,33 +379,3 @@ def _recipe_label(recipe: str) -> str:
     if recipe == "tpp":
         return "TPP calibration for T"
     return f"RateCoding {recipe}"
-
-
-# ------------------------------------------------------------------------------------------------
-# output
-# ------------------------------------------------------------------------------------------------
-def format_calibration_times(result) -> str:
-    """One line: the calibration time of each recipe (per ``T`` for ``tpp``)."""
-    calib = result["calibration"]
-    parts = []
-    for recipe, rec in calib["recipes"].items():
-        if rec["per_T"]:
-            times = ", ".join(f"T={T} {s:.2f}" for T, s in zip(result["config"]["T"],
-                                                              rec["seconds"]))
-            parts.append(f"{recipe} {times} s")
-        else:
-            parts.append(f"{recipe} {rec['seconds']:.2f} s")
-    return (f"calibration time (conversion wall clock, {calib['images']} calibration images): "
-            + "; ".join(parts))
-
-
-def format_calibration_report(result, T: int) -> str:
-    """The ``tpp`` calibration's per-layer report at ``T`` (``''`` without ``tpp``)."""
-    from ..calibration import format_report
-
-    rec = result["calibration"]["recipes"].get("tpp")
-    if rec is None:
-        return ""
-    report = rec["reports"][result["config"]["T"].index(T)]
-    return (f"tpp calibration for T={T}, per layer (θ, output step s and references: median "
-            f"[min, max] over channels):\n" + format_report(report))
