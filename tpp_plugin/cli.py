@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from .convert import check_calibration_mode
+
 
 # ------------------------------------------------------------------------------------------------
 # argument types: argparse turns their ArgumentTypeError into a usage error (exit code 2)
@@ -109,8 +111,6 @@ def device(text: str) -> str:
 
 def calibration_mode(text: str) -> str:
     """A threshold calibration mode: ``max`` or a percentile like ``99.9%``."""
-    from .convert import check_calibration_mode
-
     try:
         return check_calibration_mode(text)
     except ValueError as exc:

@@ -15,6 +15,8 @@ import importlib
 import importlib.util
 import warnings
 
+from .functional import check_seed_value
+
 __all__ = [
     "ADAPTERS",
     "NEURON_NAMES",
@@ -242,8 +244,6 @@ def default_neuron(neuron: str, **neuron_kwargs):
     """
     name = check_neuron_name(neuron)
     if "seed" in neuron_kwargs and neuron_kwargs["seed"] is not None:
-        from .functional import check_seed_value
-
         check_seed_value(neuron_kwargs["seed"], "neuron_kwargs['seed']")
     if _installed("spikingjelly") and "spikingjelly" not in _ACTIVE:
         raise RuntimeError(

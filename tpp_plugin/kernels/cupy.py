@@ -47,6 +47,7 @@ import os
 import numpy as np
 import torch
 
+from .. import functional as F
 from ..engine.stream import PhiloxStream
 
 __all__ = [
@@ -438,8 +439,6 @@ def fire_potentials(potentials: torch.Tensor, T: int, threshold, count: str,
     :param stream: the module's :class:`PhiloxStream` (advanced by ``k`` windows)
     :return: spikes ``[k·T, *shape]`` in ``potentials``' dtype
     """
-    from .. import functional as F
-
     F.check_threshold(threshold, shape=potentials.shape[1:])
     check_cuda_tensor(potentials, "potentials", SUPPORTED_DTYPES)
     rdtype = F._random_dtype(potentials.dtype)
@@ -524,8 +523,6 @@ def tpp_window(
     :param return_v_seq: also return the potential after each step's reset
     :return: spikes ``[windows·T, *shape]`` (dtype of ``x_seq``), or ``(spikes, v_seq)``
     """
-    from .. import functional as F
-
     T = F.check_window(T)
     steps_in = T if steps_in is None else F.check_window(steps_in, "steps_in")
     F.check_count(count)
@@ -563,8 +560,6 @@ def tpp_permute(x_seq: torch.Tensor, T: int, stream: PhiloxStream) -> torch.Tens
     :param stream: the module's :class:`PhiloxStream`
     :return: the permuted tensor (same shape and dtype)
     """
-    from .. import functional as F
-
     T = F.check_window(T)
     if T > MAX_PERMUTE_T:
         raise ValueError(
