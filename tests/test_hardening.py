@@ -74,7 +74,7 @@ def test_rejected_window_overflow_does_not_advance_stream():
 def test_rejected_call_does_not_advance_snntorch_stream(sequence):
     T = 4
     kwargs = dict(num_steps=T, seed=0, sequence=sequence, init_hidden=True,
-                  threshold=torch.ones(3))
+                  threshold=torch.ones(3), streaming="delayed")
     x = torch.rand(T, 2, 3, generator=gen(1)) * 2
     a, b = snt.TPP(**kwargs), snt.TPP(**kwargs)
     with pytest.raises(ValueError, match="threshold"):
@@ -88,7 +88,7 @@ def test_rejected_call_does_not_advance_snntorch_stream(sequence):
 
 
 def test_snntorch_time_loop_overflow_leaves_neuron_usable():
-    tpp = snt.TPP(num_steps=4, seed=0, init_hidden=True)
+    tpp = snt.TPP(num_steps=4, seed=0, init_hidden=True, streaming="delayed")
     x = torch.full((3,), 40000.0, dtype=torch.float16)
     tpp(x)
     with pytest.raises(ValueError, match="input_ overflows torch.float16"):

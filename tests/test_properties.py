@@ -108,10 +108,25 @@ def test_snntorch_time_loop_equals_sequence(shape, T, k, count, seed, data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     x = (torch.rand(k * T, *shape, generator=g) * 2 - 0.3) / 4
     seq = snt.TPP(num_steps=T, count=count, seed=seed, sequence=True, init_hidden=True)
-    loop = snt.TPP(num_steps=T, count=count, seed=seed, init_hidden=True)
+    loop = snt.TPP(num_steps=T, count=count, seed=seed, init_hidden=True, streaming="delayed")
     expected = seq(x)
     steps = [loop(x[t]) for t in range(k * T)] + [loop(torch.zeros(shape)) for _ in range(T)]
     assert torch.equal(torch.stack(steps[T:]), expected)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple),
+       T=st.integers(1, 5), k=st.integers(1, 3), count=counts, seed=st.integers(0, 2**63),
+       data=st.data())
+def test_snntorch_synchronous_time_loop_equals_sequence(shape, T, k, count, seed, data):
+    """The default time loop: an input constant within each window gives sequence mode's
+    spikes step for step, with no delay, window after window."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    per_window = (torch.rand(k, *shape, generator=g) * 2 - 0.3) / 4
+    x = per_window.repeat_interleave(T, dim=0)
+    seq = snt.TPP(num_steps=T, count=count, seed=seed, sequence=True, init_hidden=True)
+    loop = snt.TPP(num_steps=T, count=count, seed=seed, init_hidden=True)
+    assert torch.equal(torch.stack([loop(x[t]) for t in range(k * T)]), seq(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +201,8 @@ def test_rejected_input_leaves_state_and_stream_unchanged(shape, T, before, coun
     th = torch.full(shape[-1:], 0.5) if threshold_tensor else 0.5
 
     def make():
-        return snt.TPP(threshold=th, num_steps=T, count=count, seed=seed, init_hidden=True)
+        return snt.TPP(threshold=th, num_steps=T, count=count, seed=seed, init_hidden=True,
+                       streaming="delayed")
 
     g = torch.Generator().manual_seed(seed % 2**31)
     xs = torch.rand(before + 2 * T, *shape, generator=g)

@@ -16,6 +16,7 @@ __all__ = [
     "check_window",
     "check_threshold",
     "check_tensor",
+    "check_sequence",
     "check_seed",
     "check_seed_value",
     "check_window_sum",
@@ -140,6 +141,42 @@ def check_tensor(x, name: str, min_dim: int = 0, finite: bool = True) -> torch.T
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
     return x
+
+
+def check_sequence(x_seq, name: str = "x_seq", window: int | None = None, *, min_dim: int = 2,
+                   finite: bool = True, window_name: str = "T") -> int:
+    """Check a sequence ``[k·T, N, ...]`` (time first): a floating tensor (finite, unless
+    ``finite=False``) with a non-empty time dimension whose length is a multiple of ``window``.
+
+    :param window: the window length ``T`` (``None``: the whole sequence is one window)
+    :param window_name: what the framework calls the window (``T``, ``num_steps``)
+    :return: the window length
+    :raises ValueError: for an empty time dimension, or a length that is not a multiple of the
+        window, naming ``name``
+
+    Example::
+
+        >>> check_sequence(torch.zeros(8, 2), window=4)
+        4
+        >>> check_sequence(torch.zeros(6, 2), window=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: x_seq has 6 time steps, which is not a multiple of the window T=4
+    """
+    check_tensor(x_seq, name, min_dim=min_dim, finite=finite)
+    steps = x_seq.shape[0]
+    if steps == 0:
+        raise ValueError(
+            f"{name} has an empty time dimension (shape {tuple(x_seq.shape)}); a sequence needs "
+            "[T, N, ...] with T >= 1"
+        )
+    T = window or steps
+    if steps % T:
+        raise ValueError(
+            f"{name} has {steps} time steps, which is not a multiple of the window "
+            f"{window_name}={T}"
+        )
+    return T
 
 
 def check_seed(seed, generator) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .checks import _check_fire_args, _check_generator, check_tensor, check_window_sum
+from .checks import (
+    _check_fire_args,
+    _check_generator,
+    check_sequence,
+    check_window_sum,
+)
 from .uniforms import (
     _UNIFORM_SCALE,
     _draw_bits,
@@ -34,12 +39,7 @@ def tpp_accumulate(x_seq: torch.Tensor, v_init=0.0) -> torch.Tensor:
     :param v_init: initial potential, a number or a tensor broadcastable to ``shape``
     :return: membrane potential, shape ``[*shape]``
     """
-    check_tensor(x_seq, "x_seq", min_dim=1)
-    if x_seq.shape[0] == 0:
-        raise ValueError(
-            f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}): a window needs "
-            "at least one step"
-        )
+    check_sequence(x_seq, "x_seq", min_dim=1)
     v = x_seq[0] + v_init
     for t in range(1, x_seq.shape[0]):
         v.add_(x_seq[t])

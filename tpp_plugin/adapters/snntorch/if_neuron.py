@@ -90,12 +90,7 @@ class IF(snntorch.Leaky):
     def forward(self, input_, mem=None):
         check_mem_argument(self, mem)
         if self.sequence:
-            F.check_tensor(input_, "input_", min_dim=2, finite=False)
-            if input_.shape[0] == 0:
-                raise ValueError(
-                    f"input_ has an empty time dimension (shape {tuple(input_.shape)}); "
-                    "sequence mode needs [T, B, ...] with T >= 1"
-                )
+            F.check_sequence(input_, "input_", finite=False)
             saved = self.mem, self._mem_out
             self.mem = self.mem.new_zeros(0)
             try:

@@ -65,12 +65,7 @@ class TemporalPermutation(Seeded, nn.Module):
 
     def forward(self, x_seq):
         # floating, finite, [T, ...] with T >= 1: the same inputs SpikingJelly's version accepts
-        F.check_tensor(x_seq, "x_seq", min_dim=2 if self.scope == "sample" else 1)
-        if x_seq.shape[0] == 0:
-            raise ValueError(
-                f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}); it needs "
-                "[T, N, ...] with T >= 1"
-            )
+        F.check_sequence(x_seq, "x_seq", min_dim=2 if self.scope == "sample" else 1)
         return F.permute_time(x_seq, self.scope, self.random_stream.generator_for(x_seq.device))
 
     def extra_repr(self) -> str:

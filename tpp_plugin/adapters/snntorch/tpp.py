@@ -452,13 +452,8 @@ class TPP(Seeded, snntorch.SpikingNeuron):
         return spk * self.graded_spikes_factor, new_mem
 
     def _sequence(self, x_seq, name, scaled: bool = True):
-        T = self.num_steps
+        T = F.check_sequence(x_seq, name, self.num_steps, window_name="num_steps")
         self._check_input(x_seq, name, min_dim=2)
-        if x_seq.shape[0] == 0 or x_seq.shape[0] % T:
-            raise ValueError(
-                f"{name} has {x_seq.shape[0]} time steps, which is not a positive multiple of "
-                f"the window num_steps={T}"
-            )
         if isinstance(self.threshold, torch.Tensor) and self.threshold.dim():
             F.check_broadcast(self.threshold, x_seq.shape[1:])
         # every window is accumulated and checked before the first one draws random numbers

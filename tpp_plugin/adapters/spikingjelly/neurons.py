@@ -103,19 +103,7 @@ class _WindowModule(Seeded):
 
     # -- windows ---------------------------------------------------------------------------------
     def _window_length(self, x_seq: torch.Tensor) -> int:
-        F.check_tensor(x_seq, "x_seq", min_dim=2, finite=False)
-        steps = x_seq.shape[0]
-        if steps == 0:
-            raise ValueError(
-                f"x_seq has an empty time dimension (shape {tuple(x_seq.shape)}); multi-step "
-                "mode needs [T, N, ...] with T >= 1"
-            )
-        T = self.T or steps
-        if steps % T:
-            raise ValueError(
-                f"x_seq has {steps} time steps, which is not a multiple of the window T={T}"
-            )
-        return T
+        return F.check_sequence(x_seq, "x_seq", self.T, finite=False)
 
     def _check_streaming(self, x: torch.Tensor) -> int:
         """Validate one single-step input; return the window length."""
