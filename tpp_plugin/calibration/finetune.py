@@ -150,13 +150,35 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     check_finetune_args(epochs, lr, drop, holdout)
     if epochs == 0:
         return result
-    T, count = result.T, result.settings.get("count", "exact")
-    model = quantised_ann(ann, result, T)
+    model = quantised_ann(ann, result, result.T)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = x.to(dtype=dtype, device=param.device if param is not None else x.device)
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    neurons, tuned, params = _make_trainable(model, result, dtype, gen)
+    x_hold, x_train = _split(x, holdout, seed)
+    with torch.no_grad(), eval_mode(ann):  # the reference: no BatchNorm update, no dropout
+        ref_hold = run_batched(ann, x_hold, 256) if len(x_hold) else None
+        ref_train = run_batched(ann, x_train, 256)
+    history, best = _train(model, neurons, params, (x_train, ref_train), (x_hold, ref_hold),
+                           epochs, lr, drop, batch_size, gen)
+    record = {"epochs": epochs, "lr": lr, "drop": drop, "holdout": history, "epoch": best,
+              "samples": len(x_train), "held_out": len(x_hold)}
+    settings = {**result.settings, "finetune": record}
+    if best == 0:
+        return dataclasses.replace(result, settings=settings)
+    return _tuned_result(result, settings, tuned, neurons)
 
+
+def _make_trainable(model: nn.Module, result, dtype, gen: torch.Generator) -> tuple:
+    """Turn the quantised ANN ``model`` (in place) into the network fine-tuning trains: each
+    probe replaced by a :class:`_TrainableNeuron` drawing from ``gen``, a bias for each
+    conv/linear layer without one, gradients only for the tuned parameters.
+
+    :return: ``(neurons, tuned, params)``: the neurons in graph order, the tuned layers by
+        name, and the parameters to train
+    """
+    T, count = result.T, result.settings.get("count", "exact")
     probes = sorted(((m.index, name, m) for name, m in model.named_children()
                      if isinstance(m, Probe)), key=lambda t: t[0])
     neurons = []
@@ -178,14 +200,28 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     params += [p for n in neurons for p in (n.theta, n.scale)]
     for p in params:
         p.requires_grad_(True)
+    return neurons, tuned, params
 
+
+def _split(x: torch.Tensor, holdout: float, seed: int) -> tuple:
+    """``(x_hold, x_train)``: a share ``holdout`` of ``x``, chosen with ``seed``, held out
+    (at least one sample left to train on), and the rest."""
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     n_hold = int(round(holdout * x.shape[0]))
     n_hold = min(n_hold, x.shape[0] - 1)
-    x_hold, x_train = x[order[:n_hold]], x[order[n_hold:]]
-    with torch.no_grad(), eval_mode(ann):  # the reference: no BatchNorm update, no dropout
-        ref_hold = run_batched(ann, x_hold, 256) if n_hold else None
-        ref_train = run_batched(ann, x_train, 256)
+    return x[order[:n_hold]], x[order[n_hold:]]
+
+
+def _train(model, neurons, params, train, hold, epochs, lr, drop, batch_size, gen) -> tuple:
+    """Train ``params`` of ``model`` for ``epochs`` epochs on ``train`` (inputs and the ANN's
+    outputs); after each, score it on ``hold`` and keep the best epoch's parameters (the last
+    without held-out inputs).
+
+    :return: ``(history, best)``: the held-out divergence after every epoch (epoch 0 first)
+        and the epoch kept, whose parameters ``params`` now hold
+    """
+    (x_train, ref_train), (x_hold, ref_hold) = train, hold
+    n_hold = len(x_hold)
 
     def held_out() -> float:
         if not n_hold:
@@ -203,7 +239,7 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     for epoch in range(1, epochs + 1):
         for n in neurons:
             n.drop, n.sample = drop, True
-        perm = torch.randperm(len(x_train), generator=gen, device=x.device)
+        perm = torch.randperm(len(x_train), generator=gen, device=x_train.device)
         for i in range(0, len(x_train), batch_size):
             idx = perm[i:i + batch_size]
             loss = output_distance(model(x_train[idx]), ref_train[idx])
@@ -223,11 +259,12 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     with torch.no_grad():
         for p, value in zip(params, best_state):
             p.copy_(value)
-    record = {"epochs": epochs, "lr": lr, "drop": drop, "holdout": history, "epoch": best,
-              "samples": len(x_train), "held_out": n_hold}
-    settings = {**result.settings, "finetune": record}
-    if best == 0:
-        return dataclasses.replace(result, settings=settings)
+    return history, best
+
+
+def _tuned_result(result, settings: dict, tuned: dict, neurons: list):
+    """``result`` with the tuned layers (their biases less the bias shifts that
+    :func:`~.graph.apply_bias_shifts` adds back), thresholds and output steps."""
     shifts = {}  # what apply_bias_shifts will add back to each bias
     for name, shift in bias_shift_targets(result):
         shifts[name] = shifts.get(name, 0) + shift.detach().cpu()
