@@ -20,9 +20,8 @@ from tpp_plugin.adapters.spikingjelly import (
     convert_calibrated,
 )
 from tpp_plugin.calibration import (
+    CalibrationOptions,
     CalibrationResult,
-    _bin_statistics,
-    _exact_count_errors,
     activation_nodes,
     calibrate_for_T,
     calibration_report,
@@ -30,6 +29,8 @@ from tpp_plugin.calibration import (
     quantise,
     quantised_ann,
 )
+from tpp_plugin.calibration.quantiser import Probe
+from tpp_plugin.calibration.search import bin_statistics, exact_count_errors
 from tpp_plugin.experiments.models import cnn5, cnn5_maxpool, resnet, vgg
 
 needs_recipes = pytest.mark.skipif(IS_LEGACY, reason="recipes exist on 2.x only")
@@ -129,7 +130,7 @@ def test_quantised_ann_output_lies_on_the_threshold_grid():
     assert seen == result.names
     outs = []
     for m in qann.modules():
-        if type(m).__name__ == "_Probe":
+        if isinstance(m, Probe):
             m.register_forward_hook(lambda mod, i, o: outs.append((mod, o)))
     with torch.no_grad():
         qann(x)
@@ -205,26 +206,26 @@ def test_calibration_is_deterministic_for_fixed_batches_and_seed():
 # ---------------------------------------------------------------- weight reconstruction
 def test_refit_keeps_the_anns_weights_when_the_input_is_unchanged():
     """With the ANN's own input the ANN's weights fit exactly, so the ridge solution is them."""
-    from tpp_plugin.calibration import _fit_weights
+    from tpp_plugin.calibration.refit import fit_weights
 
     torch.manual_seed(5)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
     x = torch.randn(20, 3, 9, 9, dtype=torch.float64)
-    fitted = _fit_weights(conv, x, conv(x).detach(), ridge=0.1, max_rows=10_000, seed=0)
+    fitted = fit_weights(conv, x, conv(x).detach(), ridge=0.1, max_rows=10_000, seed=0)
     assert torch.allclose(fitted.weight, conv.weight, atol=1e-8)
     assert torch.allclose(fitted.bias, conv.bias, atol=1e-8)
     linear = nn.Linear(6, 5, bias=False).double()  # features last, on a [N, L, D] input
     x = torch.randn(30, 7, 6, dtype=torch.float64)
-    fitted = _fit_weights(linear, x, linear(x).detach(), ridge=0.1, max_rows=10_000, seed=0)
+    fitted = fit_weights(linear, x, linear(x).detach(), ridge=0.1, max_rows=10_000, seed=0)
     assert torch.allclose(fitted.weight, linear.weight, atol=1e-8)
     assert torch.allclose(fitted.bias, torch.zeros(5, dtype=torch.float64), atol=1e-8)
     grouped = nn.Conv2d(4, 4, 3, groups=2).double()
     x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
-    assert _fit_weights(grouped, x, grouped(x), ridge=0.1, max_rows=100, seed=0) is grouped
+    assert fit_weights(grouped, x, grouped(x), ridge=0.1, max_rows=100, seed=0) is grouped
     wide = nn.Linear(40, 3).double()  # more inputs than max_features: kept as it is
     x = torch.randn(10, 40, dtype=torch.float64)
-    assert _fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=39) is wide
-    assert _fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=40) is not wide
+    assert fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=39) is wide
+    assert fit_weights(wide, x, wide(x), 0.1, 100, 0, max_features=40) is not wide
 
 
 def test_refit_weights_reduce_the_next_layers_error_and_reach_the_quantised_ann():
@@ -267,7 +268,7 @@ class _ResidualMLP(nn.Module):
 def test_refit_before_a_residual_add_matches_the_anns_sum_with_the_quantised_shortcut():
     """The layer feeding ``+ h`` is fitted to the ANN's sum minus the quantised ``h``, so it
     absorbs the shortcut's error too, not to the ANN's output of that layer."""
-    from tpp_plugin.calibration import _fit_weights
+    from tpp_plugin.calibration.refit import fit_weights
 
     torch.manual_seed(7)
     ann = _ResidualMLP().double().eval()
@@ -285,10 +286,10 @@ def test_refit_before_a_residual_add_matches_the_anns_sum_with_the_quantised_sho
         total = ann.fc3(y) + h  # the ANN's residual sum
         weight, bias = result.weights["fc3"]
         kwargs = {"ridge": 0.1, "max_rows": 16384, "seed": 0}
-        expected = _fit_weights(ann.fc3, y_q, total - h_q, **kwargs)
+        expected = fit_weights(ann.fc3, y_q, total - h_q, **kwargs)
         assert torch.allclose(weight, expected.weight, atol=1e-9)
         assert torch.allclose(bias, expected.bias, atol=1e-9)
-        layer_only = _fit_weights(ann.fc3, y_q, ann.fc3(y), **kwargs)  # the old target
+        layer_only = fit_weights(ann.fc3, y_q, ann.fc3(y), **kwargs)  # the old target
         assert not torch.allclose(weight, layer_only.weight, atol=1e-3)
         error = (y_q @ weight.T + bias + h_q - total).pow(2).sum()
         error_layer_only = (layer_only(y_q) + h_q - total).pow(2).sum()
@@ -367,11 +368,11 @@ def test_exact_count_search_equals_the_per_bin_errors(T, free_scale):
     # fractions and offsets off the binary grid: no bin centre sits exactly on a boundary
     bins, fractions = 64, torch.arange(1, 17, dtype=torch.float64) / 16 * 0.9876543
     offsets = torch.linspace(-0.5, 0.5, 5, dtype=torch.float64) * 0.987
-    top, stats = _bin_statistics(a, target, None, "channel", bins)
+    top, stats = bin_statistics(a, target, None, "channel", bins)
     n, s, ss = (t[:, 1:] for t in stats)
     assert torch.equal(stats[0].sum(1), torch.full((5,), 3000.0, dtype=torch.float64))
-    errors, steps = _exact_count_errors(n, s, ss.sum(-1), -stats[1][:, 0], top, T, fractions,
-                                        offsets, 0.0, free_scale, a.shape[1])
+    errors, steps = exact_count_errors(n, s, ss.sum(-1), -stats[1][:, 0], top, T, fractions,
+                                       offsets, 0.0, free_scale, a.shape[1])
     centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins * top.unsqueeze(1)
     for k, f in enumerate(fractions):
         theta = f * top
@@ -468,6 +469,38 @@ def test_report_lists_thresholds_errors_and_shares_per_layer():
     json.dumps(report)
 
 
+# ---------------------------------------------------------------- the options record
+def test_an_options_record_and_keyword_arguments_calibrate_alike():
+    """``calibrate_for_T(ann, loader, T, CalibrationOptions(...))`` is the keyword call; keyword
+    arguments override the record's fields; the signature lists every option (the converters
+    read it to check their keyword arguments)."""
+    import dataclasses
+    import inspect
+
+    ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(64, 4)
+    by_keyword = calibrate_for_T(ann, [x], 2, granularity="layer", seed=3, max_samples=40)
+    options = CalibrationOptions(granularity="layer", seed=3, max_samples=40)
+    by_record = calibrate_for_T(ann, [x], 2, options)
+    overridden = calibrate_for_T(ann, [x], 2, dataclasses.replace(options, seed=1), seed=3)
+    for result in (by_record, overridden):
+        assert all(torch.equal(a, b) for a, b in zip(result.thresholds, by_keyword.thresholds))
+        assert result.settings == by_keyword.settings
+    assert by_keyword.settings["granularity"] == "layer"
+    names = list(inspect.signature(calibrate_for_T).parameters)
+    assert names == ["ann", "batches", "T", "options"] + [
+        f.name for f in dataclasses.fields(CalibrationOptions)]
+    assert CalibrationOptions().grid == inspect.signature(calibrate_for_T).parameters[
+        "grid"].default == 64
+    assert CalibrationOptions(bias_correction=True).bias_correction == "search"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        calibrate_for_T(ann, [x], 2, bogus=1)
+    with pytest.raises(ValueError, match="refine must be"):
+        CalibrationOptions(refine="everything")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.grid = 8
+
+
 # ---------------------------------------------------------------- errors
 def test_bad_inputs_are_refused_naming_the_problem():
     ann = models()["cnn5"]
@@ -522,11 +555,9 @@ def test_expected_count_table_matches_the_exact_dynamic_programme(T):
 def test_the_calibrations_fast_quantiser_is_the_mean_quantiser(count, overwrite, granularity):
     """The calibration's quantised side (fewer passes, optionally in place) computes what
     ``quantised_ann``'s probes do, up to rounding in the last bits."""
-    from tpp_plugin.calibration import _Probe
-
     torch.manual_seed(8)
     x = torch.randn(16, 5, 3, 3, dtype=torch.float64) * 2
-    probes = [_Probe(0, "relu", 4, 1) for _ in range(2)]
+    probes = [Probe(0, "relu", 4, 1) for _ in range(2)]
     theta = torch.rand(5, dtype=torch.float64) + 0.5
     shift = 0.1 * torch.randn(5, dtype=torch.float64)
     for probe, fast in zip(probes, (False, True)):

@@ -12,7 +12,7 @@ from torch import nn
 import tpp_plugin
 from tpp_plugin.adapters.spikingjelly import convert_calibrated
 from tpp_plugin.calibration import calibrate_for_T, quantised_ann
-from tpp_plugin.finetune import _distance, finetune
+from tpp_plugin.finetune import finetune, output_distance
 
 
 @pytest.mark.parametrize("T", [1, 2])
@@ -67,8 +67,8 @@ def test_finetuning_lowers_the_divergence_from_the_ann_at_T1(digits_mlp, digits,
     with torch.no_grad():
         for images in (x, x_test):
             ref = digits_mlp(images)
-            before = float(_distance(quantised_ann(digits_mlp, result, 1)(images), ref))
-            after = float(_distance(quantised_ann(digits_mlp, tuned, 1)(images), ref))
+            before = float(output_distance(quantised_ann(digits_mlp, result, 1)(images), ref))
+            after = float(output_distance(quantised_ann(digits_mlp, tuned, 1)(images), ref))
             assert after < 0.8 * before
 
 
@@ -87,7 +87,7 @@ def test_the_epoch_kept_is_the_best_held_out_one_and_quantised_ann_reproduces_it
     held = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:102]]
     assert record["held_out"] == 102
     with torch.no_grad():
-        kl = float(_distance(quantised_ann(ann, tuned, 1)(held), ann(held)))
+        kl = float(output_distance(quantised_ann(ann, tuned, 1)(held), ann(held)))
     assert kl == pytest.approx(record["holdout"][record["epoch"]], rel=1e-4)
 
 
@@ -150,3 +150,24 @@ def test_finetuning_leaves_the_users_ann_unchanged_in_train_and_eval_mode(train)
     changed = [k for k, v in before.items() if not torch.equal(v, ann.state_dict()[k])]
     assert changed == []
     assert ann.training is train and ann[1].training is train and ann[3].training is False
+
+
+def test_calibration_and_finetuning_are_reachable_from_the_package():
+    """``tpp_plugin.calibrate_for_T`` and ``tpp_plugin.finetune_calibration`` are the
+    calibration package's functions; the module ``tpp_plugin.finetune`` is not shadowed and
+    re-exports the same fine-tuning."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from tpp_plugin.calibration import calibrate as calibrate_module
+    from tpp_plugin.calibration import finetune as finetune_module
+
+    assert tpp_plugin.calibrate_for_T is calibrate_module.calibrate_for_T is calibrate_for_T
+    assert tpp_plugin.finetune_calibration is finetune_module.finetune is finetune
+    assert {"calibrate_for_T", "finetune_calibration"} <= set(tpp_plugin.__all__)
+    assert inspect.ismodule(importlib.import_module("tpp_plugin.finetune"))
+    assert inspect.ismodule(tpp_plugin.finetune)
+    for info in pkgutil.iter_modules(tpp_plugin.calibration.__path__):  # none shadowed either
+        module = importlib.import_module(f"tpp_plugin.calibration.{info.name}")
+        assert getattr(tpp_plugin.calibration, info.name) is module

@@ -5,6 +5,8 @@ snnTorch); :func:`unregister` undoes it. See :mod:`tpp_plugin.functional` for th
 """
 
 from . import functional
+from .calibration import calibrate_for_T
+from .calibration.finetune import finetune as finetune_calibration
 from .count_domain import count_mode
 from .evaluate import evaluate
 from .qcfs import QCFS, qcfs_levels, replace_relu
@@ -17,6 +19,8 @@ __all__ = [
     "functional",
     "count_mode",
     "spike_stats",
+    "calibrate_for_T",
+    "finetune_calibration",
     "evaluate",
     "QCFS",
     "qcfs_levels",
