@@ -250,15 +250,15 @@ def window_counts(x: torch.Tensor, T: int, *, v_init, threshold, count: str, str
     """
     F.check_tensor(x, "x")
     if fire is not None and (count == "exact" or bernoulli == "draw-equal"):
-        v = _window_potential(x, T, v_init)
+        v = window_potential(x, T, v_init)
         return fire(v if pool is None else pool(v), T).sum(0)
     generator = stream.generator_for(x.device)
     if count == "bernoulli" and bernoulli == "one-draw":
         F.check_threshold(threshold)
         if pool is None:  # v = T·x + v_init is formed inside the sampler, in one pass
             return F._two_point_count(x, T, threshold, generator, gain=T, offset=v_init)
-        return F._two_point_count(pool(_window_potential(x, T, v_init)), T, threshold, generator)
-    v = _window_potential(x, T, v_init)
+        return F._two_point_count(pool(window_potential(x, T, v_init)), T, threshold, generator)
+    v = window_potential(x, T, v_init)
     return F.tpp_count(v if pool is None else pool(v), T, threshold, count, generator,
                        draw_steps=bernoulli == "draw-equal")  # ('unbiased': one draw, or T + 1)
 
@@ -268,9 +268,6 @@ def window_potential(x: torch.Tensor, T: int, v_init) -> torch.Tensor:
     v = x * T
     zero = not bool(v_init.any()) if isinstance(v_init, torch.Tensor) else v_init == 0
     return v if zero else v.add_(v_init)
-
-
-_window_potential = window_potential
 
 
 def _count_forward(module, T: int, bernoulli: str, x, *args, **kwargs):

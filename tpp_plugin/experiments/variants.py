@@ -257,9 +257,9 @@ class _SpikingJelly:
 
 def sj_diagnostic() -> dict:
     """:class:`FiringDiagnostic` arguments for SpikingJelly networks (IF and TPP neurons)."""
-    from ..adapters.spikingjelly import _SPIKING_TYPES  # IF, half-threshold IF (2.x), TPP
+    from ..adapters.spikingjelly.building import SPIKING_TYPES  # IF, half-threshold IF, TPP
 
-    return {"neuron_types": _SPIKING_TYPES, "threshold": lambda m: m.v_threshold}
+    return {"neuron_types": SPIKING_TYPES, "threshold": lambda m: m.v_threshold}
 
 
 def snntorch_diagnostic() -> dict:
