@@ -173,7 +173,7 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     image_size = x_train.shape[-1]
     torch.manual_seed(args.train_seed)
     net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
-    from ..evaluate import barrier, broadcast_module, world
+    from ..distributed import barrier, broadcast_module, world
 
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
     path = _checkpoint_path(args, model, ann, image_size, len(x_train), epochs)
@@ -260,7 +260,7 @@ class FiringDiagnostic(ForwardHooks):
 
     def all_reduce(self, group=None) -> FiringDiagnostic:
         """Sum the totals over the ranks of a ``torch.distributed`` group (in place)."""
-        from ..evaluate import all_reduce_sum
+        from ..distributed import all_reduce_sum
 
         if self.totals:
             self.totals = all_reduce_sum(self.totals, group, torch.int64).tolist()
@@ -283,7 +283,7 @@ def _eval_batch_size(args, T: int) -> int:
 
 def _variant_seed(seed: int, T: int) -> int:
     """The base seed of a (seed, T) run on this rank (rank 0: the one-process seed)."""
-    from ..evaluate import rank_seed, world
+    from ..distributed import rank_seed, world
 
     return rank_seed(seed * 1_000_003 + T * 1_009, world()[0])
 
@@ -358,7 +358,7 @@ def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]
         net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
             copy.deepcopy(ann))
         return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
-    from ..evaluate import shared_calibration
+    from ..distributed import shared_calibration
 
     # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
     # and the statistics all-reduced (in one process: the recipe unchanged)
@@ -385,7 +385,7 @@ class _SpikingJelly:
         else:
             v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
         v0 = v0.to(device).eval()
-        from ..evaluate import sync_thresholds
+        from ..distributed import sync_thresholds
 
         # every rank calibrated on the same batches: make sure they all use rank 0's thresholds
         self.threshold_gap = sync_thresholds(v0)
@@ -451,7 +451,7 @@ class _SnnTorch:
             kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
-        from ..evaluate import sync_thresholds
+        from ..distributed import sync_thresholds
 
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
         self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
@@ -472,7 +472,7 @@ def _predict(ann, x, batch_size):
 
 def _accuracy(preds, y) -> float:
     """Share of ``preds == y`` over the whole test set: this rank's counts summed over ranks."""
-    from ..evaluate import all_reduce_sum
+    from ..distributed import all_reduce_sum
 
     correct, n = all_reduce_sum([int((preds == y).sum()), len(y)], dtype=torch.int64).tolist()
     return correct / n if n else float("nan")
@@ -508,7 +508,7 @@ def config_name(args, model: str, ann: str) -> str:
 
 def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> dict:
     """Train/load, convert and evaluate one (model, ANN type); return the JSON-ready result."""
-    from ..evaluate import all_reduce_sum, shard_indices, world
+    from ..distributed import all_reduce_sum, shard_indices, world
 
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = dataset
@@ -804,7 +804,7 @@ def run(args, echo=print) -> list[dict]:
     """
     import torch.distributed as dist
 
-    from ..evaluate import init_distributed, shutdown_distributed
+    from ..distributed import init_distributed, shutdown_distributed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
@@ -815,7 +815,7 @@ def run(args, echo=print) -> list[dict]:
 
 
 def _run_on(args, device: torch.device, echo) -> list[dict]:
-    from ..evaluate import check_process_group, world
+    from ..distributed import check_process_group, world
 
     check_process_group()
     rank, size = world()
@@ -840,7 +840,7 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _run(args, device: torch.device, echo) -> list[dict]:
-    from ..evaluate import world
+    from ..distributed import world
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_dataset(
         args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)
@@ -888,7 +888,7 @@ def environment() -> dict:
     the GPU, if any."""
     from importlib import metadata
 
-    from ..evaluate import world
+    from ..distributed import world
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "world_size": world()[1]}
