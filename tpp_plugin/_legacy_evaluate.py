@@ -12,6 +12,7 @@ attribute ``tpp_plugin.evaluate`` stays the function.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 import warnings
@@ -64,4 +65,5 @@ class _MovedModule(types.ModuleType):
 ALIAS = _MovedModule("tpp_plugin.evaluate", __doc__)
 ALIAS.__all__ = sorted(_MOVED)
 ALIAS.__package__ = "tpp_plugin"
+ALIAS.__spec__ = importlib.machinery.ModuleSpec("tpp_plugin.evaluate", None, origin=__file__)
 sys.modules.setdefault("tpp_plugin.evaluate", ALIAS)
