@@ -33,3 +33,66 @@ def test_snippet_runs(line, code):
     assert any(isinstance(m, TPPNode) for m in namespace["snn"].modules())
     if "same" in namespace:
         assert bool(namespace["same"].all())
+
+
+# ------------------------------------------------------------------ import paths in the docs
+DOCS = [README, *sorted((README.parent / "docs").glob("*.md"))]
+IMPORT = re.compile(r"^[ \t]*(from tpp_plugin(?:\.\w+)* import [^#\n]+)", re.M)
+IMPORT_LINES = sorted({(path.name, m[1].strip()) for path in DOCS
+                       for m in IMPORT.finditer(path.read_text())})
+#: the names of the old module tpp_plugin/evaluate.py, and where each lives now
+OLD_EVALUATE = {
+    **{name: "tpp_plugin.distributed" for name in (
+        "init_distributed", "shutdown_distributed", "check_process_group", "world",
+        "ShardSampler", "shard_indices", "all_reduce_sum", "barrier", "broadcast_module",
+        "rank_seed", "calibrate_observers", "shared_calibration", "sync_thresholds")},
+    "evaluate": "tpp_plugin.evaluation",
+    "calibrate_thresholds": "tpp_plugin.convert",
+}
+
+
+def test_docs_have_import_lines():
+    assert any("tpp_plugin.distributed" in line for _, line in IMPORT_LINES)
+
+
+@pytest.mark.parametrize("where, line", IMPORT_LINES, ids=[line for _, line in IMPORT_LINES])
+def test_every_import_line_of_the_docs_imports(where, line):
+    exec(compile(line, where, "exec"), {})
+
+
+@pytest.mark.parametrize("name", sorted(OLD_EVALUATE))
+def test_the_old_module_path_tpp_plugin_evaluate_still_imports(name):
+    import importlib
+
+    import tpp_plugin
+
+    new = importlib.import_module(OLD_EVALUATE[name].partition(" ")[0])
+    namespace: dict = {}
+    with pytest.warns(DeprecationWarning, match=f"tpp_plugin.evaluate.{name} moved: import it "
+                                                f"from {OLD_EVALUATE[name]}"):
+        exec(f"from tpp_plugin.evaluate import {name}", namespace)
+    if name == "calibrate_thresholds":  # the old default: the default group when one exists
+        assert namespace[name].__module__ == "tpp_plugin._legacy_evaluate"
+    else:
+        assert namespace[name] is getattr(new, name)
+    # the package attribute stays the function, also after `import tpp_plugin.evaluate`
+    exec("import tpp_plugin.evaluate", {})
+    assert tpp_plugin.evaluate is tpp_plugin.evaluation.evaluate
+
+
+def test_the_old_calibrate_thresholds_calibrates_like_the_new_one():
+    import warnings
+
+    import torch
+
+    from tpp_plugin.convert import calibrate_thresholds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from tpp_plugin.evaluate import calibrate_thresholds as old
+    torch.manual_seed(0)
+    relu = torch.nn.ReLU()
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), relu)
+    batches = [torch.randn(5, 3) for _ in range(3)]
+    assert old(net, batches, [relu], "99.9%") == calibrate_thresholds(net, batches, [relu],
+                                                                         "99.9%")

@@ -8,6 +8,9 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .batches import batch_inputs
+from .distributed import all_reduce_sum, world
+
 __all__ = [
     "named_modules_of_type",
     "set_submodule",
@@ -52,17 +55,6 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-def batch_inputs(batch) -> torch.Tensor:
-    """The input tensor of a data-loader batch (a tensor, or the first item of a tuple/list)."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("empty batch")
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"calibration batches must hold tensors, got {type(batch).__name__}")
-    return batch
 
 
 def check_calibration_mode(mode) -> str | float:
@@ -120,6 +112,7 @@ def calibrate_thresholds(
     mode="max",
     momentum: float = 0.1,
     names: list[str] | None = None,
+    group=None,
 ) -> list[float]:
     """Run ``model`` over ``dataloader`` and return one threshold per activation *call*.
 
@@ -129,20 +122,84 @@ def calibrate_thresholds(
     per batch with an exponential moving average (first batch taken as is), as SpikingJelly's
     ``VoltageHook`` does.
 
+    With a process ``group`` (e.g. :func:`tpp_plugin.distributed.default_group` under
+    ``torchrun``) the batches are shared among its ranks: ``dataloader`` must give every rank the
+    same sequence of batches; batch ``b`` runs on rank ``b mod W`` only, its per-call statistics
+    are all-reduced (the other ranks add zeros, so the numbers arrive exactly), and every rank
+    applies the moving average in batch order — the same thresholds on every rank, equal to the
+    one-process result.
+
     :param names: labels of the calls for error messages (default ``activation i``)
+    :param group: ``None``: one process (any iterable of batches); a ``torch.distributed``
+        process group: the batches shared among its ranks, as above
     :raises ValueError: for a bad ``mode``/``momentum``, an empty loader, a batch that does not
         fit the model, a forward that calls a module more or less often than ``calls`` lists it,
-        or a call whose statistic never became positive
+        or a call whose statistic never became positive (under a group: on every rank)
+
+    Example::
+
+        >>> relu = nn.ReLU()
+        >>> model = nn.Sequential(nn.Linear(2, 2), relu, nn.Linear(2, 2), relu)  # relu twice
+        >>> batches = [torch.randn(8, 2) for _ in range(3)]
+        >>> len(calibrate_thresholds(model, batches, [(relu, 0), (relu, 1)]))
+        2
     """
     mode = check_calibration_mode(mode)
     check_momentum(momentum)
     calls = [c if isinstance(c, tuple) else (c, 0) for c in calls]
     names = names or [f"activation {i}" for i in range(len(calls))]
+    if group is None:
+        rows, error = _call_statistics(model, enumerate(dataloader), calls, mode), None
+        table = torch.stack([rows[b] for b in sorted(rows)]) if rows else None
+    else:
+        batches = list(dataloader)
+        rank, size = world(group)
+        error, rows = None, {}
+        try:
+            rows = _call_statistics(
+                model, ((b, batches[b]) for b in range(rank, len(batches), size)), calls, mode)
+        except ValueError as exc:  # the other ranks must not wait for this one's statistics
+            error = exc
+        # one row per batch, and a last column flagging a rank whose forward failed
+        table = torch.zeros(len(batches), len(calls) + 1, dtype=torch.float64)
+        for b, row in rows.items():
+            table[b, :-1] = row.double()
+        if error is not None and len(batches):
+            table[rank % len(batches), -1] = 1.0
+        table = all_reduce_sum(table, group) if len(batches) else table
+        if error is not None:
+            raise error
+        if bool((table[:, -1] > 0).any()):
+            raise ValueError("threshold calibration failed on another rank (see its error)")
+        table = table[:, :-1].float() if len(batches) else None  # float32 → float64 → float32
+    if table is None:
+        raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
+    ema = table[0]
+    for row in table[1:]:  # in float32, batch order: the same numbers on every rank
+        ema = (1 - momentum) * ema + momentum * row
+    thresholds = []
+    for name, th in zip(names, ema.tolist()):
+        if not th > 0:
+            raise ValueError(
+                f"{name} never became positive during calibration (threshold {th}); use more "
+                "calibration data or a different mode"
+            )
+        thresholds.append(th)
+    return thresholds
+
+
+def _call_statistics(model: nn.Module, batches, calls: list, mode) -> dict:
+    """``{b: statistics}`` for the ``(b, batch)`` pairs of ``batches``: the float32 statistic of
+    every ``(module, k)`` call's output (NaN for a listed call that did not happen), on the CPU.
+
+    :raises ValueError: for a batch that does not fit the model, or a forward that calls a module
+        more or less often than ``calls`` lists it
+    """
     index = {(id(m), k): i for i, (m, k) in enumerate(calls)}
     uses: dict = {}  # module -> calls per forward
     for m, _ in calls:
         uses[m] = uses.get(m, 0) + 1
-    stats: list = [None] * len(calls)
+    current: list = []
     seen: dict = {}
 
     def hook(module, _inputs, output):
@@ -150,16 +207,17 @@ def calibrate_thresholds(
         seen[id(module)] = k + 1
         i = index.get((id(module), k))
         if i is not None:
-            s = activation_statistic(output, mode)
-            stats[i] = s if stats[i] is None else (1 - momentum) * stats[i] + momentum * s
+            current[i] = activation_statistic(output, mode)
 
+    rows = {}
     handles = [m.register_forward_hook(hook) for m in uses]
     device = next(model.parameters(), torch.empty(0)).device
     with eval_mode(model):
         try:
-            for batch in dataloader:
+            for b, batch in batches:
                 inputs = batch_inputs(batch).to(device)
                 seen.clear()
+                current[:] = [None] * len(calls)
                 try:
                     model(inputs)
                 except RuntimeError as exc:
@@ -174,18 +232,10 @@ def calibrate_thresholds(
                             f"times, but {n} calls were expected (its torch.fx trace): the forward "
                             "must call its activations the same way for every input"
                         )
+                rows[b] = torch.tensor(
+                    [float("nan") if s is None else float(s) for s in current],
+                    dtype=torch.float32)
         finally:
             for h in handles:
                 h.remove()
-    if all(s is None for s in stats):
-        raise ValueError("dataloader yielded no batch: cannot calibrate thresholds")
-    thresholds = []
-    for name, s in zip(names, stats):
-        th = float("nan") if s is None else float(s)
-        if not th > 0:
-            raise ValueError(
-                f"{name} never became positive during calibration (threshold {th}); use more "
-                "calibration data or a different mode"
-            )
-        thresholds.append(th)
-    return thresholds
+    return rows

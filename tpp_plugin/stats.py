@@ -28,11 +28,13 @@ import math
 from numbers import Real
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as nnF
 
 from . import contract
 from .count_domain import count_window
+from .distributed import all_reduce_sum
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "SpikeStats", "spike_stats", "check_energy_constant"]
 
@@ -361,10 +363,6 @@ class SpikeStats(ForwardHooks):
         """Sum the counts over all processes of a ``torch.distributed`` group (in place), so
         every rank's :meth:`summary` covers the whole data set. Every rank must have run at
         least one batch (the per-neuron maps are allocated by the first one)."""
-        import torch.distributed as dist
-
-        from .evaluate import all_reduce_sum
-
         if not (dist.is_available() and dist.is_initialized()):
             return self
         for layer in self.layers:

@@ -183,7 +183,7 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     image_size = x_train.shape[-1]
     torch.manual_seed(args.train_seed)
     net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
-    from ..evaluate import barrier, broadcast_module, world
+    from ..distributed import barrier, broadcast_module, world
 
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
     path = _checkpoint_path(args, model, ann, image_size, len(x_train), epochs)
@@ -219,7 +219,7 @@ def _predict(ann, x, batch_size):
 
 def _accuracy(preds, y) -> float:
     """Share of ``preds == y`` over the whole test set: this rank's counts summed over ranks."""
-    from ..evaluate import all_reduce_sum
+    from ..distributed import all_reduce_sum
 
     correct, n = all_reduce_sum([int((preds == y).sum()), len(y)], dtype=torch.int64).tolist()
     return correct / n if n else float("nan")
@@ -247,7 +247,7 @@ def config_name(args, model: str, ann: str) -> str:
 
 def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> dict:
     """Train/load, convert and evaluate one (model, ANN type); return the JSON-ready result."""
-    from ..evaluate import all_reduce_sum, shard_indices, world
+    from ..distributed import all_reduce_sum, shard_indices, world
 
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = dataset
@@ -373,7 +373,7 @@ def run(args, echo=print) -> list[dict]:
     """
     import torch.distributed as dist
 
-    from ..evaluate import init_distributed, shutdown_distributed
+    from ..distributed import init_distributed, shutdown_distributed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
@@ -384,7 +384,7 @@ def run(args, echo=print) -> list[dict]:
 
 
 def _run_on(args, device: torch.device, echo) -> list[dict]:
-    from ..evaluate import check_process_group, world
+    from ..distributed import check_process_group, world
 
     check_process_group()
     rank, size = world()
@@ -409,7 +409,7 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _run(args, device: torch.device, echo) -> list[dict]:
-    from ..evaluate import world
+    from ..distributed import world
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_dataset(
         args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)
@@ -455,7 +455,7 @@ def environment() -> dict:
     the GPU, if any."""
     from importlib import metadata
 
-    from ..evaluate import world
+    from ..distributed import world
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "world_size": world()[1]}

@@ -275,7 +275,7 @@ class CalibrationComparison:
     name = "calibration"
 
     def __init__(self, args, ann, calibration, device, echo=print):
-        from ..evaluate import broadcast_module, sync_thresholds
+        from ..distributed import broadcast_module, sync_thresholds
 
         self.Ts = list(args.T)
         self.energy = _energy_constants(args)

@@ -111,7 +111,7 @@ class FiringDiagnostic(ForwardHooks):
 
     def all_reduce(self, group=None) -> FiringDiagnostic:
         """Sum the totals over the ranks of a ``torch.distributed`` group (in place)."""
-        from ..evaluate import all_reduce_sum
+        from ..distributed import all_reduce_sum
 
         if self.totals:
             self.totals = all_reduce_sum(self.totals, group, torch.int64).tolist()
@@ -130,7 +130,7 @@ class FiringDiagnostic(ForwardHooks):
 # ------------------------------------------------------------------------------------------------
 def _variant_seed(seed: int, T: int) -> int:
     """The base seed of a (seed, T) run on this rank (rank 0: the one-process seed)."""
-    from ..evaluate import rank_seed, world
+    from ..distributed import rank_seed, world
 
     return rank_seed(seed * 1_000_003 + T * 1_009, world()[0])
 
@@ -205,7 +205,7 @@ def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]
         net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
             copy.deepcopy(ann))
         return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
-    from ..evaluate import shared_calibration
+    from ..distributed import shared_calibration
 
     # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
     # and the statistics all-reduced (in one process: the recipe unchanged)
@@ -232,7 +232,7 @@ class _SpikingJelly:
         else:
             v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
         v0 = v0.to(device).eval()
-        from ..evaluate import sync_thresholds
+        from ..distributed import sync_thresholds
 
         # every rank calibrated on the same batches: make sure they all use rank 0's thresholds
         self.threshold_gap = sync_thresholds(v0)
@@ -298,7 +298,7 @@ class _SnnTorch:
             kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
-        from ..evaluate import sync_thresholds
+        from ..distributed import sync_thresholds
 
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
         self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))

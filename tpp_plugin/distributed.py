@@ -1,4 +1,4 @@
-r"""Evaluation of converted networks across processes and GPUs, on ``torch.distributed``.
+r"""``torch.distributed`` helpers: run evaluation and calibration across processes and GPUs.
 
 Launch any script (or ``python -m tpp_plugin reproduce``) with ``torchrun``; each process
 evaluates its own shard of the test set and the counts are summed::
@@ -7,7 +7,7 @@ evaluates its own shard of the test set and the counts are summed::
 
     # my_eval.py
     import tpp_plugin
-    from tpp_plugin.evaluate import init_distributed
+    from tpp_plugin.distributed import init_distributed, shutdown_distributed
     init_distributed()                                     # gloo on CPU, nccl on GPUs
     result = tpp_plugin.evaluate(snn, test_set, T=8, seed=0, stats=True)
     if result['rank'] == 0:
@@ -16,54 +16,58 @@ evaluates its own shard of the test set and the counts are summed::
 
 The pieces, each usable on its own:
 
-* :func:`init_distributed` — the default process group from ``torchrun``'s environment
-  (``gloo`` on CPU, ``nccl`` with CUDA, one GPU per local rank);
-* :class:`ShardSampler` — PyTorch's ``DistributedSampler`` without its padding: every image is
-  evaluated exactly once, whether or not the world size divides the test set;
-* :func:`rank_seed` / :func:`reseed` — per-rank seeds derived from the user's seed (rank 0 keeps
-  it), so a run is reproducible for a given world size;
-* :func:`calibrate_thresholds` — threshold calibration whose per-batch statistics are computed on
-  the rank that holds the batch and all-reduced, so every rank applies the same moving average
-  to the same numbers and builds the same thresholds;
-* :func:`calibrate_observers` / :func:`shared_calibration` — the same for SpikingJelly 2.x
-  recipes: their calibration stage with the batches shared among the ranks;
+* :func:`init_distributed` / :func:`shutdown_distributed` — the default process group from
+  ``torchrun``'s environment (``gloo`` on CPU, ``nccl`` with CUDA, one GPU per local rank);
+  :func:`check_process_group` refuses a ``torchrun`` launch without one;
+* :func:`world`, :func:`default_group`, :func:`all_reduce_sum`, :func:`barrier`,
+  :func:`broadcast_module` — rank and world size, and the collectives the package uses (on the
+  CPU for ``gloo``, on the current GPU for ``nccl``); without a process group they are the
+  one-process identities;
+* :class:`ShardSampler` / :func:`shard_indices` — PyTorch's ``DistributedSampler`` without its
+  padding: every image is evaluated exactly once, whether or not the world size divides the set;
+* :func:`rank_seed` — per-rank seeds derived from the user's seed (rank 0 keeps it), so a run
+  is reproducible for a given world size;
+* :func:`calibrate_observers` / :func:`shared_calibration` — SpikingJelly 2.x recipes with
+  their calibration stage's batches shared among the ranks and the statistics all-reduced;
 * :func:`sync_thresholds` — broadcast rank 0's thresholds of a converted network (after a
-  converter calibrated on every rank) and report how far the ranks were apart;
-* :func:`evaluate` — accuracy (and :func:`tpp_plugin.spike_stats`) of a converted network over
-  a data set, full simulation or count mode, all-reduced.
+  converter calibrated on every rank) and report how far the ranks were apart.
+
+Built on them: :func:`tpp_plugin.evaluate` (:mod:`tpp_plugin.evaluation`) — accuracy and spike
+statistics over a data set, sharded and all-reduced — and
+:func:`tpp_plugin.convert.calibrate_thresholds` with ``group=default_group()`` — threshold
+calibration whose per-batch statistics are computed on the rank that holds the batch and
+all-reduced, so every rank builds the one-process thresholds.
 
 Without ``torchrun`` (no process group) everything runs in one process, unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler
 
-from . import convert as _convert
+from .batches import batch_inputs
 
 __all__ = [
     "init_distributed",
     "shutdown_distributed",
     "check_process_group",
     "world",
+    "default_group",
     "ShardSampler",
     "shard_indices",
     "all_reduce_sum",
     "barrier",
     "broadcast_module",
     "rank_seed",
-    "calibrate_thresholds",
     "calibrate_observers",
     "shared_calibration",
     "sync_thresholds",
-    "evaluate",
 ]
 
 
@@ -117,7 +121,7 @@ def check_process_group() -> None:
     if launched > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"launched by torchrun with WORLD_SIZE={launched}, but torch.distributed has no "
-            "process group: call tpp_plugin.evaluate.init_distributed() (or "
+            "process group: call tpp_plugin.distributed.init_distributed() (or "
             "torch.distributed.init_process_group) first, or every process evaluates the whole "
             "data set"
         )
@@ -130,7 +134,17 @@ def world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+def default_group():
+    """The default process group (``torch.distributed.group.WORLD``) when one exists, else
+    ``None``: pass it as ``group`` to shard a computation over every rank under ``torchrun``
+    and run it in one process otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
 def _reduce_device(group=None) -> torch.device:
+    """Where collectives of ``group`` run: the current CUDA device for ``nccl``, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -219,60 +233,8 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# thresholds
+# thresholds: SpikingJelly's calibration observers, and rank 0's thresholds broadcast
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, batches, modules: list, mode="max",
-                         momentum: float = 0.1, group=None) -> list[float]:
-    """:func:`tpp_plugin.convert.calibrate_thresholds` with the batches shared among the ranks.
-
-    Batch ``b`` of ``batches`` (a sequence: every rank holds the same list, e.g. of the
-    calibration images) is run on rank ``b mod W`` only; its per-module statistic (max or
-    percentile, :func:`~tpp_plugin.convert.activation_statistic`) is all-reduced — the other
-    ranks contribute zeros, so every rank receives the exact numbers — and every rank then
-    applies the moving average in batch order, exactly as one process does. The thresholds are
-    therefore the same on every rank, and equal to the one-process result.
-
-    :return: one threshold per module
-    """
-    mode = _convert.check_calibration_mode(mode)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no calibration batch: cannot calibrate thresholds")
-    rank, size = world(group)
-    stats = torch.zeros(len(batches), len(modules), dtype=torch.float64)
-    current: dict = {}
-    handles = [m.register_forward_hook(
-        lambda mod, args, out, i=i: current.__setitem__(i, _convert.activation_statistic(
-            out, mode))) for i, m in enumerate(modules)]
-    device = next(model.parameters(), torch.empty(0)).device
-    with _convert.eval_mode(model):
-        try:
-            for b in range(rank, len(batches), size):
-                current.clear()
-                model(_convert.batch_inputs(batches[b]).to(device))
-                for i in range(len(modules)):
-                    stats[b, i] = float(current[i])
-        finally:
-            for h in handles:
-                h.remove()
-    stats = all_reduce_sum(stats, group)
-    thresholds = []
-    for i in range(len(modules)):
-        ema = None
-        for b in range(len(batches)):  # the moving average, in float32 like the one-process rule
-            s = stats[b, i].float()
-            ema = s if ema is None else (1 - momentum) * ema + momentum * s
-        thresholds.append(float(ema))
-    for i, th in enumerate(thresholds):
-        if not th > 0:
-            raise ValueError(
-                f"activation {i} never became positive during calibration (threshold {th}); "
-                "use more calibration data or a different mode"
-            )
-    return thresholds
-
-
 def _observers(model: nn.Module) -> list[nn.Module]:
     """Calibration observers of a graph being converted: SpikingJelly's ``VoltageHook`` /
     ``ChannelVoltageHook`` (a ``scale`` buffer, a ``momentum`` and a ``num_batches_tracked``
@@ -303,7 +265,7 @@ def calibrate_observers(model: nn.Module, batches, device=None, group=None) -> n
         device = next(model.parameters(), torch.empty(0)).device
     if not observers or not batches:
         for batch in batches:
-            model(_convert.batch_inputs(batch).to(device))
+            model(batch_inputs(batch).to(device))
         return model
     rank, size = world(group)
     mine = list(range(rank, len(batches), size)) or [0]  # a rank without a batch learns shapes
@@ -311,7 +273,7 @@ def calibrate_observers(model: nn.Module, batches, device=None, group=None) -> n
     for b in mine:
         for obs in observers:
             obs.num_batches_tracked = 0
-        model(_convert.batch_inputs(batches[b]).to(device))
+        model(batch_inputs(batches[b]).to(device))
         if b % size == rank:
             stats[b] = [obs.scale.detach().clone() for obs in observers]
     template = next(iter(stats.values()), None) or [obs.scale.detach() for obs in observers]
@@ -327,7 +289,7 @@ def calibrate_observers(model: nn.Module, batches, device=None, group=None) -> n
             s = table[b, start:start + width].to(ref.dtype).view(ref.shape).to(ref.device)
             ema = s if ema is None else (1 - obs.momentum) * ema + obs.momentum * s
         obs.scale = ema
-        obs.num_batches_tracked = sum(len(_convert.batch_inputs(b)) for b in batches)
+        obs.num_batches_tracked = sum(len(batch_inputs(b)) for b in batches)
     return model
 
 
@@ -399,151 +361,3 @@ def sync_thresholds(net: nn.Module, group=None) -> float:
         else:
             value.copy_(part.to(value.device, value.dtype))
     return float(gap)
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-# ------------------------------------------------------------------------------------------------
-def _is_batch_list(data) -> bool:
-    """A list or tuple of ``(x, y)`` batches: every item a pair of tensors whose labels ``y``
-    have a batch dimension (a data set's samples carry one label each)."""
-    return isinstance(data, (list, tuple)) and len(data) > 0 and all(
-        isinstance(b, (list, tuple)) and len(b) == 2
-        and all(isinstance(t, torch.Tensor) for t in b) and b[1].dim() >= 1
-        and len(b[0]) == len(b[1]) for b in data)
-
-
-def _loader(data, batch_size: int, group) -> tuple:
-    """A loader over this rank's shard of ``data``, and the data set's size."""
-    rank, size = world(group)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor)
-                                                           for t in data):
-        data = TensorDataset(*data)
-    elif _is_batch_list(data):  # a list of (x, y) batches is not a data set of samples
-        data = TensorDataset(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data]))
-    if isinstance(data, DataLoader):
-        dataset, batch_size = data.dataset, data.batch_size or batch_size
-        options = dict(num_workers=data.num_workers, collate_fn=data.collate_fn,
-                       pin_memory=data.pin_memory)
-    elif isinstance(data, Dataset) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        dataset, options = data, {}
-    else:
-        if size > 1:
-            raise TypeError(
-                "evaluate: to shard the test set over processes pass a Dataset, a DataLoader or "
-                f"an (x, y) pair of tensors, not {type(data).__name__}"
-            )
-        return data, None
-    sampler = ShardSampler(dataset, size, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options), len(dataset)
-
-
-@contextlib.contextmanager
-def _multi_step(net: nn.Module):
-    """SpikingJelly step modules in multi-step mode for the duration (restored after)."""
-    saved = [(m, m.step_mode) for m in net.modules() if getattr(m, "step_mode", None) in ("s", "m")]
-    for module, _ in saved:
-        module.step_mode = "m"
-    try:
-        yield
-    finally:
-        for module, mode in saved:
-            module.step_mode = mode
-
-
-def evaluate(net: nn.Module, data, T: int, *, count_mode: bool = False,
-             bernoulli: str = "one-draw", seed: int | None = None, batch_size: int = 256,
-             stats: bool = False, e_ac: float | None = None, e_mac: float | None = None,
-             device=None, group=None) -> dict:
-    r"""Test accuracy of a converted network over a data set, in one process or many.
-
-    Each image is fed as a constant input for ``T`` steps: the full simulation runs
-    ``net(x.expand(T, ...)).mean(0)`` in multi-step / sequence mode (SpikingJelly networks are
-    switched to multi-step for the call; the state is reset before every batch); with
-    ``count_mode=True`` it runs ``net(x)`` under :func:`tpp_plugin.count_mode`.
-
-    Under ``torchrun`` (a process group exists, see :func:`init_distributed`) every rank
-    evaluates its shard (:class:`ShardSampler`: each image exactly once, also when the world
-    size does not divide the set) and the counts — correct predictions, images, and with
-    ``stats=True`` the spike statistics — are all-reduced, so every rank returns the totals of
-    the whole set. With ``seed`` the random modules of rank ``r`` are reseeded from
-    :func:`rank_seed` ``(seed, r)`` (``seed`` on rank 0), so a run repeats for a given world
-    size.
-
-    :param net: converted network (SpikingJelly or snnTorch), on its device, in eval mode
-    :param data: a ``Dataset`` of ``(x, y)``, a ``DataLoader`` (its data set is re-sharded), an
-        ``(x, y)`` pair of tensors, a list of ``(x, y)`` batches (joined into one data set), or —
-        in one process only — any other iterable of ``(x, y)`` batches
-    :param T: time steps
-    :param count_mode: evaluate in the count domain
-    :param bernoulli: count-mode sampler of bernoulli neurons (see :func:`tpp_plugin.count_mode`)
-    :param seed: reseed the network's random modules (per rank) before evaluating
-    :param batch_size: batch size of the loader built here
-    :param stats: also collect :func:`tpp_plugin.spike_stats` (all-reduced)
-    :param e_ac: energy per accumulate, pJ (for ``stats``)
-    :param e_mac: energy per multiply-accumulate, pJ (for ``stats``)
-    :param device: device of the inputs (default: the network's)
-    :param group: process group (default: the default group)
-    :raises RuntimeError: if launched by ``torchrun`` with several processes but without a
-        process group
-    :raises ValueError: if the world size is larger than the data set, or an energy constant
-        is not > 0
-    :return: ``{'accuracy', 'correct', 'images', 'rank', 'world_size', 'spike_stats'}`` —
-        totals over all ranks; ``spike_stats`` is the summary (or ``None``)
-
-    Example::
-
-        >>> import torch, tpp_plugin
-        >>> from tpp_plugin.adapters.snntorch import convert
-        >>> ann = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-        ...                           torch.nn.Linear(8, 3)).eval()
-        >>> x, y = torch.rand(20, 4), torch.randint(3, (20,))
-        >>> snn = convert(ann, [x], num_steps=4, count='exact', seed=0)
-        >>> result = tpp_plugin.evaluate(snn, (x, y), T=4, seed=0, stats=True)
-        >>> result['images'], 0 <= result['accuracy'] <= 1, result['spike_stats'] is not None
-        (20, True, True)
-    """
-    from . import count_domain, reseed
-    from . import reset as reset_net
-    from .functional import check_window
-    from .stats import E_AC_PJ, E_MAC_PJ, SpikeStats, check_energy_constant
-
-    T = check_window(T)
-    e_ac = E_AC_PJ if e_ac is None else check_energy_constant(e_ac, "e_ac")
-    e_mac = E_MAC_PJ if e_mac is None else check_energy_constant(e_mac, "e_mac")
-    check_process_group()
-    rank, size = world(group)
-    loader, n = _loader(data, batch_size, group)
-    if seed is not None:
-        reseed(net, rank_seed(seed, rank))
-    if device is None:
-        device = next(net.parameters(), torch.empty(0)).device
-    recorder = SpikeStats(net, T, e_ac, e_mac) if stats else None
-    correct = images = 0
-    try:
-        with torch.no_grad(), _multi_step(net):
-            for batch in loader:
-                x, y = batch[0].to(device), batch[1].to(device)
-                if count_mode:
-                    with count_domain.count_mode(net, T, bernoulli=bernoulli):
-                        out = net(x)
-                else:
-                    reset_net(net)
-                    out = net(x.unsqueeze(0).expand(T, *x.shape))
-                    out = (out[0] if isinstance(out, tuple) else out).mean(0)
-                out = out[0] if isinstance(out, tuple) else out
-                correct += int((out.argmax(1) == y).sum())
-                images += len(y)
-            if not count_mode:
-                reset_net(net)
-    finally:
-        if recorder is not None:
-            recorder.remove()
-    correct, images = (int(v) for v in all_reduce_sum([correct, images], group).tolist())
-    if n is not None and images != n:  # pragma: no cover - a broken sampler
-        raise RuntimeError(f"evaluated {images} images of a data set of {n}")
-    summary = None
-    if recorder is not None:
-        summary = recorder.all_reduce(group).summary()
-    return {"accuracy": correct / images if images else float("nan"), "correct": correct,
-            "images": images, "rank": rank, "world_size": size, "spike_stats": summary}
