@@ -148,12 +148,13 @@ def test_time_loop_equals_sequence_on_the_cupy_backend(emulated_kernel, count):
     g = torch.Generator().manual_seed(4)
     x_seq = torch.rand(3 * T, 4, 6, generator=g)
     seq, _ = TPP(num_steps=T, count=count, backend="cupy", seed=5, sequence=True)(x_seq)
-    loop = TPP(num_steps=T, count=count, backend="cupy", seed=5)
+    loop = TPP(num_steps=T, count=count, backend="cupy", seed=5, streaming="delayed")
     spks = [loop(x)[0] for x in torch.cat([x_seq, torch.zeros_like(x_seq[:T])])]
     assert torch.equal(torch.stack(spks)[T:], seq)  # one window later, the same spikes
     assert [c[0] for c in emulated_kernel] == [3, 1, 1, 1, 1]  # the loop: one per window
     # warm-up windows draw nothing: the first fired window takes Philox window 0
-    late = TPP(num_steps=T, count=count, backend="cupy", seed=5, warmup_windows=1)
+    late = TPP(num_steps=T, count=count, backend="cupy", seed=5, warmup_windows=1,
+               streaming="delayed")
     spks = torch.stack([late(x)[0] for x in x_seq])
     assert not spks[:2 * T].any()
     first, _ = TPP(num_steps=T, count=count, backend="cupy", seed=5, sequence=True)(

@@ -265,11 +265,11 @@ def test_snntorch_sequence(neuron):
 
     for m in net.modules():
         if isinstance(m, snt.TPP):
-            m.generator = torch.Generator().manual_seed(m.seed)
+            m.manual_seed(m.seed)
     maps = brute_force(net, run, neuron_type, snn_counts)
     for m in net.modules():
         if isinstance(m, snt.TPP):
-            m.generator = torch.Generator().manual_seed(m.seed)
+            m.manual_seed(m.seed)
     with tpp_plugin.spike_stats(net) as stats:
         run()
     check(stats.summary(), maps, len(x))
