@@ -15,10 +15,10 @@ from torch import fx, nn
 from ... import functional as F
 from ...calibration import activation_nodes, apply_bias_shifts, calibrate_for_T, fuse_conv_bn
 from .building import SPIKING_TYPES, NeuronFactory, neuron_kind
-from .compat import IS_LEGACY, scaler_types
+from .compat import IS_LEGACY, adapt_step_modes, scaler_types
 from .graph import finish, make_step_mode_capable, unwrapped
 from .neurons import TPPNode
-from .qcfs import adapt_step_modes, insert_spiking_blocks
+from .qcfs import insert_spiking_blocks
 
 __all__ = ["ChannelScaler", "TPPCalibrationRecipe", "convert_calibrated", "calibrated_thresholds"]
 

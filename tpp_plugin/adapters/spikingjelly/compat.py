@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from spikingjelly.activation_based import ann2snn
 from spikingjelly.activation_based import functional as sj_functional
 from torch import nn
 
-__all__ = ["IS_LEGACY", "invalidate_reset_cache", "scaler_types", "active_counters"]
+__all__ = ["IS_LEGACY", "invalidate_reset_cache", "scaler_types", "active_counters",
+           "adapt_step_modes"]
 
 #: ``True`` on the ``0.0.0.0.14`` line (``ann2snn.Converter(dataloader, ...)``, no recipes)
 IS_LEGACY = not hasattr(ann2snn, "RateCodingRecipe")
@@ -45,3 +47,21 @@ def active_counters(net: nn.Module) -> list:
             if isinstance(owner, _CounterMode) and owner not in found:
                 found.append(owner)
     return [type(m).__name__ for m in found]
+
+
+def adapt_step_modes(fx_model, recipe: str, device):
+    """SpikingJelly 2.x's step-mode adaptation of a converted graph, as its own recipes do (the
+    plugin's 2.x recipes call it; 0.0.0.0.14 has no recipes)."""
+    from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (  # 2.x only
+        _RATE_CODING_SAFE_MODULE_TYPES,
+        _RATE_CODING_STATELESS_MODULE_TYPES,
+        adapt_step_mode_graph,
+    )
+
+    return adapt_step_mode_graph(
+        fx_model,
+        context=f"{recipe} step-mode backend",
+        wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
+        safe_module_types=_RATE_CODING_SAFE_MODULE_TYPES,
+        safe_call_functions=(torch.nn.functional.dropout,),
+    ).to(device)

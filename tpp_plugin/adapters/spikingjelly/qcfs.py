@@ -13,10 +13,10 @@ from torch import fx, nn
 from ...convert import named_modules_of_type, set_submodule
 from ...qcfs import QCFS
 from .building import NeuronFactory, neuron_kind
-from .compat import IS_LEGACY
+from .compat import IS_LEGACY, adapt_step_modes
 from .graph import finish, make_step_mode_capable
 
-__all__ = ["QCFSRecipe", "convert_qcfs", "insert_spiking_blocks", "adapt_step_modes"]
+__all__ = ["QCFSRecipe", "convert_qcfs", "insert_spiking_blocks"]
 
 
 def _qcfs_default_kwargs(neuron, neuron_kwargs) -> dict:
@@ -72,21 +72,6 @@ def _qcfs_thresholds_as_relu(ann: nn.Module) -> tuple[nn.Module, dict]:
 
 
 if not IS_LEGACY:
-    from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
-        _RATE_CODING_SAFE_MODULE_TYPES,
-        _RATE_CODING_STATELESS_MODULE_TYPES,
-        adapt_step_mode_graph,
-    )
-
-    def adapt_step_modes(fx_model, recipe: str, device):
-        """SpikingJelly 2.x's step-mode adaptation of a converted graph, as its own recipes do."""
-        return adapt_step_mode_graph(
-            fx_model,
-            context=f"{recipe} step-mode backend",
-            wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
-            safe_module_types=_RATE_CODING_SAFE_MODULE_TYPES,
-            safe_call_functions=(torch.nn.functional.dropout,),
-        ).to(device)
 
     class QCFSRecipe(ann2snn.ConversionRecipe):
         """SpikingJelly 2.x recipe for QCFS-trained ANNs: each ``QCFS(λ, L)`` becomes a spiking
