@@ -138,8 +138,9 @@ def calibrate_thresholds(
 
     Example::
 
+        >>> _ = torch.manual_seed(0)
         >>> relu = nn.ReLU()
-        >>> model = nn.Sequential(nn.Linear(2, 2), relu, nn.Linear(2, 2), relu)  # relu twice
+        >>> model = nn.Sequential(nn.Linear(2, 8), relu, nn.Linear(8, 8), relu)  # relu twice
         >>> batches = [torch.randn(8, 2) for _ in range(3)]
         >>> len(calibrate_thresholds(model, batches, [(relu, 0), (relu, 1)]))
         2
