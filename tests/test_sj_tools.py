@@ -104,3 +104,22 @@ def test_count_mode_warns_when_spikingjelly_counters_watch_its_pass(qcfs_snn, di
         warnings.simplefilter("error", RuntimeWarning)  # no counter: no warning
         with torch.no_grad(), tpp_plugin.count_mode(snn, T=T):
             snn(x)
+
+
+@pytest.mark.skipif(IS_LEGACY, reason="op_counter is SpikingJelly 2.x's")
+def test_spikesim_refuses_and_simple_energy_sees_a_tpp_network(qcfs_snn, digits):
+    """SpikeSim models IF/LIF neurons only: its check now names the TPP layers (it used to pass
+    a TPP network silently); the simple energy model runs and counts its synaptic operations."""
+    from spikingjelly.activation_based import op_counter
+
+    _, snn = qcfs_snn
+    functional.set_step_mode(snn, "m")
+    x = digits[2][:4].double().unsqueeze(0).expand(T, 4, 1, 8, 8)
+    try:
+        with pytest.raises(ValueError, match=r"SpikeSim assumes IF/LIF.*TPPNode"):
+            op_counter.estimate_spikesim_energy(snn, x, strict=True)
+        report = op_counter.estimate_simple_energy(snn, x)
+    finally:
+        functional.reset_net(snn)
+        functional.set_step_mode(snn, "s")
+    assert report.counts["mac"] > 0 and report.energy_total_pj > 0
