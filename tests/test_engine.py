@@ -178,3 +178,26 @@ def test_neuron_names_are_case_insensitive_in_both_frameworks():
                 lambda: sj.convert_qcfs(ann, "lif")):
         with pytest.raises(ValueError, match="unknown neuron 'lif'"):
             bad()
+
+
+@pytest.mark.parametrize("count", ["bernoulli", "exact", "unbiased"])
+def test_per_channel_thresholds_on_spikingjelly_cupy_path_as_snntorchs(emulated_kernel, count):
+    """SpikingJelly's TPPNode(backend='cupy') takes a per-channel threshold as snnTorch's
+    snn.TPP(backend='cupy') does (torch accumulates, the kernel fires v/θ): on the kernel's
+    emulation, both fire the same spikes for the same seed, and exact counts equal the torch
+    backend's neuron for neuron."""
+    sj = pytest.importorskip("tpp_plugin.adapters.spikingjelly")
+    snt = pytest.importorskip("tpp_plugin.adapters.snntorch")
+    x = torch.rand(2 * T, 3, 4, 5, generator=torch.Generator().manual_seed(2)) * 1.5 - 0.2
+    theta = torch.tensor([0.6, 0.9, 1.3, 0.45]).view(4, 1)
+    node = sj.TPPNode(v_threshold=theta, count=count, T=T, step_mode="m", seed=7,
+                      backend="cupy")
+    tpp = snt.TPP(theta, num_steps=T, count=count, sequence=True, init_hidden=True, seed=7,
+                  backend="cupy")
+    spikes = node(x)
+    assert torch.equal(spikes, tpp(x)) and 0 < spikes.sum() < spikes.numel()
+    assert any(isinstance(c[2], float) and c[2] == 1.0 for c in emulated_kernel)  # fires v/θ
+    if count == "exact":
+        torch_node = sj.TPPNode(v_threshold=theta, count=count, T=T, step_mode="m", seed=7)
+        reference = torch_node(x)
+        assert torch.equal(spikes.view(2, T, 3, 4, 5).sum(1), reference.view(2, T, 3, 4, 5).sum(1))

@@ -174,7 +174,10 @@ class TPPNode(_WindowModule, sj_neuron.BaseNode):
     random positions): a network of such neurons computes exactly the QCFS ANN with ``L = T``.
 
     A ``neuron.BaseNode``: SpikingJelly's tools that look for neurons
-    (``monitor.OutputMonitor(net, neuron.BaseNode)``, ``op_counter``) see it.
+    (``monitor.OutputMonitor(net, neuron.BaseNode)``, ``op_counter``) see it. In a
+    window-synchronous single-step loop a network computes each window at its first call, so a
+    hook or monitor on this neuron fires once per window with ``[T, N, *]``; monitor in
+    multi-step mode to see every layer's whole spike train, IF and TPP alike.
 
     :param v_threshold: threshold θ (> 0): a number, or a tensor broadcastable to the potential
         (e.g. per channel)
