@@ -176,10 +176,12 @@ def _calibrate(args):
     while rest and rest[0] != "--" and "=" in rest[0] and not rest[0].startswith("-"):
         items.append(rest.pop(0))
     if rest and rest[0].startswith("-") and rest[0] != "--":
+        after_dashes = list(args.script_command or [])  # what followed a '--' (argparse split)
         args.calibrate = None
         args._subparser.parse_args(rest, namespace=args)  # the options after --calibrate
         if args.calibrate is not None:
             raise ValueError("--calibrate is given twice")
+        args.script_command = list(args.script_command or []) + after_dashes
     else:
         args.script_command = rest + list(args.script_command or [])
     args.calibrate = items
