@@ -341,3 +341,18 @@ def test_spikingjelly_cnn_mnist_example_with_calibrate(tmp_path, capfd):
     assert expected > 40
     assert any(isinstance(m, TPPNode) for m in snn.modules())
     assert tpp_plugin.registry.current_default_neuron() is None
+
+
+def test_snntorch_convert_under_the_switch_says_what_to_do():
+    pytest.importorskip("snntorch")
+    from torch import nn
+
+    from tpp_plugin.adapters.snntorch import TPP, convert
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    calibration = [torch.rand(8, 4)]
+    with registry.default_neuron("tpp", calibrate={"T": 2}):
+        with pytest.raises(ValueError, match=r"cannot replace snnTorch convert\(mode='99.9%'\)"):
+            convert(model, calibration, num_steps=2, mode="99.9%")
+        net = convert(model, calibration, num_steps=2, mode="tpp")  # calibrates itself
+    assert any(isinstance(m, TPP) for m in net)
