@@ -1,10 +1,11 @@
 r"""The SpikingJelly converters' ``neuron=`` hooks and the registration (:func:`install`).
 
 ``import tpp_plugin`` wraps SpikingJelly 2.x's ``RateCodingRecipe`` and
-``LocalThresholdBalancingRecipe`` (``neuron=``, ``neuron_kwargs=``) and
+``LocalThresholdBalancingRecipe`` (``neuron=``, ``neuron_kwargs=``, ``calibrate=``) and
 ``FXConverter.convert``, warns about the recipes of ``ModuleConverter`` (their neurons are
-their own), and on 0.0.0.0.14 wraps
-``Converter(dataloader, ...)``; :func:`tpp_plugin.unregister` undoes it all.
+their own; under the calibration switch it refuses them), and on 0.0.0.0.14 wraps
+``Converter(dataloader, ...)``; :func:`tpp_plugin.unregister` undoes it all. What
+``calibrate=`` does is :mod:`.recalibrate`.
 """
 
 from __future__ import annotations
