@@ -135,7 +135,8 @@ def run(script, tmp_path, *runner_args, case="recipes"):
     ("tpp", {"T": T, "count": "exact", "seed": 0}, {}),
     ("tpp", {"T": T, "seed": 3}, {"max_samples": 64}),      # bernoulli: the same seeds
     ("if", {}, {"T": T}),                                   # calibrated IF: T from --calibrate
-], ids=["tpp-exact", "tpp-bernoulli-max_samples", "if"])
+    ("tpp", {"T": T, "count": "exact"}, {"finetune_epochs": 1, "max_samples": 48}),
+], ids=["tpp-exact", "tpp-bernoulli-max_samples", "if", "tpp-finetune"])
 def test_every_threshold_recipe_becomes_the_calibration(script, tmp_path, setup, capfd,
                                                         neuron, neuron_kwargs, calibrate):
     args = ["--neuron", neuron, "--calibrate", *(f"{k}={v}" for k, v in calibrate.items())]
@@ -169,6 +170,8 @@ def test_every_threshold_recipe_becomes_the_calibration(script, tmp_path, setup,
     assert lines[0].startswith(f"tpp_plugin: {recipe} replaced by the calibration for T={T} ")
     assert f"count={count!r}" in lines[0] and f"{samples} calibration images" in lines[0]
     assert "ignored: mode='99.9%', momentum=" in lines[0] and " s; kept: fuse_flag=True" in lines[0]
+    if "finetune_epochs" in options:
+        assert "fine-tuned for 1 epoch on every image of the loader (kept epoch" in lines[0]
     if not IS_LEGACY:
         assert "channel_wise=True" in lines[1] and "half_threshold=True" in lines[1]
         assert "device='cpu'" in lines[1]

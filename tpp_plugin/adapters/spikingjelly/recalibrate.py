@@ -123,9 +123,11 @@ def _report(owner, request: CalibrationRequest, result, neuron, seconds: float,
     count = settings.get("count", request.options.get("count", "exact"))
     extra = ""
     tuned = settings.get("finetune")
-    if request.options.get("finetune_epochs"):
+    epochs = request.options.get("finetune_epochs")
+    if epochs:
         epoch = tuned.get("epoch") if isinstance(tuned, dict) else None
-        extra = f", fine-tuned {request.options['finetune_epochs']} epochs (kept epoch {epoch})"
+        extra = (f", fine-tuned for {epochs} epoch{'s' if epochs != 1 else ''} on every image of "
+                 f"the loader (kept epoch {epoch})")
     ignored = _ignored(owner, type(owner).__init__)
     print(f"tpp_plugin: {_recipe_name(owner)} replaced by the calibration for T={request.T} "
           f"(neuron {neuron!r}, count={count!r}): {settings.get('samples', '?')} calibration "
