@@ -164,6 +164,7 @@ def test_every_threshold_recipe_becomes_the_calibration(script, tmp_path, setup,
     # one line per conversion, saying what happened
     lines = [line for line in err.splitlines() if "replaced by the calibration" in line]
     assert len(lines) == len(names), err
+    assert "replaced no conversion" not in err
     count = "exact" if neuron == "if" else neuron_kwargs.get("count", "bernoulli")
     samples = min(96, options.get("max_samples", 1024))
     recipe = "Converter" if IS_LEGACY else "RateCodingRecipe"
@@ -231,6 +232,7 @@ def test_explicit_neuron_keeps_the_scripts_thresholds(script, tmp_path, capfd):
     assert code == 0, err
     assert "kept its own thresholds under --calibrate: the script chose neuron= itself" in err
     assert "replaced by the calibration" not in err
+    assert "--calibrate replaced no conversion" in err  # the last word of the run says so
 
 
 # ------------------------------------------------------------------------ the library switch

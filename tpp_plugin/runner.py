@@ -89,6 +89,14 @@ def _exit_code(code) -> int:
     return 1
 
 
+def _say_if_nothing_replaced(request) -> None:
+    """``--calibrate`` on a script that converted nothing with a threshold recipe: say so."""
+    if request is not None and not request.replaced:
+        print("tpp_plugin: --calibrate replaced no conversion: the script converted nothing with "
+              "RateCodingRecipe, LocalThresholdBalancingRecipe or SpikingJelly 0.0.0.0.14's "
+              "Converter", file=sys.stderr, flush=True)
+
+
 def run_script(script: str, args=(), neuron: str = "tpp", *, calibrate=None,
                **neuron_kwargs) -> int:
     r"""Run ``script`` as ``__main__`` with ``neuron`` as the converters' default; return its exit
@@ -125,11 +133,16 @@ def run_script(script: str, args=(), neuron: str = "tpp", *, calibrate=None,
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    request = None
     try:
         with registry.default_neuron(neuron, calibrate=calibrate, **neuron_kwargs):
+            request = registry.current_default_calibration()
             runpy.run_path(script, run_name="__main__")
+        _say_if_nothing_replaced(request)
         return 0
     except SystemExit as exc:
+        if exc.code in (None, 0):
+            _say_if_nothing_replaced(request)
         return _exit_code(exc.code)
     except Exception:  # the script's own failure: report it like the interpreter, exit code 1
         traceback.print_exc()

@@ -22,10 +22,13 @@ class CalibrationRequest:
     :ivar T: the number of time steps to calibrate for
     :ivar options: keyword arguments of :func:`~tpp_plugin.calibration.calibrate_for_T` (not
         ``fuse``: the recipe's ``fuse_flag`` decides)
+    :ivar replaced: the names of the recipes replaced under this request so far (the adapters
+        append; ``run --calibrate`` says so when a script made no such conversion)
     """
 
     T: int
     options: dict = field(default_factory=dict)
+    replaced: list = field(default_factory=list, repr=False, compare=False)
 
 
 def calibration_request(calibrate, neuron, neuron_kwargs=None,

@@ -129,6 +129,7 @@ def _report(owner, request: CalibrationRequest, result, neuron, seconds: float,
         extra = (f", fine-tuned for {epochs} epoch{'s' if epochs != 1 else ''} on every image of "
                  f"the loader (kept epoch {epoch})")
     ignored = _ignored(owner, type(owner).__init__)
+    request.replaced.append(_recipe_name(owner))
     print(f"tpp_plugin: {_recipe_name(owner)} replaced by the calibration for T={request.T} "
           f"(neuron {neuron!r}, count={count!r}): {settings.get('samples', '?')} calibration "
           f"images{extra}, {seconds:.1f} s; kept: {kept}"
