@@ -5,9 +5,12 @@ from tpp_plugin.cli import main
 from tpp_plugin.experiments.demo import format_table, run_demo
 
 
-def test_demo_reduced_run():
+def test_demo_reduced_run(capfd):
     lines: list = []
     result = run_demo(Ts=(2, 4), epochs=3, echo=lines.append)
+    # stderr is not a terminal here: no progress bar at all (SpikingJelly's per-conversion
+    # calibration bars included), only the tables, through echo
+    assert "%|" not in capfd.readouterr().err
     text = "\n".join(lines)
     assert "SpikingJelly IF (default)" in text and "TPP exact" in text
     relu, qcfs = result["relu"], result["qcfs"]

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import warnings
 
+from .calibration.switch import calibration_request
 from .functional import check_seed_value
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "registered",
     "default_neuron",
     "current_default_neuron",
+    "current_default_calibration",
     "check_neuron_name",
 ]
 
@@ -192,6 +194,10 @@ def registered() -> tuple:
 _DEFAULT_NEURON: contextvars.ContextVar = contextvars.ContextVar(
     "tpp_plugin_default_neuron", default=None
 )
+# the CalibrationRequest of the active default_neuron(..., calibrate=...) block, or None
+_DEFAULT_CALIBRATION: contextvars.ContextVar = contextvars.ContextVar(
+    "tpp_plugin_default_calibration", default=None
+)
 
 
 def check_neuron_name(neuron) -> str:
@@ -208,7 +214,7 @@ def check_neuron_name(neuron) -> str:
 
 
 @contextlib.contextmanager
-def default_neuron(neuron: str, **neuron_kwargs):
+def default_neuron(neuron: str, *, calibrate=None, **neuron_kwargs):
     """Make ``neuron`` the default neuron of the converters inside a ``with`` block.
 
     While the block runs, a converter called *without* ``neuron=`` (and without its own
@@ -223,10 +229,19 @@ def default_neuron(neuron: str, **neuron_kwargs):
     not see it.
 
     :param neuron: ``'tpp'`` or ``'if'``
+    :param calibrate: ``True`` or a dict of calibration options: every SpikingJelly threshold
+        recipe the block switches (``RateCodingRecipe``, ``LocalThresholdBalancingRecipe``;
+        0.0.0.0.14's ``Converter``) converts by the calibration for ``T`` instead, on its own
+        data loader (as the recipe's ``calibrate=`` does: see docs/calibration.md, "The
+        calibration switch"). ``T`` is the neurons' ``T`` (or the dict's ``T``; needed for
+        ``'if'``); the dict's other keys are
+        :func:`~tpp_plugin.calibration.calibrate_for_T` options, e.g. ``max_samples``,
+        ``finetune_epochs``. A recipe it cannot replace raises, naming it
     :param neuron_kwargs: the neuron's arguments, e.g. ``count='exact'``, ``seed=0``, ``T=8``
         (SpikingJelly's single-step mode); with ``seed=s`` the ``i``-th neuron gets the ``i``-th
         seed of :func:`tpp_plugin.functional.spawn_seeds`
-    :raises ValueError: for an unknown neuron name
+    :raises ValueError: for an unknown neuron name, or a ``calibrate`` without ``T`` or with a
+        bad option value (``TypeError`` for an unknown option)
     :raises RuntimeError: if SpikingJelly is installed but the plugin is not registered into it
         (its converters would silently ignore the block)
 
@@ -250,10 +265,13 @@ def default_neuron(neuron: str, **neuron_kwargs):
             "default_neuron: tpp_plugin is not registered into SpikingJelly, whose converters "
             "would silently keep their own neuron; call tpp_plugin.register('spikingjelly') first"
         )
+    request = calibration_request(calibrate, name, neuron_kwargs, "default_neuron(calibrate=)")
     token = _DEFAULT_NEURON.set((name, dict(neuron_kwargs)))
+    calibration_token = _DEFAULT_CALIBRATION.set(request)
     try:
         yield
     finally:
+        _DEFAULT_CALIBRATION.reset(calibration_token)
         _DEFAULT_NEURON.reset(token)
 
 
@@ -265,3 +283,10 @@ def current_default_neuron() -> tuple | None:
         return None
     name, kwargs = current
     return name, dict(kwargs)
+
+
+def current_default_calibration():
+    """The :class:`~tpp_plugin.calibration.switch.CalibrationRequest` (``T``, ``options``) of
+    the active ``default_neuron(..., calibrate=...)`` block, or ``None`` (no calibration: the
+    recipes' own thresholds)."""
+    return _DEFAULT_CALIBRATION.get()

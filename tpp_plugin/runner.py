@@ -2,7 +2,8 @@ r"""``python -m tpp_plugin run``: run an unmodified script with TPP as the conve
 
 ::
 
-    python -m tpp_plugin run --neuron tpp [--neuron-kwargs K=V ...] SCRIPT [ARGS...]
+    python -m tpp_plugin run --neuron tpp [--calibrate [K=V ...]] [--neuron-kwargs K=V ...] \
+        SCRIPT [ARGS...]
 
 The script runs as ``__main__`` (like ``python SCRIPT ARGS...``: ``sys.argv`` is
 ``[SCRIPT, *ARGS]``, the script's folder is first on ``sys.path``) with the plugin registered and
@@ -16,6 +17,14 @@ default neuron and any registration the runner made are restored.
 without ``=`` (the script) is a neuron argument. Values are Python literals when they parse as
 one (``seed=0`` → ``0``, ``v_init=0.5``, ``T=None``) and strings otherwise (``count=exact``).
 A ``--`` may separate the runner's options from the script.
+
+``--calibrate`` makes every conversion by a threshold recipe (SpikingJelly 2.x
+``RateCodingRecipe``, ``LocalThresholdBalancingRecipe``; 0.0.0.0.14 ``Converter``) a conversion
+by the calibration for ``T`` on the recipe's own data loader (``default_neuron(...,
+calibrate=...)``); its ``K=V`` items are options of
+:func:`~tpp_plugin.calibration.calibrate_for_T` (``max_samples=512``, ``finetune_epochs=2``, and
+``T`` where the neurons have none: ``--neuron if``). One line on stderr per replaced conversion;
+a recipe it cannot replace stops the script with an error naming it (exit code 1).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import sys
 import traceback
 
 from . import registry
+from .calibration.switch import calibration_request
 
 __all__ = ["parse_neuron_kwargs", "split_command", "run_script", "add_arguments", "main"]
 
@@ -79,13 +89,24 @@ def _exit_code(code) -> int:
     return 1
 
 
-def run_script(script: str, args=(), neuron: str = "tpp", **neuron_kwargs) -> int:
+def _say_if_nothing_replaced(request) -> None:
+    """``--calibrate`` on a script that converted nothing with a threshold recipe: say so."""
+    if request is not None and not request.replaced:
+        print("tpp_plugin: --calibrate replaced no conversion: the script converted nothing with "
+              "RateCodingRecipe, LocalThresholdBalancingRecipe or SpikingJelly 0.0.0.0.14's "
+              "Converter", file=sys.stderr, flush=True)
+
+
+def run_script(script: str, args=(), neuron: str = "tpp", *, calibrate=None,
+               **neuron_kwargs) -> int:
     r"""Run ``script`` as ``__main__`` with ``neuron`` as the converters' default; return its exit
     code.
 
     :param script: path of a Python file
     :param args: its command-line arguments (``sys.argv[1:]``)
     :param neuron: ``'tpp'`` or ``'if'``
+    :param calibrate: ``None``, ``True`` or a dict of calibration options: the threshold
+        recipes convert by the calibration for ``T`` (see :func:`tpp_plugin.default_neuron`)
     :param neuron_kwargs: the neuron's arguments (see :func:`tpp_plugin.registry.default_neuron`)
     :return: ``0`` when the script ends normally, the code of a ``SystemExit`` it raises, ``1``
         for an uncaught exception (its traceback is printed, as Python would)
@@ -112,11 +133,16 @@ def run_script(script: str, args=(), neuron: str = "tpp", **neuron_kwargs) -> in
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    request = None
     try:
-        with registry.default_neuron(neuron, **neuron_kwargs):
+        with registry.default_neuron(neuron, calibrate=calibrate, **neuron_kwargs):
+            request = registry.current_default_calibration()
             runpy.run_path(script, run_name="__main__")
+        _say_if_nothing_replaced(request)
         return 0
     except SystemExit as exc:
+        if exc.code in (None, 0):
+            _say_if_nothing_replaced(request)
         return _exit_code(exc.code)
     except Exception:  # the script's own failure: report it like the interpreter, exit code 1
         traceback.print_exc()
@@ -136,6 +162,12 @@ def add_arguments(parser) -> None:
         help=f"the converters' default neuron: one of {', '.join(registry.NEURON_NAMES)} "
         "(default: tpp)",
     )
+    parser.add_argument(  # REMAINDER: main() hands what follows the K=V items back (_calibrate)
+        "--calibrate", nargs=argparse.REMAINDER, default=None, metavar="K=V",
+        help="convert with the calibration for T instead of the threshold recipes' own "
+        "thresholds, on their data loaders; optional calibration options, e.g. "
+        "max_samples=512 finetune_epochs=2 (T= for --neuron if)",
+    )
     parser.add_argument(
         "--neuron-kwargs", nargs=argparse.REMAINDER, default=[], metavar="K=V",
         help="neuron arguments, e.g. seed=0 count=exact T=16; must come last, before SCRIPT",
@@ -146,12 +178,43 @@ def add_arguments(parser) -> None:
     )
 
 
+def _calibrate(args):
+    """``--calibrate`` takes the rest of the command line (so that ``--calibrate SCRIPT`` works):
+    keep its leading ``K=V`` items as the calibration options and parse what follows again —
+    the runner's other options, or the script. Return the options (``None`` without
+    ``--calibrate``)."""
+    if args.calibrate is None:
+        return None
+    items, rest = [], list(args.calibrate)
+    while rest and rest[0] != "--" and "=" in rest[0] and not rest[0].startswith("-"):
+        items.append(rest.pop(0))
+    if rest and rest[0].startswith("-") and rest[0] != "--":
+        after_dashes = list(args.script_command or [])  # what followed a '--' (argparse split)
+        args.calibrate = None
+        args._subparser.parse_args(rest, namespace=args)  # the options after --calibrate
+        if args.calibrate is not None:
+            raise ValueError("--calibrate is given twice")
+        args.script_command = list(args.script_command or []) + after_dashes
+    else:
+        args.script_command = rest + list(args.script_command or [])
+    args.calibrate = items
+    return parse_neuron_kwargs(items) or True
+
+
 def main(args) -> int:
     """Run the script from parsed command-line arguments; return its exit code."""
+    try:
+        calibrate = _calibrate(args)
+    except SystemExit as exc:  # a usage error after --calibrate (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else 2
+    except ValueError as exc:
+        print(f"python -m tpp_plugin run: error: {exc}", file=sys.stderr)
+        return 2
     items, command = split_command(args.neuron_kwargs, args.script_command)
     try:
-        registry.check_neuron_name(args.neuron)
+        name = registry.check_neuron_name(args.neuron)
         kwargs = parse_neuron_kwargs(items)
+        calibration_request(calibrate, name, kwargs, "--calibrate")
         if not command:
             raise ValueError("no SCRIPT given: python -m tpp_plugin run --neuron tpp SCRIPT ...")
         if command[0].startswith("-"):
@@ -162,7 +225,7 @@ def main(args) -> int:
         script, script_args = command[0], command[1:]
         if not os.path.isfile(script):
             raise FileNotFoundError(f"no such script: {script}")
-    except (ValueError, FileNotFoundError) as exc:
+    except (TypeError, ValueError, FileNotFoundError) as exc:
         print(f"python -m tpp_plugin run: error: {exc}", file=sys.stderr)
         return 2
-    return run_script(script, script_args, args.neuron, **kwargs)
+    return run_script(script, script_args, args.neuron, calibrate=calibrate, **kwargs)

@@ -13,7 +13,7 @@ import torch
 
 from ..qcfs import qcfs_levels
 from . import data
-from .models import ann_accuracy, digits_cnn, progress_bar, train_ann
+from .models import ann_accuracy, digits_cnn, framework_bars_off, progress_bar, train_ann
 
 __all__ = ["run_demo", "spikingjelly_accuracy", "snntorch_accuracy", "format_table"]
 
@@ -83,6 +83,16 @@ def _report(tables: dict, Ts, n_test: int, start: float, echo) -> dict:
     return {"T": list(Ts), "relu": relu_rows, "qcfs": qcfs_rows}
 
 
+def _fill_rows(rows: dict, jobs: dict, stage: str) -> dict:
+    """``rows[label] = job()`` for every ``(label, job)`` of ``jobs``, under one progress bar
+    for the whole stage (none when stderr is not a terminal) and with the converters' own
+    per-conversion bars silenced."""
+    with framework_bars_off():
+        for label, job in progress_bar(stage, total=len(jobs), unit="row")(jobs.items()):
+            rows[label] = job()
+    return rows
+
+
 def _qcfs_reference_rows(qcfs_ann, test, Ts, levels) -> dict:
     rows = {f"ANN (QCFS, L={levels})": [ann_accuracy(qcfs_ann, test)] * len(Ts)}
     with_levels = []
@@ -97,7 +107,10 @@ def run_demo(
     Ts=DEFAULT_TS, epochs: int = 30, seed: int = 0, levels: int = 4, echo=print,
     framework: str = "spikingjelly",
 ) -> dict:
-    """Run the demo and return ``{'T': Ts, 'relu': {...}, 'qcfs': {...}}`` accuracy tables."""
+    """Run the demo and return ``{'T': Ts, 'relu': {...}, 'qcfs': {...}}`` accuracy tables.
+
+    Progress goes to stderr as one bar per stage (training each ANN, each table), and only when
+    stderr is a terminal; the tables go to ``echo``."""
     if framework == "snntorch":
         return _run_snntorch_demo(Ts, epochs, seed, levels, echo)
     if framework != "spikingjelly":
@@ -117,36 +130,44 @@ def run_demo(
         recipe = ann2snn.RateCodingRecipe(train, mode="99.9%", **hook)
         return ann2snn.Converter(recipe).convert(relu_ann)
 
-    relu_rows = {"ANN (ReLU)": [ann_accuracy(relu_ann, test)] * len(Ts)}
-    relu_nets = {
+    def convert_ltb(**hook):
+        return ann2snn.Converter(ann2snn.LocalThresholdBalancingRecipe(train, **hook)).convert(
+            relu_ann)
+
+    def row(convert):  # one conversion, evaluated at every T
+        snn = convert()
+        return [spikingjelly_accuracy(snn, test, T) for T in Ts]
+
+    relu_jobs = {
         # neuron='if' is the converter's default neuron; naming it also makes a 0.0.0.0.14 result
         # run in multi-step mode
-        "SpikingJelly IF (default)": convert_relu(neuron="if"),
-        "TPP bernoulli": convert_relu(neuron="tpp", neuron_kwargs={"seed": seed}),
-        "TPP exact": convert_relu(neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed}),
+        "SpikingJelly IF (default)": lambda: row(lambda: convert_relu(neuron="if")),
+        "TPP bernoulli": lambda: row(lambda: convert_relu(neuron="tpp",
+                                                          neuron_kwargs={"seed": seed})),
+        "TPP exact": lambda: row(lambda: convert_relu(
+            neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed})),
     }
     if not IS_LEGACY:  # SpikingJelly 2.x's channel-wise recipe, with its own IF and with TPP
-        def convert_ltb(**hook):
-            return ann2snn.Converter(ann2snn.LocalThresholdBalancingRecipe(train, **hook)).convert(
-                relu_ann)
-
-        relu_nets["SJ LocalThresholdBalancing + IF"] = convert_ltb()
-        relu_nets["SJ LocalThresholdBalancing + TPP exact"] = convert_ltb(
-            neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed})
-    for label, snn in relu_nets.items():
-        relu_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
-    relu_rows["TPP calibrated for T, exact"] = [  # one conversion per T
+        relu_jobs["SJ LocalThresholdBalancing + IF"] = lambda: row(convert_ltb)
+        relu_jobs["SJ LocalThresholdBalancing + TPP exact"] = lambda: row(lambda: convert_ltb(
+            neuron="tpp", neuron_kwargs={"count": "exact", "seed": seed}))
+    relu_jobs["TPP calibrated for T, exact"] = lambda: [  # one conversion per T
         spikingjelly_accuracy(convert_calibrated(relu_ann, train, T, neuron_kwargs={
             "count": "exact", "seed": seed}), test, T) for T in Ts]
+    relu_rows = _fill_rows({"ANN (ReLU)": [ann_accuracy(relu_ann, test)] * len(Ts)}, relu_jobs,
+                           "ReLU CNN table")
 
-    qcfs_rows = _qcfs_reference_rows(qcfs_ann, test, Ts, levels)
-    for label, neuron, kwargs in (
-        ("IF (v starts at θ/2)", "if", {}),
-        ("TPP bernoulli", "tpp", {"seed": seed}),
-        ("TPP exact", "tpp", {"count": "exact", "seed": seed}),
-    ):
-        snn = convert_qcfs(qcfs_ann, neuron, kwargs)
-        qcfs_rows[label] = [spikingjelly_accuracy(snn, test, T) for T in Ts]
+    qcfs_jobs = {
+        label: (lambda neuron=neuron, kwargs=kwargs: row(
+            lambda: convert_qcfs(qcfs_ann, neuron, kwargs)))
+        for label, neuron, kwargs in (
+            ("IF (v starts at θ/2)", "if", {}),
+            ("TPP bernoulli", "tpp", {"seed": seed}),
+            ("TPP exact", "tpp", {"count": "exact", "seed": seed}),
+        )
+    }
+    qcfs_rows = _fill_rows(_qcfs_reference_rows(qcfs_ann, test, Ts, levels), qcfs_jobs,
+                           "QCFS CNN table")
 
     tables = {
         "ReLU CNN → SpikingJelly RateCodingRecipe(mode='99.9%'), its LocalThresholdBalancing"
@@ -166,17 +187,16 @@ def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
         ("TPP bernoulli", {"neuron": "tpp", "seed": seed}),
         ("TPP exact", {"neuron": "tpp", "count": "exact", "seed": seed}),
     )
-    relu_rows = {"ANN (ReLU)": [ann_accuracy(relu_ann, test)] * len(Ts)}
-    qcfs_rows = _qcfs_reference_rows(qcfs_ann, test, Ts, levels)
-    for label, kwargs in neurons:
-        relu_rows[label] = [
-            snntorch_accuracy(convert(relu_ann, train, num_steps=T, mode="99.9%", **kwargs),
-                              test, T)
-            for T in Ts
-        ]
-        qcfs_rows[label] = [
-            snntorch_accuracy(convert(qcfs_ann, num_steps=T, **kwargs), test, T) for T in Ts
-        ]
+    relu_jobs = {label: (lambda kwargs=kwargs: [
+        snntorch_accuracy(convert(relu_ann, train, num_steps=T, mode="99.9%", **kwargs), test, T)
+        for T in Ts]) for label, kwargs in neurons}
+    qcfs_jobs = {label: (lambda kwargs=kwargs: [
+        snntorch_accuracy(convert(qcfs_ann, num_steps=T, **kwargs), test, T) for T in Ts])
+        for label, kwargs in neurons}
+    relu_rows = _fill_rows({"ANN (ReLU)": [ann_accuracy(relu_ann, test)] * len(Ts)}, relu_jobs,
+                           "ReLU CNN table")
+    qcfs_rows = _fill_rows(_qcfs_reference_rows(qcfs_ann, test, Ts, levels), qcfs_jobs,
+                           "QCFS CNN table")
     tables = {
         "ReLU CNN → tpp_plugin snnTorch converter (mode='99.9%')": relu_rows,
         f"QCFS CNN (L={levels}) → snnTorch": qcfs_rows,

@@ -9,6 +9,7 @@ residual network (``BasicBlock`` with one ``ReLU(inplace=True)`` used twice per 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "spiking_layers",
     "train_ann",
     "progress_bar",
+    "framework_bars_off",
     "ann_accuracy",
 ]
 
@@ -276,6 +278,37 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "it"):
         return lambda it: it
     return lambda it: tqdm(it, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
                            disable=None)
+
+
+#: SpikingJelly modules whose calibration loops show a tqdm bar per conversion
+_FRAMEWORK_BAR_MODULES = (
+    "spikingjelly.activation_based.ann2snn.recipes.rate_coding",
+    "spikingjelly.activation_based.ann2snn.recipes.local_threshold_balancing",
+    "spikingjelly.activation_based.ann2snn.converter",  # 0.0.0.0.14's Converter
+)
+
+
+@contextlib.contextmanager
+def framework_bars_off():
+    """Silence the tqdm bar SpikingJelly's converters draw over the calibration loader of every
+    conversion (one per table cell in the demo) while the block runs; restored afterwards."""
+    saved = []
+    for name in _FRAMEWORK_BAR_MODULES:
+        module = sys.modules.get(name)
+        bar = getattr(module, "tqdm", None)
+        if bar is None:
+            continue
+
+        def silent(*args, _bar=bar, **kwargs):
+            return _bar(*args, **{**kwargs, "disable": True})
+
+        saved.append((module, bar))
+        module.tqdm = silent
+    try:
+        yield
+    finally:
+        for module, bar in saved:
+            module.tqdm = bar
 
 
 def train_ann(model: nn.Module, loader, epochs: int = 30, lr: float = 2e-3, progress=None):

@@ -20,7 +20,7 @@ from ...count_domain import call_is_affine
 from ...engine import graph as passes
 from ...engine.window import check_streaming_mode
 from ...qcfs import QCFS
-from ...registry import check_neuron_name, current_default_neuron
+from ...registry import check_neuron_name, current_default_calibration, current_default_neuron
 from .common import check_backend, refuse_surrogate
 from .if_neuron import IF
 from .permutation import TemporalPermutation
@@ -255,6 +255,13 @@ def convert(
         default = current_default_neuron()
         neuron, default_kwargs = default if default is not None else ("tpp", {})
         neuron_kwargs = {**default_kwargs, **neuron_kwargs}
+        if current_default_calibration() is not None and not (
+                isinstance(mode, CalibrationResult)
+                or (isinstance(mode, str) and mode.lower() == "tpp")):
+            raise ValueError(  # (run --calibrate replaces SpikingJelly's threshold recipes)
+                f"tpp_plugin --calibrate: cannot replace snnTorch convert(mode={mode!r}): the "
+                "plugin's snnTorch converter calibrates for T itself with mode='tpp' and "
+                "num_steps=T; pass that, or run without --calibrate")
     neuron = check_neuron_name(neuron)
     streaming = check_streaming_mode(streaming)
     if permutation is not None:

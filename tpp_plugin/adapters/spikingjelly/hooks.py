@@ -1,10 +1,11 @@
 r"""The SpikingJelly converters' ``neuron=`` hooks and the registration (:func:`install`).
 
 ``import tpp_plugin`` wraps SpikingJelly 2.x's ``RateCodingRecipe`` and
-``LocalThresholdBalancingRecipe`` (``neuron=``, ``neuron_kwargs=``) and
+``LocalThresholdBalancingRecipe`` (``neuron=``, ``neuron_kwargs=``, ``calibrate=``) and
 ``FXConverter.convert``, warns about the recipes of ``ModuleConverter`` (their neurons are
-their own), and on 0.0.0.0.14 wraps
-``Converter(dataloader, ...)``; :func:`tpp_plugin.unregister` undoes it all.
+their own; under the calibration switch it refuses them), and on 0.0.0.0.14 wraps
+``Converter(dataloader, ...)``; :func:`tpp_plugin.unregister` undoes it all. What
+``calibrate=`` does is :mod:`.recalibrate`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,20 @@ from ...convert import (
     named_modules_of_type,
     set_submodule,
 )
-from ...registry import _warn_once, current_default_neuron
+from ...registry import _warn_once, current_default_calibration, current_default_neuron
 from .building import IF_TYPES, NeuronFactory, is_half_threshold, make_neuron, neuron_kind
 from .calibrated import TPPCalibrationRecipe
 from .compat import IS_LEGACY
 from .graph import finish, make_step_mode_capable
 from .neurons import TemporalPermutation, TPPNode
 from .qcfs import QCFSRecipe
+from .recalibrate import (
+    convert_by_calibration,
+    convert_legacy_by_calibration,
+    recipe_calibration,
+    refuse_unreplaceable,
+    report_kept,
+)
 from .streaming import steps_needed, tpp_modules
 
 __all__ = ["install", "reset", "check_calibration_arguments", "run_calibration"]
@@ -53,11 +61,13 @@ def _neuron_hook_kwargs(neuron, neuron_kwargs, neuron_factory):
 
 
 def _wrap_recipe_init(original):
-    """``neuron=``/``neuron_kwargs=`` for a SpikingJelly 2.x recipe that builds IF neurons:
-    remembered on the recipe and applied to its result by the converter hook."""
+    """``neuron=``/``neuron_kwargs=``/``calibrate=`` for a SpikingJelly 2.x recipe that builds
+    IF neurons: remembered on the recipe and applied by the converter hook."""
 
-    def __init__(self, *args, neuron=None, neuron_kwargs=None, **kwargs):
+    def __init__(self, *args, neuron=None, neuron_kwargs=None, calibrate=None, **kwargs):
         self._tpp_factory = _neuron_hook_kwargs(neuron, neuron_kwargs, kwargs.get("neuron_factory"))
+        self._tpp_calibrate = recipe_calibration(self, self._tpp_factory, neuron, calibrate,
+                                                 kwargs.get("neuron_factory"))
         if self._tpp_factory is not None:
             check_calibration_arguments(original, self, args, kwargs)
         original(self, *args, **kwargs)
@@ -123,6 +133,10 @@ def _wrap_converter_convert(original):
 
     def convert(self, ann):
         recipe = self.recipe
+        request = getattr(recipe, "_tpp_calibrate", None)
+        if request is not None:  # calibrate=: the calibration for T converts instead
+            return convert_by_calibration(self, ann, request)
+        report_kept(recipe)
         if not (hasattr(recipe, "_tpp_factory") or getattr(recipe, "_tpp_switchable", False)):
             _warn_unswitchable(recipe)
         factory = getattr(recipe, "_tpp_factory", None)
@@ -138,7 +152,10 @@ def _wrap_converter_convert(original):
 
 def _warn_unswitchable(recipe) -> None:
     """Under an active :func:`~tpp_plugin.registry.default_neuron` (``python -m tpp_plugin run
-    --neuron ...``), say once that ``recipe`` keeps its own neurons."""
+    --neuron ...``), say once that ``recipe`` keeps its own neurons; with its ``calibrate=``
+    (``run --calibrate``), refuse it by name."""
+    if current_default_calibration() is not None:
+        raise refuse_unreplaceable(recipe)
     default = current_default_neuron()
     if default is not None:
         _warn_once(
@@ -178,18 +195,24 @@ def _wrap_estimate_delay_start(original):
 
 
 def _wrap_legacy_converter_init(original):
-    def __init__(self, *args, neuron=None, neuron_kwargs=None, **kwargs):
+    def __init__(self, *args, neuron=None, neuron_kwargs=None, calibrate=None, **kwargs):
         factory = _neuron_hook_kwargs(neuron, neuron_kwargs, None)
+        request = recipe_calibration(self, factory, neuron, calibrate)
         if factory is not None:
             check_calibration_arguments(original, self, args, kwargs)
         original(self, *args, **kwargs)
         self.neuron_factory = factory
+        self._tpp_calibrate = request
 
     return __init__
 
 
 def _wrap_legacy_converter_forward(original):
     def forward(self, ann):
+        request = getattr(self, "_tpp_calibrate", None)
+        if request is not None:  # calibrate=: the calibration for T converts instead
+            return convert_legacy_by_calibration(self, ann, request)
+        report_kept(self)
         factory = getattr(self, "neuron_factory", None)
         if factory is None:
             return original(self, ann)
