@@ -40,6 +40,7 @@ from torch import nn
 
 from .. import functional as F
 from ..convert import eval_mode
+from .checks import check_finetune_inputs
 from .graph import bias_shift_targets
 from .passes import kl_divergence, run_batched
 from .quantiser import Probe, channel_view, quantised_ann, random_count_mean
@@ -148,6 +149,7 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
         (5, True)
     """
     check_finetune_args(epochs, lr, drop, holdout)
+    check_finetune_inputs(ann, result, x, batch_size, seed)
     if epochs == 0:
         return result
     model = quantised_ann(ann, result, result.T)
