@@ -35,6 +35,7 @@ from torch.nn import functional as nnF
 from . import contract
 from .count_domain import count_window
 from .distributed import all_reduce_sum
+from .functional import check_window
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "SpikeStats", "spike_stats", "check_energy_constant"]
 
@@ -149,7 +150,7 @@ class SpikeStats(ForwardHooks):
                  e_mac: float = E_MAC_PJ):
         self.e_ac = check_energy_constant(e_ac, "e_ac")
         self.e_mac = check_energy_constant(e_mac, "e_mac")
-        self.T = T
+        self.T = None if T is None else check_window(T)
         spiking = _spiking_types()
         self.layers: list[_Layer] = []
         self._order: list[nn.Module] = []  # first call order of hooked modules
