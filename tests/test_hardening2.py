@@ -143,7 +143,10 @@ BAD_INPUTS = [
     ("ft_seed_str", lambda: _ft(ANN, RESULT, X, 1, seed="a"), TypeError, r"seed.*'a'"),
     ("ft_fp16", lambda: _ft(copy.deepcopy(ANN).half(), RESULT, X, 1), TypeError,
      r"ann.*torch\.float16"),
-    ("ft_epochs_neg", lambda: _ft(ANN, RESULT, X, -1), ValueError, r"finetune_epochs.*-1"),
+    ("ft_epochs_neg", lambda: _ft(ANN, RESULT, X, -1), ValueError,
+     r"^epochs must be a non-negative integer, got -1"),
+    ("ft_drop_1", lambda: _ft(ANN, RESULT, X, 1, drop=1.0), ValueError,
+     r"^drop must be a number in \[0, 1\), got 1\.0"),
     # evaluate
     ("ev_plain_ann", lambda: _ev(ANN, (X, Y)), ValueError, r"net: Sequential has no spiking"),
     ("ev_T_differs", lambda: _ev(SNN, (X, Y), T=8), ValueError,
@@ -166,11 +169,21 @@ BAD_INPUTS = [
      r"data: .*32 inputs.*but 5 labels"),
     ("ev_data_none", lambda: _ev(SNN, None), TypeError, r"data must be .*NoneType"),
     ("ev_net_str", lambda: _ev("net", (X, Y)), TypeError, r"net must be .*str"),
+    ("ev_batch_size_0", lambda: _ev(SNN, (X, Y), batch_size=0), ValueError,
+     r"batch_size must be >= 1, got 0"),
+    ("ev_batch_size_float", lambda: _ev(SNN, (X, Y), batch_size=2.5), TypeError,
+     r"batch_size .*2\.5"),
+    ("ev_seed_str", lambda: _ev(SNN, (X, Y), seed="a"), TypeError, r"seed .*'a'"),
+    ("ev_bernoulli", lambda: _ev(SNN, (X, Y), bernoulli="two"), ValueError,
+     r"bernoulli must be one of .*'two'"),
+    ("ev_count_mode_str", lambda: _ev(SNN, (X, Y), count_mode="yes"), TypeError,
+     r"count_mode must be True or False, got 'yes'"),
     # spike_stats
     ("stats_T_neg", lambda: tpp_plugin.spike_stats(SNN, T=-1), ValueError,
      r"T must be >= 1, got -1"),
     ("stats_T_0", lambda: tpp_plugin.spike_stats(SNN, T=0), ValueError,
      r"T must be >= 1, got 0"),
+    ("stats_net_str", lambda: tpp_plugin.spike_stats("net"), TypeError, r"net .*str"),
     ("stats_T_float", lambda: tpp_plugin.spike_stats(SNN, T=2.0), TypeError, r"T .*2\.0"),
 ]
 

@@ -22,7 +22,7 @@ from .distributed import (
     rank_seed,
     world,
 )
-from .functional import check_window
+from .functional import check_seed_value, check_window
 from .state import reseed
 from .state import reset as reset_net
 from .stats import E_AC_PJ, E_MAC_PJ, SpikeStats, check_energy_constant
@@ -66,6 +66,20 @@ def _check_net(net, T):
             f"({', '.join(map(str, windows))}): they would run T={T} steps as other windows, "
             f"not one window of {T}{hint}")
     return T
+
+
+def _check_options(count_mode, bernoulli, seed, batch_size) -> None:
+    if not isinstance(count_mode, bool):
+        raise TypeError(f"count_mode must be True or False, got {count_mode!r}")
+    if bernoulli not in count_domain.BERNOULLI_SAMPLERS:
+        raise ValueError(f"bernoulli must be one of {count_domain.BERNOULLI_SAMPLERS}, got "
+                         f"{bernoulli!r}")
+    if seed is not None:
+        check_seed_value(seed, "seed")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
 
 
 def _check_pair(data, what: str) -> None:
@@ -209,10 +223,11 @@ def evaluate(net: nn.Module, data, T: int | None = None, *, count_mode: bool = F
         >>> result['images'], 0 <= result['accuracy'] <= 1, result['spike_stats'] is not None
         (20, True, True)
     """
+    check_process_group()  # a launch without a process group first: no rank may go on
     T = _check_net(net, T)
+    _check_options(count_mode, bernoulli, seed, batch_size)
     e_ac = E_AC_PJ if e_ac is None else check_energy_constant(e_ac, "e_ac")
     e_mac = E_MAC_PJ if e_mac is None else check_energy_constant(e_mac, "e_mac")
-    check_process_group()
     rank, size = world(group)
     loader, n = _loader(data, batch_size, group)
     if seed is not None:

@@ -148,6 +148,8 @@ class SpikeStats(ForwardHooks):
 
     def __init__(self, net: nn.Module, T: int | None = None, e_ac: float = E_AC_PJ,
                  e_mac: float = E_MAC_PJ):
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"spike_stats: net must be an nn.Module, got {type(net).__name__}")
         self.e_ac = check_energy_constant(e_ac, "e_ac")
         self.e_mac = check_energy_constant(e_mac, "e_mac")
         self.T = None if T is None else check_window(T)
