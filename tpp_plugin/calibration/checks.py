@@ -71,14 +71,16 @@ def check_batches_argument(batches, name: str = "batches") -> None:
 
 def _inputs_of(batch, i: int, name: str) -> torch.Tensor:
     """The input tensor of batch ``i``: the batch itself or the first item of an ``(x, y)``
-    pair; refuses a pair in ``(y, x)`` order (integer first item, floating second)."""
+    pair; refuses a pair in ``(y, x)`` order (integer labels ``[N]`` first, floating inputs
+    ``[N, *]`` second)."""
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise ValueError(f"{name}: batch {i} is empty: a batch is x or (x, y)")
         first = batch[0]
         second = batch[1] if len(batch) > 1 else None
         if (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
-                and not first.is_floating_point() and second.is_floating_point()):
+                and not first.is_floating_point() and first.dim() == 1
+                and second.is_floating_point() and second.dim() >= 2):
             raise ValueError(
                 f"{name}: batch {i} is (labels, inputs): its first item is a {first.dtype} "
                 f"tensor of shape {_shape(first)} and its second a {second.dtype} tensor of "
