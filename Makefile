@@ -7,8 +7,8 @@ STAMP  := $(VENV)/.tpp-installed
 # a second time with it first on PYTHONPATH.
 SJ_LEGACY := $(VENV)/sj-0.0.0.0.14
 SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion window_sync registry readme \
-             runner users_scripts reproduce count_domain bench cupy hardening properties \
-             calibration finetune stats evaluate run_calibrate sj_tools engine))
+             runner users_scripts reproduce count_domain bench cupy hardening hardening2 \
+             properties calibration finetune stats evaluate run_calibrate sj_tools engine))
 # Fashion-MNIST: the Debian package dataset-fashion-mnist, installed here when running as root
 # (the test of SpikingJelly's own cnn_mnist.py example uses a subset; `make bench` all of it)
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist

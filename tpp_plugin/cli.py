@@ -5,6 +5,10 @@ Each subcommand lives in its own module, which provides ``add_arguments(parser)`
 checked while parsing (the ``type=`` helpers below, and an optional ``check_arguments(args)``
 of the subcommand that raises ``ValueError``): a bad value is a usage error with exit code 2,
 before any work starts.
+
+List options (``--T 1 2 4``, ``--model``, ``--subset``, ...) follow one rule, :class:`ListOnce`:
+all their values come after one flag; a flag given twice is a usage error (no value is merged
+away or dropped), and so is a value repeated in a list of things to run (``--T 2 2``).
 """
 
 from __future__ import annotations
@@ -115,6 +119,47 @@ def calibration_mode(text: str) -> str:
         return check_calibration_mode(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: the rule of every list option, as ``--help`` states it
+LIST_RULE = "all values after one flag; the flag given twice is an error"
+
+
+class ListOnce(argparse.Action):
+    """A list option (``nargs='+'`` or ``'*'``) that may be given once: a second occurrence is a
+    usage error instead of replacing the first's values; with ``distinct=True`` a repeated
+    value is one too. Its help says so (:data:`LIST_RULE`).
+
+    Example::
+
+        >>> p = argparse.ArgumentParser(prog='p', exit_on_error=False)
+        >>> _ = p.add_argument('--T', type=int, nargs='+', action=ListOnce, distinct=True)
+        >>> p.parse_args(['--T', '1', '2']).T
+        [1, 2]
+        >>> p.parse_args(['--T', '1', '--T', '4'])
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentError: argument --T: given twice: put all its values after one --T
+    """
+
+    def __init__(self, option_strings, dest, distinct: bool = False, help=None, **kwargs):
+        self.distinct = distinct
+        rule = LIST_RULE + ("; no value twice" if distinct else "")
+        super().__init__(option_strings, dest, help=f"{help} ({rule})" if help else rule,
+                         **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        flag = option_string or self.dest
+        if getattr(namespace, self.dest, self.default) is not self.default:
+            raise argparse.ArgumentError(
+                self, f"given twice: put all its values after one {flag}")
+        values = list(values)
+        if self.distinct:
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise argparse.ArgumentError(
+                    self, f"{repeated[0]!r} is given twice in {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, values)
 
 
 # command -> (module, one-line help)

@@ -388,6 +388,8 @@ def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-dr
         patches.append((module, module.__dict__.get("forward")))
         module.__dict__["forward"] = forward  # an instance attribute shadows the class's forward
 
+    # an enclosing count_mode's windows, given back on exit (its spike_stats still reads them)
+    outer_windows = [(module, _COUNT_WINDOWS.get(module)) for _, module in found]
     for _, module in found:
         patch(module, functools.partial(_count_forward, module, T, bernoulli))
         _COUNT_WINDOWS[module] = T
@@ -406,8 +408,11 @@ def count_mode(net: nn.Module, T: int | None = None, *, bernoulli: str = "one-dr
     finally:
         if guard is not None:
             guard.remove()
-        for _, module in found:
-            _COUNT_WINDOWS.pop(module, None)
+        for module, window in outer_windows:
+            if window is None:
+                _COUNT_WINDOWS.pop(module, None)
+            else:
+                _COUNT_WINDOWS[module] = window
         for module, forward in reversed(patches):
             if forward is None:
                 module.__dict__.pop("forward", None)

@@ -44,13 +44,17 @@ __all__ = ["parse_neuron_kwargs", "split_command", "run_script", "add_arguments"
 def parse_neuron_kwargs(items) -> dict:
     """``['seed=0', 'count=exact']`` → ``{'seed': 0, 'count': 'exact'}``.
 
-    :raises ValueError: for an item without ``=`` or with an empty key
+    :raises ValueError: for an item without ``=``, with an empty key, or a key given twice
     """
-    kwargs = {}
+    kwargs, given = {}, {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"neuron argument {item!r} is not of the form KEY=VALUE")
+        if key in given:
+            raise ValueError(f"--neuron-kwargs: {key} is given twice ({given[key]!r} and "
+                             f"{item!r}); give each neuron argument once")
+        given[key] = item
         try:
             kwargs[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -170,7 +174,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--neuron-kwargs", nargs=argparse.REMAINDER, default=[], metavar="K=V",
-        help="neuron arguments, e.g. seed=0 count=exact T=16; must come last, before SCRIPT",
+        help="neuron arguments, e.g. seed=0 count=exact T=16, each KEY once; must come last, "
+        "before SCRIPT",
     )
     parser.add_argument(  # (dest "command" is taken: it names the subcommand)
         "script_command", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]",
@@ -224,6 +229,11 @@ def main(args) -> int:
             )
         script, script_args = command[0], command[1:]
         if not os.path.isfile(script):
+            if len(items) < len(args.neuron_kwargs or []) and script.isidentifier():
+                # the word came from --neuron-kwargs: a neuron argument without its value
+                raise ValueError(
+                    f"no such script: {script} (--neuron-kwargs takes KEY=VALUE items: "
+                    f"{script!r} has no value, e.g. {script}=...)")
             raise FileNotFoundError(f"no such script: {script}")
     except (TypeError, ValueError, FileNotFoundError) as exc:
         print(f"python -m tpp_plugin run: error: {exc}", file=sys.stderr)

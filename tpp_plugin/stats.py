@@ -35,6 +35,7 @@ from torch.nn import functional as nnF
 from . import contract
 from .count_domain import count_window
 from .distributed import all_reduce_sum
+from .functional import check_window
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "SpikeStats", "spike_stats", "check_energy_constant"]
 
@@ -147,9 +148,11 @@ class SpikeStats(ForwardHooks):
 
     def __init__(self, net: nn.Module, T: int | None = None, e_ac: float = E_AC_PJ,
                  e_mac: float = E_MAC_PJ):
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"spike_stats: net must be an nn.Module, got {type(net).__name__}")
         self.e_ac = check_energy_constant(e_ac, "e_ac")
         self.e_mac = check_energy_constant(e_mac, "e_mac")
-        self.T = T
+        self.T = None if T is None else check_window(T)
         spiking = _spiking_types()
         self.layers: list[_Layer] = []
         self._order: list[nn.Module] = []  # first call order of hooked modules

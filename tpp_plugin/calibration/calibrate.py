@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .. import functional as F
 from ..convert import batch_inputs, set_submodule
+from .checks import CheckedBatches, ann_fingerprint, check_ann, check_batches_argument
 from .finetune import finetune
 from .graph import activation_nodes, bias_target, foldable_producer, fuse_conv_bn, trace
 from .options import CalibrationOptions, options_from
@@ -164,8 +165,12 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
     start = time.perf_counter()
     T = F.check_window(T)
     options = options_from(options, overrides)
+    check_ann(ann, trains=options.finetune_epochs > 0)
+    check_batches_argument(batches)
     gm, names = _traced_model(ann, options.fuse)
+    fingerprint = ann_fingerprint(gm)  # recorded: fine-tuning checks the result is this ANN's
     device, dtype = _device_and_dtype(gm)
+    batches = CheckedBatches(batches, gm, dtype)
     x_all = _calibration_inputs(batches, device, dtype)
     x = _subsample(x_all, options.max_samples, options.seed)
     if not options.finetune_epochs:
@@ -176,6 +181,7 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
         q_out = calibration.refine_globally(ann_out)
     output_target, output_shift = _output_correction(gm, ann_out, q_out, options)
     result = calibration.result(names, output_target, output_shift, start)
+    result.settings["ann"] = fingerprint
     if options.finetune_epochs:
         result = finetune(ann, result, x_all, options.finetune_epochs, options.finetune_lr,
                           options.finetune_drop, options.finetune_holdout, seed=options.seed)

@@ -40,6 +40,7 @@ from torch import nn
 
 from .. import functional as F
 from ..convert import eval_mode
+from .checks import check_finetune_inputs
 from .graph import bias_shift_targets
 from .passes import kl_divergence, run_batched
 from .quantiser import Probe, channel_view, quantised_ann, random_count_mean
@@ -96,14 +97,15 @@ def output_distance(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return kl_divergence(torch.log_softmax(ref, 1), out)
 
 
-def check_finetune_args(epochs, lr, drop, holdout) -> None:
-    """Refuse bad fine-tuning settings, naming the argument."""
+def check_finetune_args(epochs, lr, drop, holdout, prefix: str = "finetune_") -> None:
+    """Refuse bad fine-tuning settings, naming the argument (``prefix`` + its name in
+    :func:`finetune`: ``finetune_epochs`` is the option of ``calibrate_for_T``)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"finetune_epochs must be a non-negative integer, got {epochs!r}")
+        raise ValueError(f"{prefix}epochs must be a non-negative integer, got {epochs!r}")
     if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
             or lr <= 0):
-        raise ValueError(f"finetune_lr must be a positive number, got {lr!r}")
-    for name, value in (("finetune_drop", drop), ("finetune_holdout", holdout)):
+        raise ValueError(f"{prefix}lr must be a positive number, got {lr!r}")
+    for name, value in ((f"{prefix}drop", drop), (f"{prefix}holdout", holdout)):
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or not 0 <= value < 1):
             raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -147,7 +149,8 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
         >>> len(h), h[tuned.settings['finetune']['epoch']] <= h[0]
         (5, True)
     """
-    check_finetune_args(epochs, lr, drop, holdout)
+    check_finetune_args(epochs, lr, drop, holdout, prefix="")
+    check_finetune_inputs(ann, result, x, batch_size, seed)
     if epochs == 0:
         return result
     model = quantised_ann(ann, result, result.T)

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from .. import functional as F
+from .checks import positive_int
 from .finetune import check_finetune_args
 
 __all__ = ["OBJECTIVES", "GRANULARITIES", "CalibrationOptions", "options_from"]
@@ -77,6 +78,7 @@ class CalibrationOptions:
         self._check_search()
         self._check_refit()
         self._check_counting()
+        self._check_sizes()
         check_finetune_args(self.finetune_epochs, self.finetune_lr, self.finetune_drop,
                             self.finetune_holdout)
         if self.refine not in (False, None, True, "global", "local"):
@@ -101,6 +103,29 @@ class CalibrationOptions:
         if self.bias_correction not in (False, None, "search", "mean"):
             raise ValueError("bias_correction must be 'search', 'mean' or False, got "
                              f"{self.bias_correction!r}")
+
+    def _check_sizes(self) -> None:
+        """The sample counts, batch size, seed, offsets and refinement grid (a bool is no
+        count: ``max_samples=True`` would keep one sample)."""
+        for name in ("max_samples", "max_values"):
+            positive_int(getattr(self, name), name, none=True)
+        positive_int(self.batch_size, "batch_size")
+        positive_int(self.offset_steps, "offset_steps")
+        F.check_seed_value(self.seed, "seed")
+        coherence = self.coherence
+        if isinstance(coherence, bool) or not isinstance(coherence, (int, float)):
+            raise TypeError(f"coherence must be a number, got {coherence!r}")
+        if not (math.isfinite(coherence) and coherence >= 0):
+            raise ValueError(f"coherence must be a finite number >= 0, got {coherence!r}")
+        grid = self.refine_grid
+        if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__"):
+            raise TypeError(f"refine_grid must be a sequence of positive numbers, got {grid!r}")
+        factors = list(grid)
+        if not factors or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+                and f > 0 for f in factors):
+            raise ValueError(f"refine_grid must be a non-empty sequence of finite numbers > 0, "
+                             f"got {grid!r}")
 
     def _check_refit(self) -> None:
         """The weight refit's options: ridge, max_features, max_rows and relu_steps."""

@@ -344,15 +344,17 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin bench``."""
-    from ..cli import device, nonnegative_int, positive_int
+    from ..cli import ListOnce, device, nonnegative_int, positive_int
 
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
                         help="implementation to time (default: torch)")
     parser.add_argument("--device", type=device, default="cpu",
                         help="torch device, e.g. cpu or cuda")
     parser.add_argument("--T", type=positive_int, nargs="+", default=[4, 8, 32],
+                        action=ListOnce, distinct=True,
                         help="window lengths")
     parser.add_argument("--shape", type=positive_int, nargs="+", default=[64, 64, 16, 16],
+                        action=ListOnce,
                         help="shape of one time step (default: 64 64 16 16)")
     parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed rounds (median)")

@@ -30,6 +30,7 @@ import torch
 
 import tpp_plugin
 from tpp_plugin import calibration as C
+from tpp_plugin.cli import ListOnce
 from tpp_plugin.experiments.data import loaders
 from tpp_plugin.experiments.models import MODELS, train_ann
 from tpp_plugin.experiments.reproduce import load_dataset
@@ -68,13 +69,15 @@ def main(argv=None) -> dict:
     from tpp_plugin.adapters.spikingjelly import calibrated_thresholds
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["cnn5", "vgg"])
-    p.add_argument("--subset", nargs="+", type=int, default=[12000, 2000])
+    p.add_argument("--models", nargs="+", default=["cnn5", "vgg"], action=ListOnce,
+                   distinct=True)
+    p.add_argument("--subset", nargs="+", type=int, default=[12000, 2000], action=ListOnce)
     p.add_argument("--resize", type=int, default=14)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-batch-size", type=int, default=64)
     p.add_argument("--train-only", action="store_true")
-    p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8], action=ListOnce,
+                   distinct=True)
     p.add_argument("--calibration-images", type=int, default=1024)
     p.add_argument("--objective", default="activation", choices=C.OBJECTIVES)
     p.add_argument("--bias-correction", default="mean", choices=["mean", "search", "none"])

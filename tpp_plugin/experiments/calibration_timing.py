@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from ..cli import ListOnce
 from .models import MODELS
 from .reproduce import environment, load_dataset
 
@@ -104,10 +105,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--models", nargs="+", default=["mlp8", "cnn5", "vgg", "resnet"],
-                   choices=sorted(MODELS))
-    p.add_argument("--weights", nargs="*", default=[], metavar="MODEL=PATH",
+                   choices=sorted(MODELS), action=ListOnce, distinct=True)
+    p.add_argument("--weights", nargs="*", default=[], metavar="MODEL=PATH", action=ListOnce,
                    help="state dicts of the ANNs (default: random initialisation)")
-    p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8], action=ListOnce,
+                   distinct=True)
     p.add_argument("--count", default="exact", choices=["exact", "bernoulli", "unbiased"])
     p.add_argument("--calib-images", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)

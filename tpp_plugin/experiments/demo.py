@@ -206,11 +206,11 @@ def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin demo``."""
-    from ..cli import nonnegative_int, positive_int, seed_int
+    from ..cli import ListOnce, nonnegative_int, positive_int, seed_int
 
     parser.add_argument("--framework", choices=["spikingjelly", "snntorch"], default="spikingjelly")
     parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
-                        help="time steps")
+                        action=ListOnce, distinct=True, help="time steps")
     parser.add_argument("--epochs", type=nonnegative_int, default=30, help="ANN training epochs")
     parser.add_argument("--levels", type=positive_int, default=4, help="QCFS levels L")
     parser.add_argument("--seed", type=seed_int, default=0)

@@ -489,21 +489,31 @@ def _energy_argument(text: str) -> float:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
-    from ..cli import calibration_mode, device, nonnegative_int, positive_float, positive_int
+    from ..cli import (
+        ListOnce,
+        calibration_mode,
+        device,
+        nonnegative_int,
+        positive_float,
+        positive_int,
+    )
 
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
                         help="folder with the Fashion-MNIST *-ubyte.gz files")
     parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["cnn5"],
+                        action=ListOnce, distinct=True,
                         help="mlp8: 8 hidden layers; cnn5: 5 spiking layers; vgg: 8 spiking "
                         "layers (one or more)")
     parser.add_argument("--ann", nargs="+", choices=["relu", "qcfs"], default=["relu"],
+                        action=ListOnce, distinct=True,
                         help="ReLU ANN (threshold calibration) or QCFS ANN (one or more)")
     parser.add_argument("--L", type=positive_int, default=4, help="QCFS levels")
     parser.add_argument("--mode", type=calibration_mode, default=None,
                         help="ReLU threshold calibration: max or a percentile like 99.9%% "
                         "(default 99.9%%)")
     parser.add_argument("--calibration", type=recipe_argument, nargs="+", default=None,
+                        action=ListOnce, distinct=True,
                         metavar="RECIPE",
                         help="compare threshold calibrations of the ReLU ANN instead of the IF/"
                         "permutation/TPP variants, all on the same --calib-images images: a "
@@ -514,7 +524,7 @@ def add_arguments(parser) -> None:
                         "Records each recipe's calibration time and the tpp calibration's per-"
                         "layer report. E.g. --calibration 99.9%% ltb tpp")
     parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
-                        help="time steps")
+                        action=ListOnce, distinct=True, help="time steps")
     parser.add_argument("--seeds", type=positive_int, default=1,
                         help="seeds of the stochastic variants (permutation, TPP)")
     parser.add_argument("--train-seed", type=nonnegative_int, default=0,
@@ -535,6 +545,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-images", type=positive_int, default=2048,
                         help="training images used to calibrate ReLU thresholds (batches of 256)")
     parser.add_argument("--subset", type=positive_int, nargs="+", default=None, metavar="N",
+                        action=ListOnce,
                         help="N_TRAIN [N_TEST]: class-stratified subsets for quick runs")
     parser.add_argument("--resize", type=positive_int, default=None,
                         help="downscale images to this side (e.g. 14, like the prototype)")

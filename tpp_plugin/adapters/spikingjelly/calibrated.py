@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ... import functional as F
 from ...calibration import activation_nodes, apply_bias_shifts, calibrate_for_T, fuse_conv_bn
+from ...calibration.checks import CheckedBatches, check_batches_argument
 from .building import SPIKING_TYPES, NeuronFactory, neuron_kind
 from .compat import IS_LEGACY, adapt_step_modes, scaler_types
 from .graph import finish, make_step_mode_capable, unwrapped
@@ -84,9 +85,19 @@ def _channel_scaler(scale: torch.Tensor, channel_dim: int) -> nn.Module:
 
 
 def _calibration_factory(neuron, neuron_kwargs, T) -> NeuronFactory:
+    """The neurons of a calibrated conversion; a TPP neuron's window is the calibration's ``T``
+    (a ``neuron_kwargs`` ``T`` that differs is refused: its thresholds are for ``T``)."""
+    if neuron_kwargs is not None and not isinstance(neuron_kwargs, dict):
+        raise TypeError(f"neuron_kwargs must be a dict or None, got {neuron_kwargs!r}")
     kwargs = dict(neuron_kwargs or {})
-    if neuron_kind(neuron) == "tpp":
-        kwargs.setdefault("T", T)  # single-step loops of T steps work out of the box
+    kind = neuron_kind(neuron)
+    if kind == "tpp" or (isinstance(kind, type) and issubclass(kind, TPPNode)):
+        if "T" in kwargs and kwargs["T"] != T:
+            raise ValueError(
+                f"neuron_kwargs: T={kwargs['T']!r} contradicts T={T}: the thresholds are "
+                f"calibrated for windows of {T} steps; leave T out of neuron_kwargs (it "
+                "defaults to the calibration's T) or calibrate for the neurons' T")
+        kwargs["T"] = T  # single-step loops of T steps work out of the box
     return NeuronFactory(neuron, **kwargs)
 
 
@@ -177,6 +188,8 @@ if not IS_LEGACY:
 
         def __init__(self, dataloader, T: int, neuron="tpp", neuron_kwargs: dict | None = None,
                      fuse_flag: bool = True, **calibration):
+            if dataloader is not None:
+                check_batches_argument(dataloader, "dataloader")
             self.dataloader = dataloader
             self.T = F.check_window(T)
             self.factory = _calibration_factory(neuron, neuron_kwargs, self.T)
@@ -196,7 +209,8 @@ if not IS_LEGACY:
             return fuse_conv_bn(fx_model) if self.fuse_flag else fx_model
 
         def calibrate(self, converter, fx_model):
-            self.result = calibrate_for_T(fx_model, self.dataloader, self.T, fuse=False,
+            batches = CheckedBatches(self.dataloader, None, name="dataloader")
+            self.result = calibrate_for_T(fx_model, batches, self.T, fuse=False,
                                           **self.calibration)
             self.result.settings["fuse"] = self.fuse_flag  # the graph it belongs to is fused
             return fx_model
@@ -253,6 +267,7 @@ def convert_calibrated(ann: nn.Module, dataloader, T: int, neuron="tpp",
     calibration = _calibration_kwargs(calibration, neuron, neuron_kwargs)
     if dataloader is None:
         raise ValueError("convert_calibrated needs a dataloader of calibration inputs")
+    dataloader = CheckedBatches(dataloader, None, name="dataloader")
     model = copy.deepcopy(ann).eval()
     device = next(model.parameters(), torch.empty(0)).device
     with torch.no_grad():
