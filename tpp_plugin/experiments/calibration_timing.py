@@ -45,8 +45,6 @@ CONVERSIONS = ("ltb", "tpp", "tpp_all")
 def _converters(loader, T: int, count: str) -> dict:
     from spikingjelly.activation_based import ann2snn
 
-    import tpp_plugin  # noqa: F401  (registers TPPCalibrationRecipe)
-
     def tpp(**kwargs):
         return lambda: ann2snn.TPPCalibrationRecipe(loader, T, neuron="tpp",
                                                     neuron_kwargs={"count": count}, **kwargs)

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..cli import ListOnce, nonnegative_int, positive_int, seed_int
 from ..qcfs import qcfs_levels
 from . import data
 from .models import ann_accuracy, digits_cnn, framework_bars_off, progress_bar, train_ann
@@ -117,8 +118,6 @@ def run_demo(
         raise ValueError(f"framework must be 'spikingjelly' or 'snntorch', got {framework!r}")
     from spikingjelly.activation_based import ann2snn
 
-    import tpp_plugin  # noqa: F401  (registers neuron='tpp' into SpikingJelly)
-
     from ..adapters.spikingjelly import IS_LEGACY, convert_calibrated, convert_qcfs
 
     start = time.perf_counter()
@@ -206,8 +205,6 @@ def _run_snntorch_demo(Ts, epochs, seed, levels, echo) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin demo``."""
-    from ..cli import ListOnce, nonnegative_int, positive_int, seed_int
-
     parser.add_argument("--framework", choices=["spikingjelly", "snntorch"], default="spikingjelly")
     parser.add_argument("--T", type=positive_int, nargs="+", default=list(DEFAULT_TS),
                         action=ListOnce, distinct=True, help="time steps")

@@ -5,6 +5,8 @@ PNG of a configuration's result, all read from the JSON-ready result dict.
 
 from __future__ import annotations
 
+from ..calibration import format_report
+
 __all__ = [
     "format_accuracy_table",
     "format_diagnostic_table",
@@ -204,8 +206,6 @@ def format_calibration_times(result) -> str:
 
 def format_calibration_report(result, T: int) -> str:
     """The ``tpp`` calibration's per-layer report at ``T`` (``''`` without ``tpp``)."""
-    from ..calibration import format_report
-
     rec = result["calibration"]["recipes"].get("tpp")
     if rec is None:
         return ""

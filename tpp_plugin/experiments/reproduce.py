@@ -56,7 +56,20 @@ import time
 import torch
 from torch import nn
 
+from ..cli import ListOnce, calibration_mode, device, nonnegative_int, positive_float, positive_int
+from ..convert import check_calibration_mode
+from ..distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_module,
+    check_process_group,
+    init_distributed,
+    shard_indices,
+    shutdown_distributed,
+    world,
+)
 from ..qcfs import qcfs_levels
+from ..stats import check_energy_constant
 from . import data
 from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
 from .report import (
@@ -183,7 +196,6 @@ def get_ann(args, model: str, ann: str, x_train, y_train, device, echo) -> tuple
     image_size = x_train.shape[-1]
     torch.manual_seed(args.train_seed)
     net = build_model(model, image_size, args.L if ann == "qcfs" else None).to(device)
-    from ..distributed import barrier, broadcast_module, world
 
     epochs = args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 8)
     path = _checkpoint_path(args, model, ann, image_size, len(x_train), epochs)
@@ -219,8 +231,6 @@ def _predict(ann, x, batch_size):
 
 def _accuracy(preds, y) -> float:
     """Share of ``preds == y`` over the whole test set: this rank's counts summed over ranks."""
-    from ..distributed import all_reduce_sum
-
     correct, n = all_reduce_sum([int((preds == y).sum()), len(y)], dtype=torch.int64).tolist()
     return correct / n if n else float("nan")
 
@@ -247,8 +257,6 @@ def config_name(args, model: str, ann: str) -> str:
 
 def run_config(args, model: str, ann_type: str, dataset, device, echo=print) -> dict:
     """Train/load, convert and evaluate one (model, ANN type); return the JSON-ready result."""
-    from ..distributed import all_reduce_sum, shard_indices, world
-
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = dataset
     n_test = len(y_test)
@@ -373,8 +381,6 @@ def run(args, echo=print) -> list[dict]:
     """
     import torch.distributed as dist
 
-    from ..distributed import init_distributed, shutdown_distributed
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
     results = _run_on(args, device, echo)
@@ -384,8 +390,6 @@ def run(args, echo=print) -> list[dict]:
 
 
 def _run_on(args, device: torch.device, echo) -> list[dict]:
-    from ..distributed import check_process_group, world
-
     check_process_group()
     rank, size = world()
     if device.type == "cuda" and size > 1:
@@ -409,7 +413,6 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _run(args, device: torch.device, echo) -> list[dict]:
-    from ..distributed import world
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_dataset(
         args.dataset, args.data_dir, args.subset, args.resize, args.train_seed)
@@ -455,8 +458,6 @@ def environment() -> dict:
     the GPU, if any."""
     from importlib import metadata
 
-    from ..distributed import world
-
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "world_size": world()[1]}
     if env["world_size"] > 1:
@@ -479,8 +480,6 @@ def environment() -> dict:
 def _energy_argument(text: str) -> float:
     import argparse
 
-    from ..stats import check_energy_constant
-
     try:
         return check_energy_constant(float(text), "the energy")
     except ValueError as error:
@@ -489,15 +488,6 @@ def _energy_argument(text: str) -> float:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin reproduce`` (values checked while parsing)."""
-    from ..cli import (
-        ListOnce,
-        calibration_mode,
-        device,
-        nonnegative_int,
-        positive_float,
-        positive_int,
-    )
-
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--data-dir", default=data.FASHION_MNIST_DIR,
                         help="folder with the Fashion-MNIST *-ubyte.gz files")
@@ -580,8 +570,6 @@ def check_arguments(args) -> None:
 
 
 def _fill_defaults(args) -> None:
-    from ..convert import check_calibration_mode
-
     args.mode = check_calibration_mode("99.9%" if args.mode is None else args.mode)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.train_batch_size is None:

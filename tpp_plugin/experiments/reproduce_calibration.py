@@ -40,6 +40,10 @@ import time
 
 import torch
 
+from ..calibration import calibrate_for_T, calibration_report
+from ..convert import check_calibration_mode
+from ..count_domain import check_count_domain
+from ..distributed import broadcast_module, sync_thresholds
 from .report import format_calibration_report, format_calibration_times
 from .variants import (
     _energy_constants,
@@ -84,8 +88,6 @@ def recipe_argument(text: str) -> str:
         ...
         argparse.ArgumentTypeError: unknown calibration recipe 'qcfs': use a RateCoding mode ...
     """
-    from ..convert import check_calibration_mode
-
     if text.lower() in NAMED_RECIPES:
         return text.lower()
     try:
@@ -155,8 +157,6 @@ class _SpikingJellyRecipes:
         return "its half-threshold IF (SJ)" if recipe == "ltb" else "IF (SJ, v starts at 0)"
 
     def __init__(self, ann, calibration, device):
-        import tpp_plugin  # noqa: F401  (registers the hooks)
-
         from ..adapters import spikingjelly as sj
 
         self.sj, self.ann, self.calibration, self.device = sj, ann, calibration, device
@@ -237,8 +237,6 @@ class _SnnTorchRecipes:
     def calibrate(self, T: int, count: str):
         """``(TPP network, CalibrationResult, description)`` calibrated for ``T`` and ``count``:
         ``convert(mode='tpp')`` in two steps, so the result is kept for the report."""
-        from ..calibration import calibrate_for_T
-
         result = calibrate_for_T(self.ann, self.calibration, T, fuse=False, max_samples=None,
                                  count=count)
         return self._tpp(result, count, T), result, "tpp_plugin snnTorch convert(mode='tpp')"
@@ -275,8 +273,6 @@ class CalibrationComparison:
     name = "calibration"
 
     def __init__(self, args, ann, calibration, device, echo=print):
-        from ..distributed import broadcast_module, sync_thresholds
-
         self.Ts = list(args.T)
         self.energy = _energy_constants(args)
         self.count_batch_size = args.batch_size
@@ -324,8 +320,6 @@ class CalibrationComparison:
                                               for T in self.Ts]
 
     def _add(self, recipe: str, neuron: str, nets: dict) -> None:
-        from ..count_domain import check_count_domain
-
         key = _row_key(recipe, neuron)
         if key not in self.nets:
             self.nets[key] = {}
@@ -346,8 +340,6 @@ class CalibrationComparison:
             self.backend.if_label(recipe) if count is None else f"TPP {count}"), stochastic)
 
     def _report(self, result, references: dict) -> dict:
-        from ..calibration import calibration_report
-
         refs = {label: values for label, values in references.items()
                 if len(values) == len(result.thresholds)}
         return calibration_report(result, refs)

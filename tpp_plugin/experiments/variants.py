@@ -18,9 +18,12 @@ import copy
 import torch
 from torch import nn
 
+import tpp_plugin
+
 from .. import functional as F
 from ..count_domain import count_window
-from ..stats import ForwardHooks
+from ..distributed import all_reduce_sum, rank_seed, shared_calibration, sync_thresholds, world
+from ..stats import E_AC_PJ, E_MAC_PJ, ForwardHooks, SpikeStats
 
 __all__ = [
     "SCOPES",
@@ -111,8 +114,6 @@ class FiringDiagnostic(ForwardHooks):
 
     def all_reduce(self, group=None) -> FiringDiagnostic:
         """Sum the totals over the ranks of a ``torch.distributed`` group (in place)."""
-        from ..distributed import all_reduce_sum
-
         if self.totals:
             self.totals = all_reduce_sum(self.totals, group, torch.int64).tolist()
         return self
@@ -130,8 +131,6 @@ class FiringDiagnostic(ForwardHooks):
 # ------------------------------------------------------------------------------------------------
 def _variant_seed(seed: int, T: int) -> int:
     """The base seed of a (seed, T) run on this rank (rank 0: the one-process seed)."""
-    from ..distributed import rank_seed, world
-
     return rank_seed(seed * 1_000_003 + T * 1_009, world()[0])
 
 
@@ -165,10 +164,6 @@ def evaluate_net(net, T: int, x, y, batch_size: int, diagnostic: dict, energy, *
         :func:`tpp_plugin.reset`)
     :return: ``(predictions, diagnostic summary, spike record)``
     """
-    import tpp_plugin
-
-    from ..stats import SpikeStats
-
     reset = reset or tpp_plugin.reset
     if seed is not None:  # every random module gets its own seed spawned from this one
         tpp_plugin.reseed(net, seed)
@@ -205,7 +200,6 @@ def sj_rate_coding(ann, calibration, mode: str, device) -> tuple[nn.Module, str]
         net = ann2snn.Converter(calibration, device=device, mode=mode, neuron="if")(
             copy.deepcopy(ann))
         return net, f"spikingjelly 0.0.0.0.14 Converter(mode={mode!r})"
-    from ..distributed import shared_calibration
 
     # SpikingJelly's recipe; under torchrun its calibration batches are shared among the ranks
     # and the statistics all-reduced (in one process: the recipe unchanged)
@@ -220,8 +214,6 @@ class _SpikingJelly:
     name = "spikingjelly"
 
     def __init__(self, args, ann, ann_type, calibration, device):
-        import tpp_plugin  # noqa: F401  (registers the hooks)
-
         from ..adapters import spikingjelly as sj
 
         self.sj, self.device = sj, device
@@ -232,7 +224,6 @@ class _SpikingJelly:
         else:
             v0, self.conversion = sj_rate_coding(ann, calibration, args.mode, device)
         v0 = v0.to(device).eval()
-        from ..distributed import sync_thresholds
 
         # every rank calibrated on the same batches: make sure they all use rank 0's thresholds
         self.threshold_gap = sync_thresholds(v0)
@@ -298,7 +289,6 @@ class _SnnTorch:
             kwargs = {"neuron": "tpp", "count": key[len("tpp_"):]}
         if key != "if_half":
             kwargs["seed"] = _variant_seed(seed, T)
-        from ..distributed import sync_thresholds
 
         net = self.st.convert(self.ann, self.calibration, num_steps=T, mode=self.mode, **kwargs)
         self.threshold_gap = max(self.threshold_gap, sync_thresholds(net))
@@ -310,6 +300,4 @@ FRAMEWORKS = {"spikingjelly": _SpikingJelly, "snntorch": _SnnTorch}
 
 
 def _energy_constants(args) -> tuple[float, float]:
-    from ..stats import E_AC_PJ, E_MAC_PJ
-
     return getattr(args, "e_ac", None) or E_AC_PJ, getattr(args, "e_mac", None) or E_MAC_PJ
