@@ -32,6 +32,7 @@ from .search import (
     output_gradients,
     subsample_samples,
 )
+from .stream import ChunkStore, streamed_inputs, streamed_lockstep
 
 __all__ = ["calibrate_for_T"]
 
@@ -166,16 +167,11 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
     options = options_from(options, overrides)
     gm, names = _traced_model(ann, options.fuse)
     device, dtype = _device_and_dtype(gm)
-    x_all = _calibration_inputs(batches, device, dtype)
-    x = _subsample(x_all, options.max_samples, options.seed)
-    if not options.finetune_epochs:
-        x_all = None  # only fine-tuning uses every sample: do not hold them all meanwhile
-    calibration = _LayerByLayer(gm, x, T, options, device, dtype)
-    ann_out, q_out = calibration.run()
-    if options.refine in (True, "global"):
-        q_out = calibration.refine_globally(ann_out)
-    output_target, output_shift = _output_correction(gm, ann_out, q_out, options)
-    result = calibration.result(names, output_target, output_shift, start)
+    if _streams(options):
+        result, x_all = _calibrate_streamed(gm, names, batches, T, options, device, dtype, start)
+    else:
+        result, x_all = _calibrate_in_memory(gm, names, batches, T, options, device, dtype,
+                                             start)
     if options.finetune_epochs:
         result = finetune(ann, result, x_all, options.finetune_epochs, options.finetune_lr,
                           options.finetune_drop, options.finetune_holdout, seed=options.seed)
@@ -199,6 +195,59 @@ calibrate_for_T.__signature__ = _signature()
 # ------------------------------------------------------------------------------------------------
 # the phases
 # ------------------------------------------------------------------------------------------------
+def _streams(options: CalibrationOptions) -> bool:
+    """Whether the calibration takes the streamed path (:mod:`.stream`): ``stream=True`` and
+    neither ``objective='fisher'`` nor ``refine``, which hold every sample in memory."""
+    return bool(options.stream) and options.objective != "fisher" and not options.refine
+
+
+def _calibrate_in_memory(gm, names, batches, T, options, device, dtype, start) -> tuple:
+    """The calibration with every sample (and both networks' values of each node) in memory:
+    one :func:`~.passes.lockstep` pass over all of them.
+
+    :return: ``(result, x_all)``: the result and, for fine-tuning, every input
+    """
+    x_all = _calibration_inputs(batches, device, dtype)
+    x = _subsample(x_all, options.max_samples, options.seed)
+    if not options.finetune_epochs:
+        x_all = None  # only fine-tuning uses every sample: do not hold them all meanwhile
+    calibration = _LayerByLayer(gm, x, T, options, device, dtype)
+    ann_out, q_out = calibration.run()
+    if options.refine in (True, "global"):
+        q_out = calibration.refine_globally(ann_out)
+    output_target, output_shift = _output_correction(gm, ann_out, q_out, options)
+    return calibration.result(names, output_target, output_shift, start), x_all
+
+
+def _calibrate_streamed(gm, names, batches, T, options, device, dtype, start) -> tuple:
+    """The calibration in memory bounded by the batch (:mod:`.stream`): the values between the
+    nodes in chunks of at most ``batch_size`` samples, held in memory up to ``cache_bytes``
+    and in a temporary file beyond; the result is :func:`_calibrate_in_memory`'s up to the
+    summation order of the means.
+
+    :return: ``(result, x_all)``: the result and, for fine-tuning, every input
+    """
+    store = ChunkStore(options.cache_bytes)
+    try:
+        inputs, sizes = streamed_inputs(batches, device, dtype, options.max_samples,
+                                        options.seed, options.batch_size, store)
+        calibration = _LayerByLayer(gm, None, T, options, device, dtype)
+        calibration.run_streamed(inputs, sizes)
+        inputs.free()
+    finally:
+        store.close()
+    diff = calibration.output_difference()
+    output_target, output_shift = None, None
+    if diff is not None:
+        output_target, output_shift = _output_correction(gm, None, None, options, diff)
+    result = calibration.result(names, output_target, output_shift, start)
+    result.settings["cache"] = {"cache_bytes": options.cache_bytes, "peak_bytes": store.peak,
+                                "spilled_bytes": store.spilled}
+    x_all = (_calibration_inputs(batches, device, dtype) if options.finetune_epochs
+             else None)
+    return result, x_all
+
+
 def _traced_model(ann: nn.Module, fuse: bool) -> tuple:
     """A traced copy of ``ann`` in eval mode (conv-BN pairs fused if ``fuse``) and the names of
     its ReLU calls; a ``ValueError`` if it has none."""
@@ -250,9 +299,13 @@ class _LayerByLayer:
     output step) in graph order, refitting the conv/linear layers on the way, while
     :func:`~.passes.lockstep` runs the ANN and the network being quantised side by side."""
 
-    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, T: int,
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor | None, T: int,
                  options: CalibrationOptions, device, dtype):
+        """``x``: the calibration samples, or ``None`` for :meth:`run_streamed` (which
+        supports neither ``objective='fisher'`` nor ``refine``)."""
         self.gm, self.x, self.T, self.options = gm, x, T, options
+        self.n_samples = 0 if x is None else int(x.shape[0])
+        self.output_sums: list = [0.0, 0, None]  # Σ (ANN − quantised) per class, count, dim
         self.device, self.dtype = device, dtype
         self.targets = [bias_target(gm, n) if options.bias_correction else None
                         for n in activation_nodes(gm)]
@@ -283,18 +336,54 @@ class _LayerByLayer:
             set_submodule(self.gm, target, fitted)
         return ann_out, q_out
 
+    def run_streamed(self, inputs, sizes) -> None:
+        """The pass over the chunks of a :class:`~.stream.Stream` of inputs, in memory bounded
+        by the batch (:func:`~.stream.streamed_lockstep`): every threshold chosen, the refitted
+        layers put in place, the output's mean difference from the ANN's kept for
+        :meth:`output_difference`."""
+        self.n_samples = sum(sizes)
+        streamed_lockstep(self.gm, inputs, sizes, self, self.options.reconstruct)
+        for target, fitted in self.fitted_modules.items():
+            set_submodule(self.gm, target, fitted)
+
+    def output(self, ann_out, q_out) -> None:
+        """Accumulate one batch's output on both sides (the streamed pass)."""
+        acc = self.output_sums
+        if not isinstance(ann_out, torch.Tensor) or ann_out.dim() < 2:
+            acc[2] = -1
+            return
+        diff = (ann_out - q_out).movedim(1, 0).reshape(ann_out.shape[1], -1)
+        acc[0] = acc[0] + diff.sum(1, dtype=torch.float64)
+        acc[1] += diff.shape[1]
+        acc[2] = ann_out.dtype
+
+    def output_difference(self):
+        """The mean per class of the ANN's output minus the quantised network's over the
+        streamed pass, or ``None`` if the output is not ``[N, classes, *]``."""
+        total, count, dtype = self.output_sums
+        if not count or dtype == -1:
+            return None
+        return (total / count).to(dtype)
+
     def visit(self, i: int, a: torch.Tensor, a_ann: torch.Tensor) -> None:
         """Calibrate ReLU call ``i`` from its input ``a`` (earlier layers quantised) and the
         ANN's ``a_ann``; leaves its threshold and shift on its probe."""
         o, probe = self.options, self.probes[i]
         dim = normalise_channel_dim(o.channel_dim, a, f"ReLU call {probe.name!r}")
         means = _channel_means(probe.name, a, a_ann, dim)
+        w = self.weights[i] if self.weights is not None else None
+        self.decide(i, dim, means, *subsample_samples([a, a_ann, w], dim, o.max_values,
+                                                      o.seed + i))
+
+    def decide(self, i: int, dim: int, means: list, a, a_ann, w) -> None:
+        """Calibrate ReLU call ``i`` from the per-channel ``means`` of its input in the
+        quantised network and in the ANN, and the samples the search reads: the input ``a``,
+        the ANN's ``a_ann`` and the Fisher weights ``w`` (or ``None``) of those samples."""
+        o, probe = self.options, self.probes[i]
         shift = None
         if self.targets[i] is not None and o.bias_correction == "mean":
             shift = means[1] - means[0]
-        w = self.weights[i] if self.weights is not None else None
-        a_c, ann_c, w = (None if t is None else channels_first(t, dim) for t in
-                         subsample_samples([a, a_ann, w], dim, o.max_values, o.seed + i))
+        a_c, ann_c, w = (None if t is None else channels_first(t, dim) for t in (a, a_ann, w))
         if shift is not None:
             a_c = a_c + shift.unsqueeze(1)
         target = (ann_c if o.reference == "ann" else a_c).clamp(min=0)
@@ -397,7 +486,7 @@ class _LayerByLayer:
             T=self.T, names=names, thresholds=self.thresholds, bias_shifts=self.shifts,
             bias_targets=self.targets, channel_dim=self.options.channel_dim, layers=self.layers,
             seconds=time.perf_counter() - start,
-            settings=self.options.recorded_settings(int(self.x.shape[0])),
+            settings=self.options.recorded_settings(self.n_samples),
         )
 
 
@@ -417,17 +506,22 @@ def _channel_means(name: str, a: torch.Tensor, a_ann: torch.Tensor, dim: int) ->
     return means
 
 
-def _output_correction(gm: fx.GraphModule, ann_out, q_out, options: CalibrationOptions) -> tuple:
+def _output_correction(gm: fx.GraphModule, ann_out, q_out, options: CalibrationOptions,
+                       mean_difference=None) -> tuple:
     """With bias correction and ``output_correction``: the layer producing the output whose
     bias can carry a shift, and the shift (per class) that makes the quantised network's mean
-    output the ANN's; else ``(None, None)``."""
+    output the ANN's; else ``(None, None)``. ``mean_difference``: that shift already
+    accumulated (the streamed pass; ``ann_out`` and ``q_out`` are then not read)."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if not (options.bias_correction and options.output_correction
-            and isinstance(ann_out, torch.Tensor) and ann_out.dim() >= 2
+    shaped = mean_difference is not None or (isinstance(ann_out, torch.Tensor)
+                                             and ann_out.dim() >= 2)
+    if not (options.bias_correction and options.output_correction and shaped
             and isinstance(out_node.args[0], fx.Node)):
         return None, None
     output_target = foldable_producer(gm, out_node.args[0])
     if output_target is None:
         return None, None
+    if mean_difference is not None:
+        return output_target, mean_difference.cpu()
     diff = (ann_out - q_out).movedim(1, 0).reshape(ann_out.shape[1], -1)
     return output_target, diff.mean(1).cpu()
