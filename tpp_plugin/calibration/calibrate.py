@@ -243,8 +243,12 @@ def _calibrate_streamed(gm, names, batches, T, options, device, dtype, start) ->
     result = calibration.result(names, output_target, output_shift, start)
     result.settings["cache"] = {"cache_bytes": options.cache_bytes, "peak_bytes": store.peak,
                                 "spilled_bytes": store.spilled}
-    x_all = (_calibration_inputs(batches, device, dtype) if options.finetune_epochs
-             else None)
+    # fine-tuning reads a loader batch by batch (memory flat in its size); a list of tensors
+    # is already in memory, and is fine-tuned on as one tensor, as by the in-memory path
+    x_all = None
+    if options.finetune_epochs:
+        x_all = (_calibration_inputs(batches, device, dtype)
+                 if isinstance(batches, (list, tuple)) else batches)
     return result, x_all
 
 
