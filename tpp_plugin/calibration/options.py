@@ -72,7 +72,7 @@ class CalibrationOptions:
     finetune_drop: float = 0.0
     finetune_holdout: float = 0.2
     stream: bool = True
-    cache_bytes: int | None = 1 << 30
+    cache_bytes: int | None = 1 << 28
 
     def __post_init__(self) -> None:
         if self.bias_correction is True:

@@ -23,6 +23,7 @@ store's cap, one batch's values of one node, and the subsets (bounded by ``max_v
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -127,14 +128,20 @@ class ChunkStore:
 class Stream:
     """One graph value over all batches: a chunk per batch in ``store``."""
 
-    def __init__(self, store: ChunkStore):
-        self.store, self.chunks = store, []
+    def __init__(self, store: ChunkStore, watch=None):
+        self.store, self.chunks, self.watch = store, [], watch
 
     def add(self, value, what: str = "a value") -> None:
+        if self.watch is not None:
+            self.watch(len(self.chunks), value)
         self.chunks.append(self.store.put(value, what))
 
     def __getitem__(self, b: int):
         return self.store.get(self.chunks[b])
+
+    def in_file(self, b: int) -> bool:
+        """Whether chunk ``b`` is in a file (what reads it gets a tensor of its own)."""
+        return self.chunks[b].path is not None
 
     def free_chunk(self, b: int) -> None:
         self.store.free(self.chunks[b])
@@ -259,6 +266,7 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
         offsets.append(offsets[-1] + s)
     nb = len(sizes)
     first = True
+    pending = {}  # node -> the _ProbeStats of the ReLU call it feeds, filled as it is produced
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if first:
@@ -285,16 +293,27 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
         module = modules.get(node.target) if node.op == "call_module" else None
         last = {a for a in node.all_input_nodes if users_left[a] == 1}
         what = f"the value of {node.name!r}"
+        watch = _watchers(calibration, node, modules, offsets, pending)
         if isinstance(module, Probe):
             src = node.args[0]
             s_ann, s_q = env[0][src], env[1][src]
-            _visit(calibration, module, s_q, s_ann, offsets)
+            stats = pending.pop(src, None)
+            if stats is not None:
+                stats.decide()
+            else:
+                _visit(calibration, module, s_q, s_ann, offsets)
             out_ann, out_q = Stream(store), Stream(store)
             for b in range(nb):
                 a_ann = s_ann[b]
                 a = a_ann if s_q is s_ann else s_q[b]
-                out_ann.add(torch.relu(a_ann), what)
-                out_q.add(module(a), what)
+                # a chunk just read from its file, used by no one after: overwritten
+                module.overwrite = src in last and s_q is not s_ann and s_q.in_file(b)
+                try:
+                    out_q.add(module(a), what)
+                finally:
+                    module.overwrite = False
+                own = src in last and s_ann.in_file(b)
+                out_ann.add(a_ann.relu_() if own else torch.relu(a_ann), what)
                 if src in last:
                     s_ann.free_chunk(b)
                     s_q.free_chunk(b)
@@ -302,9 +321,10 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
         elif (refit and isinstance(module, REFITTABLE) and not node.kwargs
               and len(node.args) == 1 and env[0][node.args[0]] is not env[1][node.args[0]]):
             env[0][node], env[1][node] = _refit_layer(calibration, node, module, env, offsets,
-                                                      modules, node.args[0] in last, what)
+                                                      modules, node.args[0] in last, what,
+                                                      watch)
         elif all(env[0][a] is env[1][a] for a in node.all_input_nodes):
-            out = Stream(store)
+            out = Stream(store, watch[2])
             for b in range(nb):
                 interp.env = {a: env[0][a][b] for a in node.all_input_nodes}
                 out.add(interp.run_node(node), what)
@@ -312,7 +332,7 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
                     env[0][a].free_chunk(b)
             env[0][node] = env[1][node] = out
         else:
-            outs = (Stream(store), Stream(store))
+            outs = (Stream(store, watch[0]), Stream(store, watch[1]))
             for b in range(nb):
                 for side in (0, 1):
                     interp.env = {a: env[side][a][b] for a in node.all_input_nodes}
@@ -328,39 +348,103 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
                     stream = env[side].pop(arg, None)
                     if stream is not None:
                         stream.free()
+        _trim()
     interp.env = {}
 
 
+def _trim() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere): chunks of a few tens of MB come and go on the heap, and the resident memory
+    otherwise keeps the largest mix of them."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+class _ProbeStats:
+    """What ReLU call ``probe`` is calibrated from, accumulated chunk by chunk as its input is
+    produced (:meth:`add`, side 0 the ANN's, 1 the quantised network's): the per-channel sums
+    of each side (float64) and the rows of the sample subset the threshold search reads."""
+
+    def __init__(self, calibration, probe: Probe, offsets: list):
+        self.calibration, self.probe, self.offsets = calibration, probe, offsets
+        self.idx = self.dim = self.others = self.dtype = None
+        self.sums, self.counts = [0.0, 0.0], [0, 0]
+        self.subs = ({}, {})
+
+    def add(self, side: int, b: int, value: torch.Tensor) -> None:
+        o, probe = self.calibration.options, self.probe
+        if self.dim is None:
+            self.dim = normalise_channel_dim(o.channel_dim, value, f"ReLU call {probe.name!r}")
+            self.others = [d for d in range(value.dim()) if d != self.dim]
+            per_sample = value[0].numel() // value.shape[self.dim] if self.dim else 0
+            self.idx = sample_subset(self.offsets[-1], per_sample, o.max_values,
+                                     o.seed + probe.index)
+            self.dtype = value.dtype
+        total = value.sum(self.others, dtype=torch.float64)
+        if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(value).all()):
+            where = " in the ANN" if side == 0 else ""
+            raise ValueError(
+                f"ReLU call {probe.name!r} has non-finite (NaN or infinite) activations"
+                f"{where} on the calibration data; check the model's weights and the "
+                "calibration inputs")
+        self.sums[side] = self.sums[side] + total
+        self.counts[side] += value.numel() // value.shape[self.dim]
+        self.subs[side][b] = _gather(None, self.idx, self.offsets, b, value)
+
+    def decide(self) -> None:
+        """Calibrate the call from what was added (every chunk of both sides)."""
+        # the quantised network's, then the ANN's
+        means = [(s / c).to(self.dtype) for s, c in zip(self.sums[::-1], self.counts[::-1])]
+        subs = [torch.cat([part[b] for b in sorted(part)]) for part in self.subs]
+        self.subs = ({}, {})
+        self.calibration.decide(self.probe.index, self.dim, means, subs[1], subs[0], None)
+
+
 def _visit(calibration, probe: Probe, s_q: Stream, s_ann: Stream, offsets: list) -> None:
-    """Calibrate ReLU call ``probe`` from its input over all chunks: the per-channel means of
-    both sides (summed in float64) and the sample subset the threshold search reads."""
-    o = calibration.options
-    first = s_q[0]
-    dim = normalise_channel_dim(o.channel_dim, first, f"ReLU call {probe.name!r}")
-    others = [d for d in range(first.dim()) if d != dim]
-    per_sample = first[0].numel() // first.shape[dim] if dim else 0
-    idx = sample_subset(offsets[-1], per_sample, o.max_values, o.seed + probe.index)
-    sums = [0.0, 0.0]
-    count = 0
-    subs = ([], [])
+    """Calibrate ReLU call ``probe`` from its input over all chunks (read once more), when its
+    statistics were not gathered while the input was produced."""
+    stats = _ProbeStats(calibration, probe, offsets)
     for b in range(len(offsets) - 1):
         a = s_q[b]
         a_ann = a if s_ann is s_q else s_ann[b]
-        for side, (where, value) in enumerate((("", a), (" in the ANN", a_ann))):
-            total = value.sum(others, dtype=torch.float64)
-            if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(value).all()):
-                raise ValueError(
-                    f"ReLU call {probe.name!r} has non-finite (NaN or infinite) activations"
-                    f"{where} on the calibration data; check the model's weights and the "
-                    "calibration inputs")
-            sums[side] = sums[side] + total
-            subs[side].append(_gather(s_q, idx, offsets, b, value))
-        count += a.numel() // a.shape[dim]
-    means = [(s / count).to(first.dtype) for s in sums]
-    calibration.decide(probe.index, dim, means, torch.cat(subs[0]), torch.cat(subs[1]), None)
+        stats.add(1, b, a)
+        stats.add(0, b, a_ann)
+    stats.decide()
 
 
-def _refit_layer(calibration, node, module, env, offsets, modules, free_input, what) -> tuple:
+def _watchers(calibration, node, modules, offsets, pending) -> tuple:
+    """Where ``node``'s chunks go as they are produced — the ANN's, the quantised network's,
+    and the one value of both: into the statistics of the ReLU call ``node`` alone feeds
+    (kept in ``pending``), else nowhere."""
+    if not feeds_probe(node, modules):
+        return None, None, None
+    stats = _ProbeStats(calibration, modules[next(iter(node.users)).target], offsets)
+    pending[node] = stats
+
+    def both(b, value):
+        stats.add(0, b, value)
+        stats.add(1, b, value)
+
+    def ann(b, value):
+        stats.add(0, b, value)
+
+    def quantised(b, value):
+        stats.add(1, b, value)
+
+    return ann, quantised, both
+
+
+def _refit_layer(calibration, node, module, env, offsets, modules, free_input, what,
+                 watch) -> tuple:
     """The streams of a refitted conv/linear layer's output on both sides: the ANN's computed
     while the refit's sample subset is gathered, then the fitted layer applied chunk by chunk."""
     o = calibration.options
@@ -371,7 +455,7 @@ def _refit_layer(calibration, node, module, env, offsets, modules, free_input, w
                if other is not None and other in env[1] else None)
     relu = feeds_probe(node, modules) or (
         partner is not None and feeds_probe(next(iter(node.users)), modules))
-    out_ann, out_q = Stream(store), Stream(store)
+    out_ann, out_q = Stream(store, watch[0]), Stream(store, watch[1])
     nb = len(offsets) - 1
     fit = can_refit(module, o.max_features)
     idx, subs = None, ([], [], [], [])
