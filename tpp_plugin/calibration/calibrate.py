@@ -85,9 +85,12 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
 
     :param ann: a ReLU network (``nn.ReLU`` modules; traceable with ``torch.fx``). Not modified
     :param batches: an iterable of input batches ``[N, *]`` or ``(inputs, labels)`` tuples (e.g.
-        a ``DataLoader``). Every batch is read and kept, on the model's device, until
-        ``max_samples`` of them are drawn (all of them through fine-tuning): for a data set
-        that does not fit there, pass a loader over part of it (``torch.utils.data.Subset``)
+        a ``DataLoader``), every batch of one shape. With ``stream=True`` (default) the
+        calibration holds them, and both networks' values of each layer, in chunks of at most
+        ``batch_size`` samples — in memory up to ``cache_bytes``, in a temporary file beyond —
+        so its memory is bounded by the batch, not the number of samples; a loader holding
+        more than ``max_samples`` samples is read twice (to count them, then to take the
+        chosen ones), and fine-tuning reads it again every epoch
     :param T: the number of time steps (levels) to calibrate for, ``>= 1``
     :param options: a :class:`~tpp_plugin.calibration.CalibrationOptions` holding the options
         below (default: their defaults); keyword arguments given as well override its fields
@@ -138,7 +141,8 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
         ReLU zeroes both). Default ``0``: plain least squares (``8`` measured +0.6 points on
         vgg at T ≤ 4 and up to +0.8 on mlp8, at 2.4× the calibration time on mlp8)
     :param finetune_epochs: epochs of gradient fine-tuning after the calibration (``0``, the
-        default: none) on every sample of ``loader`` (:mod:`tpp_plugin.finetune`). Pass the
+        default: none) on every sample of ``loader`` (:mod:`tpp_plugin.finetune`; a loader is
+        read batch by batch every epoch, a list of tensors is fine-tuned on as one). Pass the
         training loader: on Fashion-MNIST, 4 epochs on the whole training set gained 4.2–9.8
         points at T=1, 1.2–6.0 at T=2 and 0.1–2.6 at T=4 on four models, where 2 048 images
         gained at most +0.7 on the convolutional ones; it takes minutes per model on a CPU
@@ -148,8 +152,16 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
         training step (QDrop), in ``[0, 1)``; default ``0``: off
     :param finetune_holdout: the share of the calibration samples held out to choose the epoch,
         in ``[0, 1)`` (``0``: keep the last)
+    :param stream: ``True`` (default): the streamed pass (:mod:`~tpp_plugin.calibration.stream`,
+        memory bounded by the batch; the same result up to the summation order of the means);
+        ``False``: every sample and both networks' values of a layer in memory at once (faster
+        where they fit). ``objective='fisher'`` and ``refine`` always take the in-memory pass
+    :param cache_bytes: the streamed pass keeps at most this many bytes of chunks in memory
+        (default 256 MiB), the rest in a temporary file that is deleted at the end; ``None``:
+        no cap. One batch's value of one layer must fit
     :return: a :class:`CalibrationResult`
-    :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
+    :raises ValueError: for ``T < 1``, an empty loader, batches of different shapes, a
+        ``cache_bytes`` too small for one batch, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
 
     Example::

@@ -124,7 +124,8 @@ def run_case(case: dict) -> dict:
         out.update(times)
         out["seconds"] = times["multi_step"]
     elif kind == "finetune":
-        from tpp_plugin.calibration import calibrate_for_T, finetune
+        from tpp_plugin.calibration import calibrate_for_T
+        from tpp_plugin.calibration.finetune import finetune
 
         result = calibrate_for_T(ann, loader, T, max_samples=bs)
         out["rss_before_mb"] = _rss_mb()
