@@ -15,7 +15,7 @@ from tpp_plugin.calibration import calibrate_for_T
 from tpp_plugin.calibration.stream import ChunkStore
 
 #: float64 models: the two paths differ only in the summation order of the per-channel means
-#: (float64 sums over chunks against one ``mean`` over all samples), about 1e-16 relative; a
+#: (per-chunk sums added in float64 against one ``mean`` over all samples), about 1e-16 relative; a
 #: threshold that moved to another grid point would differ by max/grid (≥ 1e-3 here), a refit
 #: by far more than this
 ATOL = 1e-12

@@ -7,9 +7,10 @@ nodes is held as one chunk per batch in a :class:`ChunkStore` — in memory up t
 block's inputs at a time, on disk when they do not fit). Each decision is taken from statistics
 accumulated over the chunks, then applied chunk by chunk:
 
-* a ReLU call: the per-channel sums of its input on both sides (the bias correction's means, in
-  float64) and the seeded sample subset the threshold search reads (about ``max_values`` values
-  per channel, :func:`~.search.sample_subset`), gathered across the chunks;
+* a ReLU call: the per-channel sums of its input on both sides (the bias correction's means;
+  per chunk, added in float64), gathered while that input is produced, and the seeded sample
+  subset the threshold search reads (about ``max_values`` values per channel,
+  :func:`~.search.sample_subset`), gathered across the chunks;
 * a refitted conv/linear layer: the seeded sample subset the refit reads (about ``max_rows``
   output positions, :func:`~.refit.refit_rows`) of its quantised input, the ANN's output and
   the residual partner;
@@ -389,7 +390,9 @@ class _ProbeStats:
             self.idx = sample_subset(self.offsets[-1], per_sample, o.max_values,
                                      o.seed + probe.index)
             self.dtype = value.dtype
-        total = value.sum(self.others, dtype=torch.float64)
+        # summed in the value's dtype per chunk (sum(dtype=float64) would copy the chunk in
+        # float64), the chunks' sums in float64
+        total = value.sum(self.others).double()
         if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(value).all()):
             where = " in the ANN" if side == 0 else ""
             raise ValueError(
