@@ -147,10 +147,11 @@ print(json.dumps({"before_mb": before, "peak_mb": peak}))
 def test_finetuning_from_a_lazy_loader_keeps_resident_memory_flat():
     """1 536 images of 3×224×224 (880 MB as one tensor) generated on demand: calibrating on 128
     and fine-tuning one epoch on all of them grows the peak resident memory by less than
-    400 MB (the old path held every image: +880 MB and more). Fresh process: its own peak."""
+    600 MB (measured +333 MB; the in-memory path, stream=False, which holds every image:
+    +3.4 GB). Fresh process: its own peak."""
     done = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "1536"], capture_output=True,
                           text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     m = json.loads(done.stdout.strip().splitlines()[-1])
-    assert m["peak_mb"] - m["before_mb"] < 400, m
+    assert m["peak_mb"] - m["before_mb"] < 600, m
