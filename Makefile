@@ -8,13 +8,14 @@ STAMP  := $(VENV)/.tpp-installed
 SJ_LEGACY := $(VENV)/sj-0.0.0.0.14
 SJ_TESTS  := $(addprefix tests/test_,$(addsuffix .py,spikingjelly conversion window_sync registry readme \
              runner users_scripts reproduce count_domain bench cupy hardening hardening2 \
-             properties calibration finetune stats evaluate run_calibrate sj_tools engine))
+             properties calibration calibration_stream finetune finetune_loader stats evaluate \
+             run_calibrate sj_tools engine))
 # Fashion-MNIST: the Debian package dataset-fashion-mnist, installed here when running as root
 # (the test of SpikingJelly's own cnn_mnist.py example uses a subset; `make bench` all of it)
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 FASHION     := $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test test-all lint clean bench bench-calib bench-calib-time fashion-data gpu-deps gpu-check
+.PHONY: demo test test-all lint clean bench bench-calib bench-calib-time bench-scale fashion-data gpu-deps gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,13 @@ bench-calib-time: $(STAMP) fashion-data
 	@[ -f $(FASHION) ] || exit 1
 	OMP_NUM_THREADS=1 $(PY) -m tpp_plugin.experiments.calibration_timing \
 	  --data-dir $(FASHION_DIR) --json results/calibration-timing.json $(BENCH_CALIB_TIME_ARGS)
+
+# Cost as the work grows (docs/performance.md): torchvision ResNets at 224 px on synthetic
+# inputs, LTB / RateCoding / the T-aware calibration for 128-1024 images, the SNN's passes and
+# a fine-tuning epoch, each case in a fresh process (its own peak memory). Tens of minutes.
+BENCH_SCALE_ARGS ?= --models resnet18 --images 128 512 1024
+bench-scale: $(STAMP)
+	$(PY) -m tpp_plugin bench --scale --write-docs docs/performance.md $(BENCH_SCALE_ARGS)
 
 # The GPU check (docs/performance.md, "How to run the GPU checks"): every GPU-gated test and the
 # CuPy benchmarks in one run of at most ~8 minutes, results in $$OUT or results/gpu-check/.

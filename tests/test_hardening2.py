@@ -134,7 +134,10 @@ BAD_INPUTS = [
      r"x of shape \(8, 5\) does not fit"),
     ("ft_x_empty", lambda: _ft(ANN, RESULT, torch.rand(0, 4), 1), ValueError,
      r"x must hold at least one sample.*\(0, 4\)"),
-    ("ft_x_list", lambda: _ft(ANN, RESULT, [X], 1), TypeError, r"x must be a tensor.*list"),
+    # a list of batches is a loader since fine-tuning reads loaders; a list of numbers is not
+    ("ft_x_list", lambda: _ft(ANN, RESULT, [1, 2], 1), TypeError,
+     r"x must be a tensor.*or a loader.*list whose item 0 is int"),
+    ("ft_x_str", lambda: _ft(ANN, RESULT, "images", 1), TypeError, r"x must be a tensor.*str"),
     ("ft_x_int", lambda: _ft(ANN, RESULT, X.long(), 1), TypeError, r"x .*torch\.int64"),
     ("ft_x_nan", lambda: _ft(ANN, RESULT, torch.full((4, 4), math.nan), 1), ValueError,
      r"x contains NaN.*\(4, 4\)"),

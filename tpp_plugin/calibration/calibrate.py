@@ -33,6 +33,7 @@ from .search import (
     output_gradients,
     subsample_samples,
 )
+from .stream import ChunkStore, streamed_inputs, streamed_lockstep
 
 __all__ = ["calibrate_for_T"]
 
@@ -85,9 +86,12 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
 
     :param ann: a ReLU network (``nn.ReLU`` modules; traceable with ``torch.fx``). Not modified
     :param batches: an iterable of input batches ``[N, *]`` or ``(inputs, labels)`` tuples (e.g.
-        a ``DataLoader``). Every batch is read and kept, on the model's device, until
-        ``max_samples`` of them are drawn (all of them through fine-tuning): for a data set
-        that does not fit there, pass a loader over part of it (``torch.utils.data.Subset``)
+        a ``DataLoader``), every batch of one shape. With ``stream=True`` (default) the
+        calibration holds them, and both networks' values of each layer, in chunks of at most
+        ``batch_size`` samples — in memory up to ``cache_bytes``, in a temporary file beyond —
+        so its memory is bounded by the batch, not the number of samples; a loader holding
+        more than ``max_samples`` samples is read twice (to count them, then to take the
+        chosen ones), and fine-tuning reads it again every epoch
     :param T: the number of time steps (levels) to calibrate for, ``>= 1``
     :param options: a :class:`~tpp_plugin.calibration.CalibrationOptions` holding the options
         below (default: their defaults); keyword arguments given as well override its fields
@@ -138,7 +142,8 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
         ReLU zeroes both). Default ``0``: plain least squares (``8`` measured +0.6 points on
         vgg at T ≤ 4 and up to +0.8 on mlp8, at 2.4× the calibration time on mlp8)
     :param finetune_epochs: epochs of gradient fine-tuning after the calibration (``0``, the
-        default: none) on every sample of ``loader`` (:mod:`tpp_plugin.finetune`). Pass the
+        default: none) on every sample of ``loader`` (:mod:`tpp_plugin.finetune`; a loader is
+        read batch by batch every epoch, a list of tensors is fine-tuned on as one). Pass the
         training loader: on Fashion-MNIST, 4 epochs on the whole training set gained 4.2–9.8
         points at T=1, 1.2–6.0 at T=2 and 0.1–2.6 at T=4 on four models, where 2 048 images
         gained at most +0.7 on the convolutional ones; it takes minutes per model on a CPU
@@ -148,8 +153,16 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
         training step (QDrop), in ``[0, 1)``; default ``0``: off
     :param finetune_holdout: the share of the calibration samples held out to choose the epoch,
         in ``[0, 1)`` (``0``: keep the last)
+    :param stream: ``True`` (default): the streamed pass (:mod:`~tpp_plugin.calibration.stream`,
+        memory bounded by the batch; the same result up to the summation order of the means);
+        ``False``: every sample and both networks' values of a layer in memory at once (faster
+        where they fit). ``objective='fisher'`` and ``refine`` always take the in-memory pass
+    :param cache_bytes: the streamed pass keeps at most this many bytes of chunks in memory
+        (default 256 MiB), the rest in a temporary file that is deleted at the end; ``None``:
+        no cap. One batch's value of one layer must fit
     :return: a :class:`CalibrationResult`
-    :raises ValueError: for ``T < 1``, an empty loader, a model without ``nn.ReLU``, a
+    :raises ValueError: for ``T < 1``, an empty loader, batches of different shapes, a
+        ``cache_bytes`` too small for one batch, a model without ``nn.ReLU``, a
         ``channel_dim`` out of range, non-finite activations or an unknown option
 
     Example::
@@ -171,16 +184,11 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
     fingerprint = ann_fingerprint(gm)  # recorded: fine-tuning checks the result is this ANN's
     device, dtype = _device_and_dtype(gm)
     batches = CheckedBatches(batches, gm, dtype)
-    x_all = _calibration_inputs(batches, device, dtype)
-    x = _subsample(x_all, options.max_samples, options.seed)
-    if not options.finetune_epochs:
-        x_all = None  # only fine-tuning uses every sample: do not hold them all meanwhile
-    calibration = _LayerByLayer(gm, x, T, options, device, dtype)
-    ann_out, q_out = calibration.run()
-    if options.refine in (True, "global"):
-        q_out = calibration.refine_globally(ann_out)
-    output_target, output_shift = _output_correction(gm, ann_out, q_out, options)
-    result = calibration.result(names, output_target, output_shift, start)
+    if _streams(options):
+        result, x_all = _calibrate_streamed(gm, names, batches, T, options, device, dtype, start)
+    else:
+        result, x_all = _calibrate_in_memory(gm, names, batches, T, options, device, dtype,
+                                             start)
     result.settings["ann"] = fingerprint
     if options.finetune_epochs:
         result = finetune(ann, result, x_all, options.finetune_epochs, options.finetune_lr,
@@ -205,6 +213,64 @@ calibrate_for_T.__signature__ = _signature()
 # ------------------------------------------------------------------------------------------------
 # the phases
 # ------------------------------------------------------------------------------------------------
+def _streams(options: CalibrationOptions) -> bool:
+    """Whether the calibration takes the streamed path (:mod:`.stream`): ``stream=True`` and
+    neither ``objective='fisher'`` nor ``refine``, which hold every sample in memory."""
+    return bool(options.stream) and options.objective != "fisher" and not options.refine
+
+
+def _calibrate_in_memory(gm, names, batches, T, options, device, dtype, start) -> tuple:
+    """The calibration with every sample (and both networks' values of each node) in memory:
+    one :func:`~.passes.lockstep` pass over all of them.
+
+    :return: ``(result, x_all)``: the result and, for fine-tuning, every input
+    """
+    x_all = _calibration_inputs(batches, device, dtype)
+    x = _subsample(x_all, options.max_samples, options.seed)
+    if not options.finetune_epochs:
+        x_all = None  # only fine-tuning uses every sample: do not hold them all meanwhile
+    calibration = _LayerByLayer(gm, x, T, options, device, dtype)
+    ann_out, q_out = calibration.run()
+    if options.refine in (True, "global"):
+        q_out = calibration.refine_globally(ann_out)
+    output_target, output_shift = _output_correction(gm, ann_out, q_out, options)
+    return calibration.result(names, output_target, output_shift, start), x_all
+
+
+def _calibrate_streamed(gm, names, batches, T, options, device, dtype, start) -> tuple:
+    """The calibration in memory bounded by the batch (:mod:`.stream`): the values between the
+    nodes in chunks of at most ``batch_size`` samples, held in memory up to ``cache_bytes``
+    and in a temporary file beyond; the result is :func:`_calibrate_in_memory`'s up to the
+    summation order of the means.
+
+    :return: ``(result, x_all)``: the result and, for fine-tuning, every input
+    """
+    store = ChunkStore(options.cache_bytes)
+    try:
+        inputs, sizes = streamed_inputs(batches, device, dtype, options.max_samples,
+                                        options.seed, options.batch_size, store)
+        calibration = _LayerByLayer(gm, None, T, options, device, dtype)
+        calibration.run_streamed(inputs, sizes)
+        inputs.free()
+    finally:
+        store.close()
+    diff = calibration.output_difference()
+    output_target, output_shift = None, None
+    if diff is not None:
+        output_target, output_shift = _output_correction(gm, None, None, options, diff)
+    result = calibration.result(names, output_target, output_shift, start)
+    result.settings["cache"] = {"cache_bytes": options.cache_bytes, "peak_bytes": store.peak,
+                                "spilled_bytes": store.spilled}
+    # fine-tuning reads a loader batch by batch (memory flat in its size); a list of tensors
+    # is already in memory, and is fine-tuned on as one tensor, as by the in-memory path
+    x_all = None
+    if options.finetune_epochs:
+        raw = batches.batches if isinstance(batches, CheckedBatches) else batches
+        x_all = (_calibration_inputs(batches, device, dtype)
+                 if isinstance(raw, (list, tuple)) else raw)  # a loader is fine-tuned as read
+    return result, x_all
+
+
 def _traced_model(ann: nn.Module, fuse: bool) -> tuple:
     """A traced copy of ``ann`` in eval mode (conv-BN pairs fused if ``fuse``) and the names of
     its ReLU calls; a ``ValueError`` if it has none."""
@@ -256,9 +322,13 @@ class _LayerByLayer:
     output step) in graph order, refitting the conv/linear layers on the way, while
     :func:`~.passes.lockstep` runs the ANN and the network being quantised side by side."""
 
-    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, T: int,
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor | None, T: int,
                  options: CalibrationOptions, device, dtype):
+        """``x``: the calibration samples, or ``None`` for :meth:`run_streamed` (which
+        supports neither ``objective='fisher'`` nor ``refine``)."""
         self.gm, self.x, self.T, self.options = gm, x, T, options
+        self.n_samples = 0 if x is None else int(x.shape[0])
+        self.output_sums: list = [0.0, 0, None]  # Σ (ANN − quantised) per class, count, dim
         self.device, self.dtype = device, dtype
         self.targets = [bias_target(gm, n) if options.bias_correction else None
                         for n in activation_nodes(gm)]
@@ -289,18 +359,54 @@ class _LayerByLayer:
             set_submodule(self.gm, target, fitted)
         return ann_out, q_out
 
+    def run_streamed(self, inputs, sizes) -> None:
+        """The pass over the chunks of a :class:`~.stream.Stream` of inputs, in memory bounded
+        by the batch (:func:`~.stream.streamed_lockstep`): every threshold chosen, the refitted
+        layers put in place, the output's mean difference from the ANN's kept for
+        :meth:`output_difference`."""
+        self.n_samples = sum(sizes)
+        streamed_lockstep(self.gm, inputs, sizes, self, self.options.reconstruct)
+        for target, fitted in self.fitted_modules.items():
+            set_submodule(self.gm, target, fitted)
+
+    def output(self, ann_out, q_out) -> None:
+        """Accumulate one batch's output on both sides (the streamed pass)."""
+        acc = self.output_sums
+        if not isinstance(ann_out, torch.Tensor) or ann_out.dim() < 2:
+            acc[2] = -1
+            return
+        diff = (ann_out - q_out).movedim(1, 0).reshape(ann_out.shape[1], -1)
+        acc[0] = acc[0] + diff.sum(1, dtype=torch.float64)
+        acc[1] += diff.shape[1]
+        acc[2] = ann_out.dtype
+
+    def output_difference(self):
+        """The mean per class of the ANN's output minus the quantised network's over the
+        streamed pass, or ``None`` if the output is not ``[N, classes, *]``."""
+        total, count, dtype = self.output_sums
+        if not count or dtype == -1:
+            return None
+        return (total / count).to(dtype)
+
     def visit(self, i: int, a: torch.Tensor, a_ann: torch.Tensor) -> None:
         """Calibrate ReLU call ``i`` from its input ``a`` (earlier layers quantised) and the
         ANN's ``a_ann``; leaves its threshold and shift on its probe."""
         o, probe = self.options, self.probes[i]
         dim = normalise_channel_dim(o.channel_dim, a, f"ReLU call {probe.name!r}")
         means = _channel_means(probe.name, a, a_ann, dim)
+        w = self.weights[i] if self.weights is not None else None
+        self.decide(i, dim, means, *subsample_samples([a, a_ann, w], dim, o.max_values,
+                                                      o.seed + i))
+
+    def decide(self, i: int, dim: int, means: list, a, a_ann, w) -> None:
+        """Calibrate ReLU call ``i`` from the per-channel ``means`` of its input in the
+        quantised network and in the ANN, and the samples the search reads: the input ``a``,
+        the ANN's ``a_ann`` and the Fisher weights ``w`` (or ``None``) of those samples."""
+        o, probe = self.options, self.probes[i]
         shift = None
         if self.targets[i] is not None and o.bias_correction == "mean":
             shift = means[1] - means[0]
-        w = self.weights[i] if self.weights is not None else None
-        a_c, ann_c, w = (None if t is None else channels_first(t, dim) for t in
-                         subsample_samples([a, a_ann, w], dim, o.max_values, o.seed + i))
+        a_c, ann_c, w = (None if t is None else channels_first(t, dim) for t in (a, a_ann, w))
         if shift is not None:
             a_c = a_c + shift.unsqueeze(1)
         target = (ann_c if o.reference == "ann" else a_c).clamp(min=0)
@@ -403,7 +509,7 @@ class _LayerByLayer:
             T=self.T, names=names, thresholds=self.thresholds, bias_shifts=self.shifts,
             bias_targets=self.targets, channel_dim=self.options.channel_dim, layers=self.layers,
             seconds=time.perf_counter() - start,
-            settings=self.options.recorded_settings(int(self.x.shape[0])),
+            settings=self.options.recorded_settings(self.n_samples),
         )
 
 
@@ -423,17 +529,22 @@ def _channel_means(name: str, a: torch.Tensor, a_ann: torch.Tensor, dim: int) ->
     return means
 
 
-def _output_correction(gm: fx.GraphModule, ann_out, q_out, options: CalibrationOptions) -> tuple:
+def _output_correction(gm: fx.GraphModule, ann_out, q_out, options: CalibrationOptions,
+                       mean_difference=None) -> tuple:
     """With bias correction and ``output_correction``: the layer producing the output whose
     bias can carry a shift, and the shift (per class) that makes the quantised network's mean
-    output the ANN's; else ``(None, None)``."""
+    output the ANN's; else ``(None, None)``. ``mean_difference``: that shift already
+    accumulated (the streamed pass; ``ann_out`` and ``q_out`` are then not read)."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if not (options.bias_correction and options.output_correction
-            and isinstance(ann_out, torch.Tensor) and ann_out.dim() >= 2
+    shaped = mean_difference is not None or (isinstance(ann_out, torch.Tensor)
+                                             and ann_out.dim() >= 2)
+    if not (options.bias_correction and options.output_correction and shaped
             and isinstance(out_node.args[0], fx.Node)):
         return None, None
     output_target = foldable_producer(gm, out_node.args[0])
     if output_target is None:
         return None, None
+    if mean_difference is not None:
+        return output_target, mean_difference.cpu()
     diff = (ann_out - q_out).movedim(1, 0).reshape(ann_out.shape[1], -1)
     return output_target, diff.mean(1).cpu()

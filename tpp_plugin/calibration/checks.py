@@ -174,11 +174,26 @@ def _traced(ann: nn.Module, fuse: bool) -> nn.Module:
     return fuse_conv_bn(gm) if fuse else gm
 
 
+def _check_finetune_loader(x) -> None:
+    """A loader of fine-tuning inputs: iterable (a ``DataLoader``, or a list of batches: each a
+    tensor or a tuple/list whose first item is one)."""
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        raise TypeError(f"x must be a tensor of calibration inputs [N, *] or a loader of such "
+                        f"batches, got {type(x).__name__}")
+    if isinstance(x, (list, tuple)):
+        for i, batch in enumerate(x):
+            first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+            if not isinstance(first, torch.Tensor):
+                raise TypeError(f"x must be a tensor of calibration inputs [N, *] or a loader of "
+                                f"such batches, got a {type(x).__name__} whose item {i} is "
+                                f"{type(batch).__name__}")
+
+
 def check_finetune_inputs(ann, result, x, batch_size, seed) -> nn.Module:
     """The checks of :func:`~tpp_plugin.calibration.finetune.finetune`'s ``ann``, ``result``,
     ``x``, ``batch_size`` and ``seed``: a float32/float64 module; a
     :class:`CalibrationResult` of this ANN (its ReLU calls, and where recorded its weights);
-    a non-empty finite floating tensor of inputs that fits the ANN.
+    a non-empty finite floating tensor of inputs that fits the ANN, or a loader of such batches.
 
     :return: the traced (and, as the calibration did, fused) copy of ``ann``
     """
@@ -200,8 +215,8 @@ def check_finetune_inputs(ann, result, x, batch_size, seed) -> nn.Module:
                          "those calibrate_for_T saw): pass the result of calibrate_for_T on "
                          "this ann, or calibrate it again")
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor of calibration inputs [N, *], got "
-                        f"{type(x).__name__}")
+        _check_finetune_loader(x)
+        return gm  # a loader: its batches are checked as they are read
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
     if x.dim() == 0 or x.shape[0] == 0:

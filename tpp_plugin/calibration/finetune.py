@@ -41,6 +41,7 @@ from torch import nn
 from .. import functional as F
 from ..convert import eval_mode
 from .checks import check_finetune_inputs
+from .finetune_data import LoaderSplit, load_checkpoint, save_checkpoint
 from .graph import bias_shift_targets
 from .passes import kl_divergence, run_batched
 from .quantiser import Probe, channel_view, quantised_ann, random_count_mean
@@ -112,8 +113,9 @@ def check_finetune_args(epochs, lr, drop, holdout, prefix: str = "finetune_") ->
 
 
 @torch.enable_grad()  # also inside calibrate_for_T, which runs without gradients
-def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1e-3,
-             drop: float = 0.0, holdout: float = 0.2, batch_size: int = 128, seed: int = 0):
+def finetune(ann: nn.Module, result, x, epochs: int, lr: float = 1e-3,
+             drop: float = 0.0, holdout: float = 0.2, batch_size: int = 128, seed: int = 0,
+             holdout_loader=None, checkpoint: str | None = None):
     r"""Fine-tune a calibration against the ANN's outputs (see the module docstring).
 
     Adam with learning rate ``lr`` for the layers and the neurons alike, cosine-annealed to 0
@@ -122,7 +124,11 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
 
     :param ann: the ANN that was calibrated (not modified)
     :param result: its :class:`~tpp_plugin.calibration.CalibrationResult`
-    :param x: calibration inputs ``[N, *]``
+    :param x: the training inputs: one tensor ``[N, *]`` (in memory, shuffled into
+        mini-batches of ``batch_size`` every epoch), or a loader (a ``DataLoader`` or any
+        re-iterable of batches or ``(inputs, labels)``), read batch by batch every epoch —
+        memory flat in the data set's size, its batches the training steps, the ANN's outputs
+        computed batch by batch (:mod:`.finetune_data`: the held-out share of a loader)
     :param epochs: passes over the training share of ``x`` (``0``: ``result`` unchanged)
     :param lr: Adam's learning rate
     :param drop: the probability that an activation keeps its unrounded value in training
@@ -132,6 +138,12 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     :param batch_size: inputs per training step
     :param seed: seed of the split, the batch order, the dropped activations and the random
         counts
+    :param holdout_loader: with a loader ``x``, a separate loader of held-out inputs (then
+        ``holdout`` is not used and all of ``x`` trains)
+    :param checkpoint: a file: after every epoch the training state (parameters, Adam's and the
+        schedule's state, the random generator, the held-out record) is written there, and a
+        fine-tuning that finds it resumes after its epoch (a finished one just returns its
+        result); a loader's own shuffling is not part of it
     :return: a new :class:`~tpp_plugin.calibration.CalibrationResult`; its
         ``settings['finetune']`` records the held-out divergence after every epoch
         (``'holdout'``, epoch 0 first) and the epoch kept (``'epoch'``); its ``layers`` (the
@@ -156,17 +168,21 @@ def finetune(ann: nn.Module, result, x: torch.Tensor, epochs: int, lr: float = 1
     model = quantised_ann(ann, result, result.T)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = x.to(dtype=dtype, device=param.device if param is not None else x.device)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    tensor = isinstance(x, torch.Tensor)
+    device = param.device if param is not None else x.device if tensor else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     neurons, tuned, params = _make_trainable(model, result, dtype, gen)
-    x_hold, x_train = _split(x, holdout, seed)
-    with torch.no_grad(), eval_mode(ann):  # the reference: no BatchNorm update, no dropout
-        ref_hold = run_batched(ann, x_hold, 256) if len(x_hold) else None
-        ref_train = run_batched(ann, x_train, 256)
-    history, best = _train(model, neurons, params, (x_train, ref_train), (x_hold, ref_hold),
-                           epochs, lr, drop, batch_size, gen)
+    if tensor:
+        if holdout_loader is not None:
+            raise ValueError("holdout_loader goes with a loader of training inputs, not a "
+                             "tensor")
+        data = _TensorData(ann, x.to(dtype=dtype, device=device), holdout, seed, batch_size,
+                           gen)
+    else:
+        data = _LoaderData(ann, LoaderSplit(x, holdout, seed, holdout_loader), device, dtype)
+    history, best = _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint)
     record = {"epochs": epochs, "lr": lr, "drop": drop, "holdout": history, "epoch": best,
-              "samples": len(x_train), "held_out": len(x_hold)}
+              "samples": data.n_train, "held_out": data.n_hold}
     settings = {**result.settings, "finetune": record}
     if best == 0:
         return dataclasses.replace(result, settings=settings)
@@ -215,37 +231,107 @@ def _split(x: torch.Tensor, holdout: float, seed: int) -> tuple:
     return x[order[:n_hold]], x[order[n_hold:]]
 
 
-def _train(model, neurons, params, train, hold, epochs, lr, drop, batch_size, gen) -> tuple:
-    """Train ``params`` of ``model`` for ``epochs`` epochs on ``train`` (inputs and the ANN's
-    outputs); after each, score it on ``hold`` and keep the best epoch's parameters (the last
-    without held-out inputs).
+class _TensorData:
+    """Fine-tuning's data as one tensor: a held-out share (chosen with ``seed``) and the rest,
+    the ANN's outputs of all of them computed once, the training share shuffled (with
+    ``gen``) into mini-batches every epoch."""
+
+    def __init__(self, ann, x, holdout, seed, batch_size, gen):
+        self.x_hold, self.x_train = _split(x, holdout, seed)
+        with torch.no_grad(), eval_mode(ann):  # the reference: no BatchNorm update, no dropout
+            self.ref_hold = run_batched(ann, self.x_hold, 256) if len(self.x_hold) else None
+            self.ref_train = run_batched(ann, self.x_train, 256)
+        self.batch_size, self.gen = batch_size, gen
+        self.n_train, self.n_hold = len(self.x_train), len(self.x_hold)
+        self.steps = math.ceil(self.n_train / batch_size)
+
+    def epoch(self):
+        """``(inputs, the ANN's outputs)`` of every training step of one epoch."""
+        perm = torch.randperm(self.n_train, generator=self.gen, device=self.x_train.device)
+        for i in range(0, self.n_train, self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            yield self.x_train[idx], self.ref_train[idx]
+
+    def held_out(self, model) -> float:
+        """``model``'s divergence from the ANN on the held-out share (NaN without one)."""
+        if not self.n_hold:
+            return math.nan
+        with torch.no_grad():
+            return float(output_distance(run_batched(model, self.x_hold, 256), self.ref_hold))
+
+
+class _LoaderData:
+    """Fine-tuning's data from a loader (:class:`~.finetune_data.LoaderSplit`), batch by
+    batch on ``device``, the ANN's outputs computed per batch."""
+
+    def __init__(self, ann, split, device, dtype):
+        self.ann, self.split, self.device, self.dtype = ann, split, device, dtype
+        self.steps = split.steps
+        self.n_train = self.n_hold = 0
+
+    def _with_reference(self, batches):
+        for x in batches:
+            x = x.to(device=self.device, dtype=self.dtype)
+            with torch.no_grad(), eval_mode(self.ann):
+                ref = self.ann(x)
+            yield x, ref
+
+    def epoch(self):
+        n = 0
+        for x, ref in self._with_reference(self.split.training_batches()):
+            n += x.shape[0]
+            yield x, ref
+        self.n_train = n
+
+    def held_out(self, model) -> float:
+        """The divergence over every held-out sample (per-sample KL divergences summed, then
+        divided by their number; the squared error per element without a class dimension)."""
+        if not self.split.has_held_out:
+            return math.nan
+        total, count, n = 0.0, 0, 0
+        with torch.no_grad():
+            for x, ref in self._with_reference(self.split.held_out_batches()):
+                out = model(x)
+                size = x.shape[0] if out.dim() >= 2 else out.numel()
+                total += float(output_distance(out, ref)) * size
+                count += size
+                n += x.shape[0]
+        self.n_hold = n
+        return total / count if count else math.nan
+
+
+def _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint=None) -> tuple:
+    """Train ``params`` of ``model`` for ``epochs`` epochs on ``data`` (a :class:`_TensorData`
+    or :class:`_LoaderData`); after each, score it on the held-out share and keep the best
+    epoch's parameters (the last without held-out inputs). With ``checkpoint``, the state is
+    written there after every epoch, and read back first if the file exists (resuming).
 
     :return: ``(history, best)``: the held-out divergence after every epoch (epoch 0 first)
         and the epoch kept, whose parameters ``params`` now hold
     """
-    (x_train, ref_train), (x_hold, ref_hold) = train, hold
-    n_hold = len(x_hold)
-
-    def held_out() -> float:
-        if not n_hold:
-            return math.nan
-        with torch.no_grad():
-            return float(output_distance(run_batched(model, x_hold, 256), ref_hold))
-
     def snapshot():
         return [p.detach().clone() for p in params]
 
-    history, best, best_state = [held_out()], 0, snapshot()
     opt = torch.optim.Adam(params, lr=lr)
-    steps_per_epoch = math.ceil(len(x_train) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    for epoch in range(1, epochs + 1):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * data.steps)
+    state = load_checkpoint(checkpoint, params, epochs)
+    if state is None:
+        history, best, best_state, start = [data.held_out(model)], 0, snapshot(), 1
+    else:
+        with torch.no_grad():
+            for p, value in zip(params, state["params"]):
+                p.copy_(value)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        history, best, start = state["history"], state["best"], state["epoch"] + 1
+        best_state = [t.to(p.device) for t, p in zip(state["best_state"], params)]
+        data.n_train, data.n_hold = state["samples"]
+    for epoch in range(start, epochs + 1):
         for n in neurons:
             n.drop, n.sample = drop, True
-        perm = torch.randperm(len(x_train), generator=gen, device=x_train.device)
-        for i in range(0, len(x_train), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = output_distance(model(x_train[idx]), ref_train[idx])
+        for x, ref in data.epoch():
+            loss = output_distance(model(x), ref)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -256,9 +342,15 @@ def _train(model, neurons, params, train, hold, epochs, lr, drop, batch_size, ge
                     torch.maximum(n.scale, n.scale_floor, out=n.scale)
         for n in neurons:
             n.drop, n.sample = 0.0, False
-        history.append(held_out())
-        if not n_hold or history[-1] < history[best]:
+        history.append(data.held_out(model))
+        if not data.n_hold or history[-1] < history[best]:
             best, best_state = epoch, snapshot()
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "epoch": epoch, "epochs": epochs, "params": [p.detach().cpu() for p in params],
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                "history": history, "best": best, "samples": (data.n_train, data.n_hold),
+                "best_state": [t.cpu() for t in best_state]})
     with torch.no_grad():
         for p, value in zip(params, best_state):
             p.copy_(value)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .. import functional as F
 from .checks import positive_int
 from .finetune import check_finetune_args
+from .stream import check_cache_bytes
 
 __all__ = ["OBJECTIVES", "GRANULARITIES", "CalibrationOptions", "options_from"]
 
@@ -71,6 +72,8 @@ class CalibrationOptions:
     finetune_lr: float = 1e-3
     finetune_drop: float = 0.0
     finetune_holdout: float = 0.2
+    stream: bool = True
+    cache_bytes: int | None = 1 << 28
 
     def __post_init__(self) -> None:
         if self.bias_correction is True:
@@ -83,6 +86,7 @@ class CalibrationOptions:
                             self.finetune_holdout)
         if self.refine not in (False, None, True, "global", "local"):
             raise ValueError(f"refine must be False, 'global' or 'local', got {self.refine!r}")
+        check_cache_bytes(self.cache_bytes)
 
     def _check_search(self) -> None:
         """The threshold search's options: granularity, objective, grid, bins, channel_dim and

@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["patches", "fit_weights"]
+__all__ = ["patches", "can_refit", "refit_rows", "fit_weights"]
 
 
 def patches(module, x):
@@ -19,6 +19,26 @@ def patches(module, x):
     cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
                                 module.stride)  # [N, D, L]
     return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+
+
+def can_refit(module, max_features=None) -> bool:
+    """Whether :func:`fit_weights` refits ``module`` (else it returns it as it is): not a
+    grouped or string-padded convolution, at most ``max_features`` inputs per output."""
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
+                                          or module.padding_mode != "zeros"):
+        return False
+    # more features: the (D + 1)² system would cost O(D³)
+    return max_features is None or module.weight[0].numel() <= max_features
+
+
+def refit_rows(n: int, per_sample: int, max_rows: int, seed: int):
+    """The sorted indices of the samples (of ``n``, ``per_sample`` output positions each)
+    :func:`fit_weights` fits on, or ``None`` for all of them (on the CPU)."""
+    if n * per_sample <= max_rows:
+        return None
+    keep = max(1, max_rows // per_sample)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
+    return idx.sort().values
 
 
 def fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, partner=None,
@@ -35,18 +55,12 @@ def fit_weights(module, x_q, z_ann, ridge, max_rows, seed, max_features=None, pa
     the fit's positive part is an error: that many times, the fit is solved again with the
     target there replaced by ``min(fit, 0)`` (the ReLU input's; the Gram matrix and its factor
     are reused, each step costs two products of the size of the right-hand side)."""
-    if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
-                                          or module.padding_mode != "zeros"):
+    if not can_refit(module, max_features):
         return module
-    if max_features is not None and module.weight[0].numel() > max_features:
-        return module  # the (D + 1)² system would cost O(D³)
     channel_dim = -1 if isinstance(module, nn.Linear) else 1
-    per_sample = z_ann[0].numel() // z_ann.shape[channel_dim]
-    n = x_q.shape[0]
-    if n * per_sample > max_rows:
-        keep = max(1, max_rows // per_sample)
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
-        idx = idx.sort().values.to(x_q.device)
+    idx = refit_rows(x_q.shape[0], z_ann[0].numel() // z_ann.shape[channel_dim], max_rows, seed)
+    if idx is not None:
+        idx = idx.to(x_q.device)
         x_q, z_ann = x_q[idx], z_ann[idx]
         partner = None if partner is None else tuple(t[idx] for t in partner)
     rows = lambda t: t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])  # noqa: E731

@@ -15,6 +15,7 @@ __all__ = [
     "output_gradients",
     "channels_first",
     "subsample_samples",
+    "sample_subset",
     "bin_statistics",
     "exact_count_errors",
     "binned_search",
@@ -218,10 +219,19 @@ def subsample_samples(tensors, channel_dim: int, max_values, seed: int):
     values per channel (all if fewer; dim 0 being the channel dimension, all)."""
     t0 = tensors[0]
     per_sample = t0[0].numel() // t0.shape[channel_dim] if channel_dim else 0
-    if max_values is None or not per_sample or t0.shape[0] * per_sample <= max_values:
+    idx = sample_subset(t0.shape[0], per_sample, max_values, seed)
+    if idx is None:
         return tensors
-    keep = -(-max_values // per_sample)
-    idx = torch.randperm(t0.shape[0], generator=torch.Generator().manual_seed(seed))[:keep]
-    idx = idx.sort().values.to(t0.device)
+    idx = idx.to(t0.device)
     return [None if t is None else t[idx] for t in tensors]
+
+
+def sample_subset(n: int, per_sample: int, max_values, seed: int):
+    """The sorted indices of the samples :func:`subsample_samples` keeps out of ``n`` with
+    ``per_sample`` values per channel each, or ``None`` for all of them (on the CPU)."""
+    if max_values is None or not per_sample or n * per_sample <= max_values:
+        return None
+    keep = -(-max_values // per_sample)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep]
+    return idx.sort().values
 

@@ -44,6 +44,8 @@ import time
 
 import torch
 
+from . import scale_bench
+
 __all__ = ["BACKENDS", "torch_cases", "time_cases", "peak_memory", "add_arguments", "main"]
 
 IF_CASE, CLONE_CASE, RAND_CASE = "IFNode (SpikingJelly)", "clone()", "rand_like()"
@@ -364,6 +366,7 @@ def add_arguments(parser) -> None:
                         help="demo CNN training epochs")
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write the neuron table (and the versions) to FILE as JSON")
+    scale_bench.add_arguments(parser)
 
 
 def main(args) -> int:
@@ -374,6 +377,8 @@ def main(args) -> int:
         print("bench needs SpikingJelly (its IFNode is the reference): "
               "pip install 'tpp_plugin[spikingjelly]'")
         return 2
+    if args.scale:
+        return scale_bench.main(args)
     device = torch.device(args.device)
     print(f"python -m tpp_plugin bench --backend {args.backend} --device {device} "
           f"--T {' '.join(map(str, args.T))} --shape {' '.join(map(str, args.shape))} "

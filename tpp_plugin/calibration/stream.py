@@ -1,0 +1,477 @@
+"""The calibration in memory bounded by the batch, not the data set.
+
+:func:`streamed_lockstep` is :func:`~.passes.lockstep` batch by batch: the ANN and the network
+being quantised still run side by side node by node in graph order, but every value between the
+nodes is held as one chunk per batch in a :class:`ChunkStore` — in memory up to a cap
+(``cache_bytes``), in a temporary file beyond it (as the BRECQ/AdaRound implementations cache one
+block's inputs at a time, on disk when they do not fit). Each decision is taken from statistics
+accumulated over the chunks, then applied chunk by chunk:
+
+* a ReLU call: the per-channel sums of its input on both sides (the bias correction's means;
+  per chunk, added in float64), gathered while that input is produced, and the seeded sample
+  subset the threshold search reads (about ``max_values`` values per channel,
+  :func:`~.search.sample_subset`), gathered across the chunks;
+* a refitted conv/linear layer: the seeded sample subset the refit reads (about ``max_rows``
+  output positions, :func:`~.refit.refit_rows`) of its quantised input, the ANN's output and
+  the residual partner;
+* the output: the per-class sums of the ANN's output minus the quantised network's.
+
+The subsets are the ones the in-memory pass draws (same seeds, same sample count), so the result
+is the in-memory pass's up to the summation order of the means. What is held at once: the
+store's cap, one batch's values of one node, and the subsets (bounded by ``max_values`` and
+``max_rows``, not by the number of samples).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+from ..batches import batch_inputs
+from .passes import REFITTABLE, feeds_probe, residual_partner
+from .quantiser import Probe, normalise_channel_dim
+from .refit import can_refit, refit_rows
+from .search import sample_subset
+
+__all__ = ["ChunkStore", "Stream", "streamed_inputs", "streamed_lockstep", "check_cache_bytes"]
+
+
+def check_cache_bytes(value) -> None:
+    """Refuse a ``cache_bytes`` that is not a positive integer or ``None``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ValueError(f"cache_bytes must be a positive integer (bytes) or None, got {value!r}")
+
+
+class _Chunk:
+    """One batch's value of one graph node: in memory, or in a file of the store's folder."""
+
+    __slots__ = ("value", "path", "shape", "dtype", "device", "nbytes")
+
+    def __init__(self, value=None, path=None, shape=None, dtype=None, device=None, nbytes=0):
+        self.value, self.path, self.shape, self.dtype = value, path, shape, dtype
+        self.device, self.nbytes = device, nbytes
+
+
+class ChunkStore:
+    """Holds chunks (tensors) in memory while their bytes stay within ``cap`` (``None``: no
+    cap), in files of a temporary folder beyond it (read back on use, deleted when freed).
+
+    :param cap: the most bytes of chunks held in memory
+    """
+
+    def __init__(self, cap: int | None):
+        check_cache_bytes(cap)
+        self.cap = cap
+        self.in_memory = 0
+        self.peak = 0  # the most bytes held in memory at once
+        self.spilled = 0  # bytes written to files in all
+        self._dir: str | None = None
+        self._files = 0
+
+    def put(self, value, what: str = "a value") -> _Chunk:
+        """A chunk holding ``value`` (a tensor in memory or in a file; anything else as it is).
+        A ``ValueError`` if one tensor is larger than the cap."""
+        if not isinstance(value, torch.Tensor):
+            return _Chunk(value=value)
+        nbytes = value.numel() * value.element_size()
+        if self.cap is not None and nbytes > self.cap:
+            raise ValueError(
+                f"cache_bytes={self.cap} is too small for one batch: {what} takes {nbytes} bytes "
+                f"for a batch of {value.shape[0] if value.dim() else 1}; raise cache_bytes (or "
+                "pass cache_bytes=None for no cap) or use smaller batches")
+        if self.cap is None or self.in_memory + nbytes <= self.cap:
+            self.in_memory += nbytes
+            self.peak = max(self.peak, self.in_memory)
+            return _Chunk(value=value, nbytes=nbytes)
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="tpp-calibration-")
+        self._files += 1
+        path = os.path.join(self._dir, f"{self._files}.bin")
+        flat = value.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        flat.tofile(path)
+        self.spilled += nbytes
+        return _Chunk(path=path, shape=tuple(value.shape), dtype=value.dtype,
+                      device=value.device, nbytes=nbytes)
+
+    def get(self, chunk: _Chunk):
+        """The value of ``chunk`` (read back from its file if it has one)."""
+        if chunk.path is None:
+            return chunk.value
+        raw = torch.from_file(chunk.path, shared=False, size=chunk.nbytes, dtype=torch.uint8)
+        return raw.view(chunk.dtype).reshape(chunk.shape).to(chunk.device)
+
+    def free(self, chunk: _Chunk) -> None:
+        """Let go of ``chunk`` (idempotent)."""
+        if chunk.path is not None:
+            try:
+                os.remove(chunk.path)
+            except FileNotFoundError:
+                pass
+            chunk.path = None
+        elif chunk.value is not None and chunk.nbytes:
+            self.in_memory -= chunk.nbytes
+        chunk.value, chunk.nbytes = None, 0
+
+    def close(self) -> None:
+        """Delete the temporary folder (and whatever is still in it)."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+class Stream:
+    """One graph value over all batches: a chunk per batch in ``store``."""
+
+    def __init__(self, store: ChunkStore, watch=None):
+        self.store, self.chunks, self.watch = store, [], watch
+
+    def add(self, value, what: str = "a value") -> None:
+        if self.watch is not None:
+            self.watch(len(self.chunks), value)
+        self.chunks.append(self.store.put(value, what))
+
+    def __getitem__(self, b: int):
+        return self.store.get(self.chunks[b])
+
+    def in_file(self, b: int) -> bool:
+        """Whether chunk ``b`` is in a file (what reads it gets a tensor of its own)."""
+        return self.chunks[b].path is not None
+
+    def free_chunk(self, b: int) -> None:
+        self.store.free(self.chunks[b])
+
+    def free(self) -> None:
+        for chunk in self.chunks:
+            self.store.free(chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# the inputs
+# ------------------------------------------------------------------------------------------------
+def streamed_inputs(batches: Iterable, device, dtype, max_samples, seed: int, chunk_size: int,
+                    store: ChunkStore) -> tuple:
+    """The calibration inputs as a :class:`Stream` of chunks of at most ``chunk_size`` samples:
+    every sample of ``batches`` if there are at most ``max_samples``, else the ``max_samples``
+    samples (chosen with ``seed``, in their order) the in-memory calibration would choose —
+    then ``batches`` is read twice (first to count), so a shuffling loader gives another
+    subset.
+
+    :return: ``(stream, sizes)``: the chunks and their sample counts
+    :raises ValueError: for no batch, no sample, a batch shaped unlike the first, a non-finite
+        input, or a loader whose second pass holds another number of samples
+    """
+    stream, sizes = Stream(store), []
+
+    def emit(x):
+        for i in range(0, x.shape[0], chunk_size):
+            part = x[i:i + chunk_size].to(device=device, dtype=dtype)
+            if part.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                part = part.clone()  # hold this chunk, not the batch it is a view of
+            stream.add(part, "the calibration inputs")
+            sizes.append(part.shape[0])
+
+    n, shape = 0, None
+    for batch in batches:
+        x = batch_inputs(batch)  # checked as read by the caller (checks.CheckedBatches)
+        shape = tuple(x.shape[1:])
+        n += x.shape[0]
+        if max_samples is None or n <= max_samples:
+            if x.shape[0]:
+                emit(x)
+        elif sizes:  # more than max_samples: only counting from here on
+            stream.free()
+            stream.chunks, sizes = [], []
+    if shape is None:
+        raise ValueError("the calibration loader yielded no batch: pass at least one batch of "
+                         "inputs (e.g. a DataLoader over some training images)")
+    if n == 0:
+        raise ValueError("the calibration batches hold no samples")
+    if max_samples is None or n <= max_samples:
+        return stream, sizes
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
+    wanted = torch.zeros(n, dtype=torch.bool)
+    wanted[idx] = True
+    seen, pending = 0, []
+    for batch in batches:
+        x = batch_inputs(batch)
+        rows = wanted[seen:seen + x.shape[0]]
+        seen += x.shape[0]
+        if rows.numel() < x.shape[0]:
+            break
+        pending.append(x[rows.to(x.device)])
+        if sum(p.shape[0] for p in pending) >= chunk_size:
+            joined = torch.cat(pending)
+            cut = joined.shape[0] - joined.shape[0] % chunk_size
+            emit(joined[:cut])
+            pending = [joined[cut:].clone()]
+    if seen != n:
+        raise ValueError(f"the calibration loader yielded {seen} samples on its second pass, "
+                         f"{n} on its first: it must yield the same samples each time it is "
+                         "iterated (it is read twice when it holds more than max_samples)")
+    rest = torch.cat(pending) if pending else None
+    if rest is not None and rest.shape[0]:
+        emit(rest)
+    return stream, sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# the pass
+# ------------------------------------------------------------------------------------------------
+def _gather(stream: Stream, idx, offsets: list, b: int, value=None):
+    """The rows of batch ``b`` (of ``stream``, or ``value``) whose global sample index is in
+    ``idx`` (``None``: all rows)."""
+    value = stream[b] if value is None else value
+    if idx is None:
+        return value
+    lo, hi = offsets[b], offsets[b + 1]
+    local = idx[(idx >= lo) & (idx < hi)] - lo
+    return value[local.to(value.device)]
+
+
+def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibration,
+                      refit: bool) -> None:
+    """:func:`~.passes.lockstep` over the chunks of ``inputs`` (see the module docstring).
+
+    ``calibration`` (the calibration's :class:`~.calibrate._LayerByLayer`) takes the
+    decisions: ``decide(i, dim, means, a_sub, ann_sub, None)`` per ReLU call, and with
+    ``refit``, ``refit(name, module, x_q, z_ann, partner, relu)`` per conv/linear layer whose
+    input differs between the two sides (on the gathered subsets), and
+    ``output(ann_out, q_out)`` per batch of the output.
+    """
+    store = inputs.store
+    modules = dict(gm.named_modules())
+    interp = fx.Interpreter(gm)
+    env = ({}, {})
+    users_left = {n: len(n.users) for n in gm.graph.nodes}
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    nb = len(sizes)
+    first = True
+    pending = {}  # node -> the _ProbeStats of the ReLU call it feeds, filled as it is produced
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if first:
+                stream = inputs
+            elif node.args:
+                stream = Stream(store)
+                for _ in range(nb):
+                    stream.add(node.args[0])
+            else:
+                raise ValueError(
+                    f"calibration feeds the model one input; its argument {node.target!r} "
+                    "has no default value")
+            first = False
+            env[0][node] = env[1][node] = stream
+            continue
+        if node.op == "output":
+            for b in range(nb):
+                outs = []
+                for side in (0, 1):
+                    interp.env = {a: env[side][a][b] for a in node.all_input_nodes}
+                    outs.append(interp.fetch_args_kwargs_from_env(node)[0][0])
+                calibration.output(*outs)
+            break
+        module = modules.get(node.target) if node.op == "call_module" else None
+        last = {a for a in node.all_input_nodes if users_left[a] == 1}
+        what = f"the value of {node.name!r}"
+        watch = _watchers(calibration, node, modules, offsets, pending)
+        if isinstance(module, Probe):
+            src = node.args[0]
+            s_ann, s_q = env[0][src], env[1][src]
+            stats = pending.pop(src, None)
+            if stats is not None:
+                stats.decide()
+            else:
+                _visit(calibration, module, s_q, s_ann, offsets)
+            out_ann, out_q = Stream(store), Stream(store)
+            for b in range(nb):
+                a_ann = s_ann[b]
+                a = a_ann if s_q is s_ann else s_q[b]
+                # a chunk just read from its file, used by no one after: overwritten
+                module.overwrite = src in last and s_q is not s_ann and s_q.in_file(b)
+                try:
+                    out_q.add(module(a), what)
+                finally:
+                    module.overwrite = False
+                own = src in last and s_ann.in_file(b)
+                out_ann.add(a_ann.relu_() if own else torch.relu(a_ann), what)
+                if src in last:
+                    s_ann.free_chunk(b)
+                    s_q.free_chunk(b)
+            env[0][node], env[1][node] = out_ann, out_q
+        elif (refit and isinstance(module, REFITTABLE) and not node.kwargs
+              and len(node.args) == 1 and env[0][node.args[0]] is not env[1][node.args[0]]):
+            env[0][node], env[1][node] = _refit_layer(calibration, node, module, env, offsets,
+                                                      modules, node.args[0] in last, what,
+                                                      watch)
+        elif all(env[0][a] is env[1][a] for a in node.all_input_nodes):
+            out = Stream(store, watch[2])
+            for b in range(nb):
+                interp.env = {a: env[0][a][b] for a in node.all_input_nodes}
+                out.add(interp.run_node(node), what)
+                for a in last:
+                    env[0][a].free_chunk(b)
+            env[0][node] = env[1][node] = out
+        else:
+            outs = (Stream(store, watch[0]), Stream(store, watch[1]))
+            for b in range(nb):
+                for side in (0, 1):
+                    interp.env = {a: env[side][a][b] for a in node.all_input_nodes}
+                    outs[side].add(interp.run_node(node), what)
+                for a in last:
+                    env[0][a].free_chunk(b)
+                    env[1][a].free_chunk(b)
+            env[0][node], env[1][node] = outs
+        for arg in node.all_input_nodes:
+            users_left[arg] -= 1
+            if users_left[arg] == 0:
+                for side in (0, 1):
+                    stream = env[side].pop(arg, None)
+                    if stream is not None:
+                        stream.free()
+        _trim()
+    interp.env = {}
+
+
+def _trim() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere): chunks of a few tens of MB come and go on the heap, and the resident memory
+    otherwise keeps the largest mix of them."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+class _ProbeStats:
+    """What ReLU call ``probe`` is calibrated from, accumulated chunk by chunk as its input is
+    produced (:meth:`add`, side 0 the ANN's, 1 the quantised network's): the per-channel sums
+    of each side (float64) and the rows of the sample subset the threshold search reads."""
+
+    def __init__(self, calibration, probe: Probe, offsets: list):
+        self.calibration, self.probe, self.offsets = calibration, probe, offsets
+        self.idx = self.dim = self.others = self.dtype = None
+        self.sums, self.counts = [0.0, 0.0], [0, 0]
+        self.subs = ({}, {})
+
+    def add(self, side: int, b: int, value: torch.Tensor) -> None:
+        o, probe = self.calibration.options, self.probe
+        if self.dim is None:
+            self.dim = normalise_channel_dim(o.channel_dim, value, f"ReLU call {probe.name!r}")
+            self.others = [d for d in range(value.dim()) if d != self.dim]
+            per_sample = value[0].numel() // value.shape[self.dim] if self.dim else 0
+            self.idx = sample_subset(self.offsets[-1], per_sample, o.max_values,
+                                     o.seed + probe.index)
+            self.dtype = value.dtype
+        # summed in the value's dtype per chunk (sum(dtype=float64) would copy the chunk in
+        # float64), the chunks' sums in float64
+        total = value.sum(self.others).double()
+        if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(value).all()):
+            where = " in the ANN" if side == 0 else ""
+            raise ValueError(
+                f"ReLU call {probe.name!r} has non-finite (NaN or infinite) activations"
+                f"{where} on the calibration data; check the model's weights and the "
+                "calibration inputs")
+        self.sums[side] = self.sums[side] + total
+        self.counts[side] += value.numel() // value.shape[self.dim]
+        self.subs[side][b] = _gather(None, self.idx, self.offsets, b, value)
+
+    def decide(self) -> None:
+        """Calibrate the call from what was added (every chunk of both sides)."""
+        # the quantised network's, then the ANN's
+        means = [(s / c).to(self.dtype) for s, c in zip(self.sums[::-1], self.counts[::-1])]
+        subs = [torch.cat([part[b] for b in sorted(part)]) for part in self.subs]
+        self.subs = ({}, {})
+        self.calibration.decide(self.probe.index, self.dim, means, subs[1], subs[0], None)
+
+
+def _visit(calibration, probe: Probe, s_q: Stream, s_ann: Stream, offsets: list) -> None:
+    """Calibrate ReLU call ``probe`` from its input over all chunks (read once more), when its
+    statistics were not gathered while the input was produced."""
+    stats = _ProbeStats(calibration, probe, offsets)
+    for b in range(len(offsets) - 1):
+        a = s_q[b]
+        a_ann = a if s_ann is s_q else s_ann[b]
+        stats.add(1, b, a)
+        stats.add(0, b, a_ann)
+    stats.decide()
+
+
+def _watchers(calibration, node, modules, offsets, pending) -> tuple:
+    """Where ``node``'s chunks go as they are produced — the ANN's, the quantised network's,
+    and the one value of both: into the statistics of the ReLU call ``node`` alone feeds
+    (kept in ``pending``), else nowhere."""
+    if not feeds_probe(node, modules):
+        return None, None, None
+    stats = _ProbeStats(calibration, modules[next(iter(node.users)).target], offsets)
+    pending[node] = stats
+
+    def both(b, value):
+        stats.add(0, b, value)
+        stats.add(1, b, value)
+
+    def ann(b, value):
+        stats.add(0, b, value)
+
+    def quantised(b, value):
+        stats.add(1, b, value)
+
+    return ann, quantised, both
+
+
+def _refit_layer(calibration, node, module, env, offsets, modules, free_input, what,
+                 watch) -> tuple:
+    """The streams of a refitted conv/linear layer's output on both sides: the ANN's computed
+    while the refit's sample subset is gathered, then the fitted layer applied chunk by chunk."""
+    o = calibration.options
+    store = env[0][node.args[0]].store
+    s_ann, s_q = env[0][node.args[0]], env[1][node.args[0]]
+    other = residual_partner(node)
+    partner = ((env[0][other], env[1][other])
+               if other is not None and other in env[1] else None)
+    relu = feeds_probe(node, modules) or (
+        partner is not None and feeds_probe(next(iter(node.users)), modules))
+    out_ann, out_q = Stream(store, watch[0]), Stream(store, watch[1])
+    nb = len(offsets) - 1
+    fit = can_refit(module, o.max_features)
+    idx, subs = None, ([], [], [], [])
+    for b in range(nb):
+        z = module(s_ann[b])
+        out_ann.add(z, what)
+        if free_input:
+            s_ann.free_chunk(b)
+        if not fit:
+            continue
+        if b == 0:
+            channel_dim = -1 if isinstance(module, torch.nn.Linear) else 1
+            idx = refit_rows(offsets[-1], z[0].numel() // z.shape[channel_dim], o.max_rows,
+                             o.seed)
+        parts = [s_q, None] + ([] if partner is None else list(partner))
+        for k, source in enumerate(parts):
+            subs[k].append(_gather(source, idx, offsets, b, z if source is None else None))
+    fitted = module
+    if fit:
+        x_q, z_ann = torch.cat(subs[0]), torch.cat(subs[1])
+        pair = None if partner is None else (torch.cat(subs[2]), torch.cat(subs[3]))
+        fitted = calibration.refit(node.target, module, x_q, z_ann, pair, relu)
+        del x_q, z_ann, pair, subs
+    for b in range(nb):
+        out_q.add(fitted(s_q[b]), what)
+        if free_input:
+            s_q.free_chunk(b)
+    return out_ann, out_q
