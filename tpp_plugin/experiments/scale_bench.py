@@ -1,6 +1,6 @@
 r"""Cost as the work grows (``python -m tpp_plugin bench --scale``): torchvision ResNets at
 224 px on synthetic inputs, every case in a fresh subprocess so that its peak resident memory
-(``ru_maxrss``) is its own.
+(``VmHWM``) is its own.
 
 Cases, per model (``resnet18``; ``resnet50`` with ``--models resnet18 resnet50``):
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -152,7 +151,7 @@ def _counted(tpp_plugin, snn, x, T):
 
 
 def _in_subprocess(case: dict, timeout: float) -> dict:
-    """:func:`run_case` in a fresh interpreter, with its peak RSS (``ru_maxrss``)."""
+    """:func:`run_case` in a fresh interpreter, with its peak RSS (``VmHWM``)."""
     cmd = [sys.executable, "-m", "tpp_plugin.experiments.scale_bench", "--case", json.dumps(case)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -277,10 +276,22 @@ def add_arguments(parser) -> None:
                         help="also put the table into FILE (e.g. docs/performance.md)")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB: the ``VmHWM`` of its own address space.
+    (``getrusage``'s ``ru_maxrss`` is not: Linux keeps the high-water mark of the address space
+    an ``exec`` replaced, so a child started from a large parent — a test runner, say — reports
+    at least the parent's peak.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--case":
         result = run_case(json.loads(sys.argv[2]))
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_mb"] = peak_rss_mb()
         print(json.dumps(result))
     else:
         sys.exit("usage: python -m tpp_plugin bench --scale [options]")
