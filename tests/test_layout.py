@@ -1,6 +1,7 @@
 """The shape of the house: no import cycle inside ``tpp_plugin`` (module-level and
-function-local imports alike), no module over 700 lines, and function-local imports of the
-package's own modules nowhere (they are how cycles hide). Read from the source with ``ast``."""
+function-local imports alike), no module over 700 lines, framework-neutral modules that never
+import an adapter, and function-local imports of the package's own modules only where an optional
+framework needs them (they are how cycles hide). Read from the source with ``ast``."""
 
 import ast
 from pathlib import Path
@@ -107,3 +108,14 @@ def test_framework_neutral_modules_do_not_import_the_adapters(root):
     for module in inside:
         for target, _ in _imports(module, mods[module], mods):
             assert not target.startswith("tpp_plugin.adapters"), (module, target)
+
+
+def test_function_local_imports_only_for_optional_frameworks():
+    """Inside the package, a function imports another package module only when that module
+    needs an optional framework (the adapters); everything else is imported at module level,
+    where a cycle cannot hide."""
+    mods = _modules()
+    local = sorted({(m, target) for m, p in mods.items()
+                    for target, is_local in _imports(m, p, mods)
+                    if is_local and not target.startswith("tpp_plugin.adapters")})
+    assert local == []

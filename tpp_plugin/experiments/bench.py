@@ -44,7 +44,11 @@ import time
 
 import torch
 
-from . import scale_bench
+import tpp_plugin
+
+from ..cli import ListOnce, device, nonnegative_int, positive_int
+from . import data, scale_bench
+from .models import digits_cnn, train_ann
 
 __all__ = ["BACKENDS", "torch_cases", "time_cases", "peak_memory", "add_arguments", "main"]
 
@@ -71,7 +75,6 @@ def torch_cases(x: torch.Tensor, T: int, device) -> list:
     """The torch backend's timed cases: ``[(name, callable)]``, each callable runs one call."""
     from spikingjelly.activation_based import neuron
 
-    import tpp_plugin  # noqa: F401  (registers the plugin)
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
     def multi_step(module, inputs=x):
@@ -97,7 +100,6 @@ def cupy_cases(x: torch.Tensor, T: int, device) -> list:
     """The ``'cupy'`` backend's cases, each with its torch-backend twin, and ``clone()``."""
     if torch.device(device).type != "cuda":
         raise SystemExit("bench --backend cupy needs a CUDA device: add --device cuda")
-    import tpp_plugin  # noqa: F401  (registers the plugin)
     from tpp_plugin.adapters.snntorch import TPP
     from tpp_plugin.adapters.spikingjelly import TemporalPermutation, TPPNode
 
@@ -272,12 +274,8 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
     """
     from spikingjelly.activation_based import ann2snn, functional
 
-    import tpp_plugin
-
     from ..adapters import snntorch as snt
     from ..adapters.spikingjelly import IS_LEGACY
-    from . import data
-    from .models import digits_cnn, train_ann
 
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = data.load_digits(seed=0)
@@ -346,7 +344,6 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tpp_plugin bench``."""
-    from ..cli import ListOnce, device, nonnegative_int, positive_int
 
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
                         help="implementation to time (default: torch)")

@@ -31,6 +31,12 @@ import time
 
 import torch
 
+import tpp_plugin
+
+from ..calibration import calibrate_for_T
+from ..calibration.finetune import finetune
+from ..cli import nonnegative_int, positive_int
+
 __all__ = ["SyntheticImages", "make_ann", "run_case", "run_all", "format_table", "main"]
 
 #: where ``--write-docs`` puts the table (between these markers of docs/performance.md)
@@ -85,7 +91,6 @@ def run_case(case: dict) -> dict:
     case-specific numbers (the peak memory is added by :func:`_in_subprocess`)."""
     from spikingjelly.activation_based import ann2snn, functional
 
-    import tpp_plugin
 
     torch.set_num_threads(case.get("threads") or torch.get_num_threads())
     ann = make_ann(case["model"], case["size"])
@@ -123,9 +128,6 @@ def run_case(case: dict) -> dict:
         out.update(times)
         out["seconds"] = times["multi_step"]
     elif kind == "finetune":
-        from tpp_plugin.calibration import calibrate_for_T
-        from tpp_plugin.calibration.finetune import finetune
-
         result = calibrate_for_T(ann, loader, T, max_samples=bs)
         out["rss_before_mb"] = _rss_mb()
         start = time.perf_counter()
@@ -255,7 +257,6 @@ def main(args) -> int:
 
 def add_arguments(parser) -> None:
     """The ``--scale`` options of ``python -m tpp_plugin bench``."""
-    from ..cli import nonnegative_int, positive_int
 
     parser.add_argument("--scale", action="store_true",
                         help="instead: cost as the work grows (torchvision ResNets at 224 px)")
