@@ -292,26 +292,11 @@ def test_library_switch_errors(setup):
     not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")),
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_spikingjelly_cnn_mnist_example_with_calibrate(tmp_path, capfd):
-    import torchvision
     from spikingjelly.activation_based.ann2snn.examples import cnn_mnist
-    from spikingjelly.activation_based.ann2snn.sample_models import mnist_cnn
-    from test_users_scripts import multi_step_outputs, write_mnist_layout
+    from test_users_scripts import multi_step_outputs, trained_cnn_mnist
 
     steps = 8
-    torch.manual_seed(0)
-    write_mnist_layout(tmp_path, n_train=1200, n_test=300)
-    to_tensor = torchvision.transforms.ToTensor()
-    train = torchvision.datasets.MNIST(str(tmp_path), train=True, transform=to_tensor)
-    test = torchvision.datasets.MNIST(str(tmp_path), train=False, transform=to_tensor)
-    model = mnist_cnn.CNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(3):
-        for img, label in torch.utils.data.DataLoader(train, batch_size=50, shuffle=True):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(img), label).backward()
-            optimizer.step()
-    checkpoint = tmp_path / "cnn.pth"
-    torch.save(model.state_dict(), checkpoint)
+    model, checkpoint, train, test = trained_cnn_mnist(tmp_path)
     output = tmp_path / "results.json"
     cwd = os.getcwd()
     os.chdir(tmp_path)

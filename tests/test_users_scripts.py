@@ -155,17 +155,20 @@ def write_mnist_layout(root, n_train, n_test):
 @pytest.mark.skipif(
     not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")),
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-def test_spikingjelly_cnn_mnist_example_runs_unmodified(tmp_path):
-    from spikingjelly.activation_based.ann2snn.examples import cnn_mnist
+def trained_cnn_mnist(root, n_train: int = 1200, n_test: int = 300):
+    """SpikingJelly's cnn_mnist.py setup in ``root``: a Fashion-MNIST subset in torchvision's
+    MNIST layout and a checkpoint of its ``sample_models.mnist_cnn.CNN`` trained 3 epochs here.
+
+    :return: ``(model, checkpoint path, train set, test set)``
+    """
+    import torchvision
     from spikingjelly.activation_based.ann2snn.sample_models import mnist_cnn
 
     torch.manual_seed(0)
-    write_mnist_layout(tmp_path, n_train=1200, n_test=300)
-    import torchvision
-
+    write_mnist_layout(root, n_train=n_train, n_test=n_test)
     to_tensor = torchvision.transforms.ToTensor()
-    train = torchvision.datasets.MNIST(str(tmp_path), train=True, transform=to_tensor)
-    test = torchvision.datasets.MNIST(str(tmp_path), train=False, transform=to_tensor)
+    train = torchvision.datasets.MNIST(str(root), train=True, transform=to_tensor)
+    test = torchvision.datasets.MNIST(str(root), train=False, transform=to_tensor)
     model = mnist_cnn.CNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(3):
@@ -173,8 +176,15 @@ def test_spikingjelly_cnn_mnist_example_runs_unmodified(tmp_path):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(img), label).backward()
             optimizer.step()
-    checkpoint = tmp_path / "cnn.pth"
+    checkpoint = root / "cnn.pth"
     torch.save(model.state_dict(), checkpoint)
+    return model, checkpoint, train, test
+
+
+def test_spikingjelly_cnn_mnist_example_runs_unmodified(tmp_path):
+    from spikingjelly.activation_based.ann2snn.examples import cnn_mnist
+
+    model, checkpoint, train, test = trained_cnn_mnist(tmp_path)
 
     run_plugin([cnn_mnist.__file__, "--dataset-dir", str(tmp_path), "--time-steps", str(T),
                 "--device", "cpu", "--checkpoint-path", str(checkpoint),
