@@ -151,10 +151,6 @@ def write_mnist_layout(root, n_train, n_test):
             (raw / f"{split}-{kind}").write_bytes(header + data.astype(np.uint8).tobytes())
 
 
-@pytest.mark.skipif(IS_LEGACY, reason="cnn_mnist.py ships with SpikingJelly 2.x")
-@pytest.mark.skipif(
-    not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")),
-    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def trained_cnn_mnist(root, n_train: int = 1200, n_test: int = 300):
     """SpikingJelly's cnn_mnist.py setup in ``root``: a Fashion-MNIST subset in torchvision's
     MNIST layout and a checkpoint of its ``sample_models.mnist_cnn.CNN`` trained 3 epochs here.
@@ -181,6 +177,10 @@ def trained_cnn_mnist(root, n_train: int = 1200, n_test: int = 300):
     return model, checkpoint, train, test
 
 
+@pytest.mark.skipif(IS_LEGACY, reason="cnn_mnist.py ships with SpikingJelly 2.x")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")),
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_spikingjelly_cnn_mnist_example_runs_unmodified(tmp_path):
     from spikingjelly.activation_based.ann2snn.examples import cnn_mnist
 
