@@ -25,7 +25,6 @@ through forward hooks on the spiking neurons and on the layers between them.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ from torch import nn
 from torch.nn import functional as nnF
 
 from . import contract
+from . import functional as F
 from .count_domain import count_window
 from .distributed import all_reduce_sum
 from .functional import check_window
@@ -51,13 +51,8 @@ _MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 def check_energy_constant(value, name: str) -> float:
-    """Return ``value`` as a float if it is a finite number > 0, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number of picojoules, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite energy > 0 pJ, got {value}")
-    return value
+    """Return ``value`` as a float if it is a finite energy > 0 pJ, else raise naming ``name``."""
+    return F.check_positive(value, name, noun="energy", unit="pJ")
 
 
 def _spiking_types() -> tuple:

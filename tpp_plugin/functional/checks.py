@@ -17,6 +17,7 @@ __all__ = [
     "check_threshold",
     "check_tensor",
     "check_sequence",
+    "check_positive",
     "check_seed",
     "check_seed_value",
     "check_window_sum",
@@ -67,7 +68,7 @@ def check_threshold(threshold, name: str = "threshold", shape=None):
         >>> check_threshold(-1.0)
         Traceback (most recent call last):
         ...
-        ValueError: threshold must be finite and > 0, got -1.0
+        ValueError: threshold must be a finite number > 0, got -1.0
     """
     if isinstance(threshold, torch.Tensor):
         if not threshold.is_floating_point():
@@ -78,12 +79,34 @@ def check_threshold(threshold, name: str = "threshold", shape=None):
         if not bool(torch.isfinite(threshold).all()) or bool((threshold <= 0).any()):
             raise ValueError(f"{name} must be finite and > 0 everywhere")
         return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, Real):
-        raise TypeError(f"{name} must be a positive number, got {type(threshold).__name__}")
-    threshold = float(threshold)
-    if not math.isfinite(threshold) or threshold <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {threshold}")
-    return threshold
+    return check_positive(threshold, name)
+
+
+def check_positive(value, name: str, *, noun: str = "number", unit: str = "") -> float:
+    """``value`` as a ``float`` if it is a finite real number > 0 (a bool is not a number).
+
+    :param noun: what the value is, for the messages (``'number'``, ``'energy'``)
+    :param unit: its unit, for the messages (``'pJ'``)
+    :raises TypeError: naming ``name`` and the type, for anything but a real number
+    :raises ValueError: naming ``name`` and the value, for NaN, ±inf and values <= 0
+
+    Example::
+
+        >>> check_positive(4.6, "e_mac", noun="energy", unit="pJ")
+        4.6
+        >>> check_positive(0, "e_mac", noun="energy", unit="pJ")
+        Traceback (most recent call last):
+        ...
+        ValueError: e_mac must be a finite energy > 0 pJ, got 0.0
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        unit_text = f" in {unit}" if unit else ""
+        raise TypeError(f"{name} must be a positive {noun}{unit_text}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite {noun} > 0{' ' + unit if unit else ''}, "
+                         f"got {value}")
+    return value
 
 
 def _check_not_meta(x: torch.Tensor, name: str) -> None:
