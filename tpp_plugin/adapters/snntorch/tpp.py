@@ -452,8 +452,8 @@ class TPP(Seeded, snntorch.SpikingNeuron):
         return spk * self.graded_spikes_factor, new_mem
 
     def _sequence(self, x_seq, name, scaled: bool = True):
-        T = F.check_sequence(x_seq, name, self.num_steps, window_name="num_steps")
-        self._check_input(x_seq, name, min_dim=2)
+        self._check_input(x_seq, name, min_dim=2)  # the one pass over the values (finite)
+        T = F.check_sequence(x_seq, name, self.num_steps, finite=False, window_name="num_steps")
         if isinstance(self.threshold, torch.Tensor) and self.threshold.dim():
             F.check_broadcast(self.threshold, x_seq.shape[1:])
         # every window is accumulated and checked before the first one draws random numbers
