@@ -10,16 +10,13 @@ same worker with one process per visible GPU, the network and images on the GPUs
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from gpu_helpers import needs_cuda
 from torch.utils.data import DistributedSampler, TensorDataset
+from torchrun_helpers import torchrun
 
 import tpp_plugin
 from tpp_plugin.cli import main as cli_main
@@ -33,29 +30,6 @@ from tpp_plugin.distributed import (
 
 pytest.importorskip("spikingjelly.activation_based")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def torchrun(args, tmp_path, nproc=2, timeout=240):
-    inherited = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                 if p]  # the workers run in tmp_path: a relative entry would point elsewhere
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*inherited, ROOT]),
-           "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--standalone", *args]
-    # a session of its own: on a timeout the workers go down with the launcher
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun timed out after {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
 
 
 # ------------------------------------------------------------------- what holds across CPUs

@@ -19,10 +19,11 @@ The pieces, each usable on its own:
 * :func:`init_distributed` / :func:`shutdown_distributed` — the default process group from
   ``torchrun``'s environment (``gloo`` on CPU, ``nccl`` with CUDA, one GPU per local rank);
   :func:`check_process_group` refuses a ``torchrun`` launch without one;
-* :func:`world`, :func:`default_group`, :func:`all_reduce_sum`, :func:`barrier`,
-  :func:`broadcast_module` — rank and world size, and the collectives the package uses (on the
-  CPU for ``gloo``, on the current GPU for ``nccl``); without a process group they are the
-  one-process identities;
+* :func:`world`, :func:`world_of`, :func:`default_group`, :func:`sharing_group`,
+  :func:`all_reduce_sum`, :func:`check_same_on_ranks`, :func:`barrier`,
+  :func:`broadcast_module` — rank and world size,
+  and the collectives the package uses (on the CPU for ``gloo``, on the current GPU for
+  ``nccl``); without a process group they are the one-process identities;
 * :class:`ShardSampler` / :func:`shard_indices` — PyTorch's ``DistributedSampler`` without its
   padding: every image is evaluated exactly once, whether or not the world size divides the set;
 * :func:`rank_seed` — per-rank seeds derived from the user's seed (rank 0 keeps it), so a run
@@ -58,10 +59,13 @@ __all__ = [
     "shutdown_distributed",
     "check_process_group",
     "world",
+    "world_of",
     "default_group",
+    "sharing_group",
     "ShardSampler",
     "shard_indices",
     "all_reduce_sum",
+    "check_same_on_ranks",
     "barrier",
     "broadcast_module",
     "rank_seed",
@@ -114,16 +118,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def check_process_group() -> None:
+def check_process_group(consequence: str = "every process evaluates the whole data set"
+                        ) -> None:
     """Raise ``RuntimeError`` if the process was launched by ``torchrun`` with several processes
-    but no process group exists (each process would evaluate the whole data set)."""
+    but no process group exists.
+
+    :param consequence: what would go wrong without one, ending the message (e.g. "every
+        process evaluates the whole data set")
+    """
     launched = _launched_world_size()
     if launched > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"launched by torchrun with WORLD_SIZE={launched}, but torch.distributed has no "
             "process group: call tpp_plugin.distributed.init_distributed() (or "
-            "torch.distributed.init_process_group) first, or every process evaluates the whole "
-            "data set"
+            f"torch.distributed.init_process_group) first, or {consequence}"
         )
 
 
@@ -132,6 +140,13 @@ def world(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def world_of(group) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group``, and ``(0, 1)`` for ``None``: a computation given no
+    group runs in this process alone (where :func:`world` reads ``None`` as the default
+    group)."""
+    return (0, 1) if group is None else world(group)
 
 
 def default_group():
@@ -143,6 +158,20 @@ def default_group():
     return None
 
 
+def sharing_group(share: bool = True):
+    """The process group a computation that can share its work among the ranks (a calibration,
+    a fine-tuning) uses: the default one when ``share`` and one exists, else ``None`` (this
+    process alone).
+
+    :raises RuntimeError: for ``share`` in a ``torchrun`` launch of several processes without a
+        process group (:func:`check_process_group`)
+    """
+    if not share:
+        return None
+    check_process_group("pass distributed=False to work in every process on its own")
+    return default_group()
+
+
 def _reduce_device(group=None) -> torch.device:
     """Where collectives of ``group`` run: the current CUDA device for ``nccl``, else the CPU."""
     if dist.get_backend(group) == "nccl":
@@ -151,14 +180,33 @@ def _reduce_device(group=None) -> torch.device:
 
 
 def all_reduce_sum(values, group=None, dtype=torch.float64) -> torch.Tensor:
-    """Sum ``values`` (a tensor or a list of numbers) over the ranks; a copy, on the CPU.
-    Without a process group the values are returned as they are."""
+    """Sum ``values`` (a tensor or a list of numbers) over the ranks; a copy, on the CPU, in
+    ``dtype`` (``None``: the tensor's own). Without a process group the values are returned as
+    they are."""
     t = torch.as_tensor(values, dtype=dtype).detach().clone()
     if world(group)[1] == 1:
         return t.cpu()
     t = t.to(_reduce_device(group))
     dist.all_reduce(t, group=group)
     return t.cpu()
+
+
+def check_same_on_ranks(values, what: str, group=None) -> None:
+    """Raise ``ValueError`` on every rank if ``values`` (numbers) differ between the ranks.
+
+    :param what: what the values are, for the message (e.g. "the calibration loader's sample
+        count and first batch's sum")
+    """
+    rank, size = world(group)
+    if size == 1:
+        return
+    t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    both = torch.cat([t, -t]).to(_reduce_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, low = both[:t.numel()].cpu(), -both[t.numel():].cpu()
+    if not torch.equal(high, low):
+        raise ValueError(f"{what} differ between the ranks (from {low.tolist()} to "
+                         f"{high.tolist()}; rank {rank} has {t.tolist()})")
 
 
 def barrier(group=None) -> None:

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .. import functional as F
 from ..convert import batch_inputs, set_submodule
+from ..distributed import sharing_group
 from .checks import CheckedBatches, ann_fingerprint, check_ann, check_batches_argument
 from .finetune import finetune
 from .graph import activation_nodes, bias_target, foldable_producer, fuse_conv_bn, trace
@@ -160,10 +161,23 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
     :param cache_bytes: the streamed pass keeps at most this many bytes of chunks in memory
         (default 256 MiB), the rest in a temporary file that is deleted at the end; ``None``:
         no cap. One batch's value of one layer must fit
+    :param distributed: ``True`` (default): under ``torchrun`` (a default process group of
+        ``torch.distributed``) the ranks share the work — the streamed pass runs each chunk of
+        ``batch_size`` samples on one rank (chunk ``k`` on rank ``k mod W``) with the statistics
+        all-reduced, and fine-tuning trains with ``DistributedDataParallel``
+        (:func:`~tpp_plugin.calibration.finetune.finetune`); every rank must pass the same
+        ``batches`` and gets the same result, that of one process up to float summation order
+        (docs/distributed.md). The in-memory pass (``stream=False``, ``objective='fisher'``,
+        ``refine``) runs whole on every rank. ``False``: every process calibrates on its own.
+        Without a process group one process does everything either way; a ``torchrun``
+        launch of several processes without one is an error
     :return: a :class:`CalibrationResult`
     :raises ValueError: for ``T < 1``, an empty loader, batches of different shapes, a
         ``cache_bytes`` too small for one batch, a model without ``nn.ReLU``, a
-        ``channel_dim`` out of range, non-finite activations or an unknown option
+        ``channel_dim`` out of range, non-finite activations, an unknown option, or (across
+        processes) batches that differ between the ranks
+    :raises RuntimeError: under ``torchrun`` with several processes, ``distributed=True`` and no
+        process group
 
     Example::
 
@@ -180,19 +194,22 @@ def calibrate_for_T(ann: nn.Module, batches: Iterable, T: int,
     options = options_from(options, overrides)
     check_ann(ann, trains=options.finetune_epochs > 0)
     check_batches_argument(batches)
+    group = sharing_group(options.distributed)
     gm, names = _traced_model(ann, options.fuse)
     fingerprint = ann_fingerprint(gm)  # recorded: fine-tuning checks the result is this ANN's
     device, dtype = _device_and_dtype(gm)
     batches = CheckedBatches(batches, gm, dtype)
     if _streams(options):
-        result, x_all = _calibrate_streamed(gm, names, batches, T, options, device, dtype, start)
+        result, x_all = _calibrate_streamed(gm, names, batches, T, options, device, dtype, start,
+                                            group)
     else:
         result, x_all = _calibrate_in_memory(gm, names, batches, T, options, device, dtype,
                                              start)
     result.settings["ann"] = fingerprint
     if options.finetune_epochs:
         result = finetune(ann, result, x_all, options.finetune_epochs, options.finetune_lr,
-                          options.finetune_drop, options.finetune_holdout, seed=options.seed)
+                          options.finetune_drop, options.finetune_holdout, seed=options.seed,
+                          distributed=options.distributed)
         result.seconds = time.perf_counter() - start
     return result
 
@@ -237,20 +254,22 @@ def _calibrate_in_memory(gm, names, batches, T, options, device, dtype, start) -
     return calibration.result(names, output_target, output_shift, start), x_all
 
 
-def _calibrate_streamed(gm, names, batches, T, options, device, dtype, start) -> tuple:
+def _calibrate_streamed(gm, names, batches, T, options, device, dtype, start,
+                        group=None) -> tuple:
     """The calibration in memory bounded by the batch (:mod:`.stream`): the values between the
     nodes in chunks of at most ``batch_size`` samples, held in memory up to ``cache_bytes``
     and in a temporary file beyond; the result is :func:`_calibrate_in_memory`'s up to the
-    summation order of the means.
+    summation order of the means. With a process group ``group``, the chunks alternate between
+    its ranks (:class:`~.stream.ChunkLayout`).
 
     :return: ``(result, x_all)``: the result and, for fine-tuning, every input
     """
     store = ChunkStore(options.cache_bytes)
     try:
-        inputs, sizes = streamed_inputs(batches, device, dtype, options.max_samples,
-                                        options.seed, options.batch_size, store)
+        inputs, layout = streamed_inputs(batches, device, dtype, options.max_samples,
+                                         options.seed, options.batch_size, store, group)
         calibration = _LayerByLayer(gm, None, T, options, device, dtype)
-        calibration.run_streamed(inputs, sizes)
+        calibration.run_streamed(inputs, layout)
         inputs.free()
     finally:
         store.close()
@@ -359,13 +378,13 @@ class _LayerByLayer:
             set_submodule(self.gm, target, fitted)
         return ann_out, q_out
 
-    def run_streamed(self, inputs, sizes) -> None:
+    def run_streamed(self, inputs, layout) -> None:
         """The pass over the chunks of a :class:`~.stream.Stream` of inputs, in memory bounded
         by the batch (:func:`~.stream.streamed_lockstep`): every threshold chosen, the refitted
         layers put in place, the output's mean difference from the ANN's kept for
         :meth:`output_difference`."""
-        self.n_samples = sum(sizes)
-        streamed_lockstep(self.gm, inputs, sizes, self, self.options.reconstruct)
+        self.n_samples, self.layout = layout.total, layout
+        streamed_lockstep(self.gm, inputs, layout, self, self.options.reconstruct)
         for target, fitted in self.fitted_modules.items():
             set_submodule(self.gm, target, fitted)
 
@@ -386,7 +405,7 @@ class _LayerByLayer:
         total, count, dtype = self.output_sums
         if not count or dtype == -1:
             return None
-        return (total / count).to(dtype)
+        return (self.layout.reduce(total) / self.layout.reduce(count)).to(dtype)
 
     def visit(self, i: int, a: torch.Tensor, a_ann: torch.Tensor) -> None:
         """Calibrate ReLU call ``i`` from its input ``a`` (earlier layers quantised) and the

@@ -36,10 +36,14 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
 
 from .. import functional as F
 from ..convert import eval_mode
+from ..distributed import all_reduce_sum, rank_seed, sharing_group, world_of
 from .checks import check_finetune_inputs
 from .finetune_data import LoaderSplit, load_checkpoint, save_checkpoint
 from .graph import bias_shift_targets
@@ -115,7 +119,7 @@ def check_finetune_args(epochs, lr, drop, holdout, prefix: str = "finetune_") ->
 @torch.enable_grad()  # also inside calibrate_for_T, which runs without gradients
 def finetune(ann: nn.Module, result, x, epochs: int, lr: float = 1e-3,
              drop: float = 0.0, holdout: float = 0.2, batch_size: int = 128, seed: int = 0,
-             holdout_loader=None, checkpoint: str | None = None):
+             holdout_loader=None, checkpoint: str | None = None, distributed: bool = True):
     r"""Fine-tune a calibration against the ANN's outputs (see the module docstring).
 
     Adam with learning rate ``lr`` for the layers and the neurons alike, cosine-annealed to 0
@@ -143,7 +147,18 @@ def finetune(ann: nn.Module, result, x, epochs: int, lr: float = 1e-3,
     :param checkpoint: a file: after every epoch the training state (parameters, Adam's and the
         schedule's state, the random generator, the held-out record) is written there, and a
         fine-tuning that finds it resumes after its epoch (a finished one just returns its
-        result); a loader's own shuffling is not part of it
+        result); a loader's own shuffling is not part of it. Across processes rank 0 writes it
+        (with every rank's random generator) and every rank reads it: a path all ranks see
+    :param distributed: ``True`` (default): under ``torchrun`` (a default process group of
+        ``torch.distributed``) train with ``DistributedDataParallel`` — ``gloo`` on the CPU,
+        ``nccl`` on GPUs — each rank on its shard of ``x`` (a ``DataLoader`` over a map-style
+        data set, or one tensor, the same on every rank; :mod:`.finetune_data`), ``batch_size``
+        and a loader's batches per rank, the held-out share chosen on the whole data set and
+        scored over every rank's part of it; every rank returns the same result, that of one
+        process with the ranks' batches as one up to float summation order (docs/distributed.md).
+        ``False``: every process fine-tunes on its own. Without a process group one process
+        does everything either way; a ``torchrun`` launch of several processes without one is an
+        error (``RuntimeError``)
     :return: a new :class:`~tpp_plugin.calibration.CalibrationResult`; its
         ``settings['finetune']`` records the held-out divergence after every epoch
         (``'holdout'``, epoch 0 first) and the epoch kept (``'epoch'``); its ``layers`` (the
@@ -162,7 +177,11 @@ def finetune(ann: nn.Module, result, x, epochs: int, lr: float = 1e-3,
         (5, True)
     """
     check_finetune_args(epochs, lr, drop, holdout, prefix="")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
     check_finetune_inputs(ann, result, x, batch_size, seed)
+    group = sharing_group(distributed)
+    rank, size = world_of(group)
     if epochs == 0:
         return result
     model = quantised_ann(ann, result, result.T)
@@ -170,19 +189,24 @@ def finetune(ann: nn.Module, result, x, epochs: int, lr: float = 1e-3,
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     tensor = isinstance(x, torch.Tensor)
     device = param.device if param is not None else x.device if tensor else torch.device("cpu")
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # the random counts and dropped activations: other numbers on every rank
+    gen = torch.Generator(device=device).manual_seed(rank_seed(seed, rank))
     neurons, tuned, params = _make_trainable(model, result, dtype, gen)
+    if tensor and holdout_loader is not None:
+        raise ValueError("holdout_loader goes with a loader of training inputs, not a tensor")
+    if tensor and size > 1:  # shuffled into each rank's shard by a DistributedSampler
+        x = DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=True)
+        tensor = False
     if tensor:
-        if holdout_loader is not None:
-            raise ValueError("holdout_loader goes with a loader of training inputs, not a "
-                             "tensor")
         data = _TensorData(ann, x.to(dtype=dtype, device=device), holdout, seed, batch_size,
                            gen)
     else:
-        data = _LoaderData(ann, LoaderSplit(x, holdout, seed, holdout_loader), device, dtype)
-    history, best = _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint)
+        split = LoaderSplit(x, holdout, seed, holdout_loader, group)
+        data = _LoaderData(ann, split, device, dtype, group)
+    history, best = _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint,
+                           group)
     record = {"epochs": epochs, "lr": lr, "drop": drop, "holdout": history, "epoch": best,
-              "samples": data.n_train, "held_out": data.n_hold}
+              "samples": data.n_train, "held_out": data.n_hold, "processes": size}
     settings = {**result.settings, "finetune": record}
     if best == 0:
         return dataclasses.replace(result, settings=settings)
@@ -245,7 +269,7 @@ class _TensorData:
         self.n_train, self.n_hold = len(self.x_train), len(self.x_hold)
         self.steps = math.ceil(self.n_train / batch_size)
 
-    def epoch(self):
+    def epoch(self, epoch: int = 0):
         """``(inputs, the ANN's outputs)`` of every training step of one epoch."""
         perm = torch.randperm(self.n_train, generator=self.gen, device=self.x_train.device)
         for i in range(0, self.n_train, self.batch_size):
@@ -262,10 +286,12 @@ class _TensorData:
 
 class _LoaderData:
     """Fine-tuning's data from a loader (:class:`~.finetune_data.LoaderSplit`), batch by
-    batch on ``device``, the ANN's outputs computed per batch."""
+    batch on ``device``, the ANN's outputs computed per batch; the counts and the held-out
+    divergence summed over the ranks of ``group``."""
 
-    def __init__(self, ann, split, device, dtype):
+    def __init__(self, ann, split, device, dtype, group=None):
         self.ann, self.split, self.device, self.dtype = ann, split, device, dtype
+        self.group = group
         self.steps = split.steps
         self.n_train = self.n_hold = 0
 
@@ -276,12 +302,13 @@ class _LoaderData:
                 ref = self.ann(x)
             yield x, ref
 
-    def epoch(self):
+    def epoch(self, epoch: int = 0):
         n = 0
-        for x, ref in self._with_reference(self.split.training_batches()):
+        for x, ref in self._with_reference(self.split.training_batches(epoch)):
             n += x.shape[0]
             yield x, ref
-        self.n_train = n
+        self.n_train = (n if self.group is None
+                        else int(all_reduce_sum([n], self.group, torch.int64)[0]))
 
     def held_out(self, model) -> float:
         """The divergence over every held-out sample (per-sample KL divergences summed, then
@@ -296,15 +323,20 @@ class _LoaderData:
                 total += float(output_distance(out, ref)) * size
                 count += size
                 n += x.shape[0]
-        self.n_hold = n
+        if self.split.sharded_hold:
+            total, count, n = all_reduce_sum([total, count, n], self.group).tolist()
+        self.n_hold = int(n)
         return total / count if count else math.nan
 
 
-def _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint=None) -> tuple:
+def _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint=None,
+           group=None) -> tuple:
     """Train ``params`` of ``model`` for ``epochs`` epochs on ``data`` (a :class:`_TensorData`
     or :class:`_LoaderData`); after each, score it on the held-out share and keep the best
     epoch's parameters (the last without held-out inputs). With ``checkpoint``, the state is
-    written there after every epoch, and read back first if the file exists (resuming).
+    written there after every epoch, and read back first if the file exists (resuming). With
+    a process group of several ranks, ``model`` trains inside ``DistributedDataParallel``
+    (the gradients averaged over the ranks, so every rank takes the same steps).
 
     :return: ``(history, best)``: the held-out divergence after every epoch (epoch 0 first)
         and the epoch kept, whose parameters ``params`` now hold
@@ -312,6 +344,13 @@ def _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint=None)
     def snapshot():
         return [p.detach().clone() for p in params]
 
+    rank, size = world_of(group)
+    forward = model
+    if size > 1:
+        device = params[0].device
+        forward = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False, process_group=group)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * data.steps)
     state = load_checkpoint(checkpoint, params, epochs)
@@ -323,15 +362,15 @@ def _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint=None)
                 p.copy_(value)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
+        gen.set_state(_rank_generator_state(state, rank, size, checkpoint))
         history, best, start = state["history"], state["best"], state["epoch"] + 1
         best_state = [t.to(p.device) for t, p in zip(state["best_state"], params)]
         data.n_train, data.n_hold = state["samples"]
     for epoch in range(start, epochs + 1):
         for n in neurons:
             n.drop, n.sample = drop, True
-        for x, ref in data.epoch():
-            loss = output_distance(model(x), ref)
+        for x, ref in data.epoch(epoch):
+            loss = output_distance(forward(x), ref)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -346,15 +385,39 @@ def _train(model, neurons, params, data, epochs, lr, drop, gen, checkpoint=None)
         if not data.n_hold or history[-1] < history[best]:
             best, best_state = epoch, snapshot()
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "epoch": epoch, "epochs": epochs, "params": [p.detach().cpu() for p in params],
-                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
-                "history": history, "best": best, "samples": (data.n_train, data.n_hold),
-                "best_state": [t.cpu() for t in best_state]})
+            generators = _generator_states(gen, group)
+            if rank == 0:
+                save_checkpoint(checkpoint, {
+                    "epoch": epoch, "epochs": epochs,
+                    "params": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "gen": generators, "processes": size,
+                    "history": history, "best": best, "samples": (data.n_train, data.n_hold),
+                    "best_state": [t.cpu() for t in best_state]})
+            if size > 1:
+                dist.barrier(group=group)  # the file is whole before any rank goes on
     with torch.no_grad():
         for p, value in zip(params, best_state):
             p.copy_(value)
     return history, best
+
+
+def _generator_states(gen: torch.Generator, group=None):
+    """``gen``'s state, or across processes the list of every rank's (for the checkpoint)."""
+    if world_of(group)[1] == 1:
+        return gen.get_state()
+    states = [None] * world_of(group)[1]
+    dist.all_gather_object(states, gen.get_state(), group=group)
+    return states
+
+
+def _rank_generator_state(state: dict, rank: int, size: int, checkpoint: str):
+    """This rank's generator state from a checkpoint; a ``ValueError`` if it was written by
+    another number of processes."""
+    if state.get("processes", 1) != size:
+        raise ValueError(f"the checkpoint {checkpoint!r} was written by "
+                         f"{state.get('processes', 1)} processes, not {size}: resume with as many "
+                         "processes, or delete it")
+    return state["gen"][rank] if size > 1 else state["gen"]
 
 
 def _tuned_result(result, settings: dict, tuned: dict, neurons: list):

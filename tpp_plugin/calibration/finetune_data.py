@@ -8,16 +8,31 @@ The held-out share of a ``DataLoader`` over a map-style data set is a
 seed as for a tensor), both parts read by loaders built like the user's (batch size, workers,
 collate function, shuffling); of any other iterable, the same share by position in its
 iteration (so it must yield the same samples in the same order each time it is iterated); or a
-separate held-out loader."""
+separate held-out loader.
+
+Across processes (a process group, under ``torchrun``) the loader must be a ``DataLoader`` over a
+map-style data set, the same on every rank: the held-out share is chosen on the whole data set
+(the same samples on every rank), the training share is read through PyTorch's
+``DistributedSampler`` (each rank its shard, ``seed`` its shuffling seed, ``set_epoch`` every
+epoch; the last step padded with repeated samples as ``DistributedSampler`` does), and the
+held-out share through :class:`~tpp_plugin.distributed.ShardSampler` (each sample scored once,
+on one rank)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Subset,
+)
 
 from ..batches import batch_inputs
+from ..distributed import ShardSampler, world_of
 
 __all__ = ["LoaderSplit", "save_checkpoint", "load_checkpoint"]
 
@@ -29,12 +44,25 @@ def _held_out_order(n: int, holdout: float, seed: int) -> tuple:
     return order[:n_hold], order[n_hold:]
 
 
-def _like(loader: DataLoader, dataset, shuffle: bool) -> DataLoader:
-    """A loader over ``dataset`` built like ``loader``."""
-    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=shuffle,
+def _like(loader: DataLoader, dataset, shuffle: bool = False, sampler=None) -> DataLoader:
+    """A loader over ``dataset`` built like ``loader`` (drawing from ``sampler`` if given)."""
+    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=shuffle, sampler=sampler,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                       pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                       worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+
+
+def _map_style(loader) -> bool:
+    """Whether ``loader`` is a batching ``DataLoader`` over a map-style data set."""
+    return (isinstance(loader, DataLoader) and loader.batch_size is not None
+            and not isinstance(loader.dataset, IterableDataset))
+
+
+def _shuffles(loader: DataLoader) -> bool:
+    """Whether ``loader`` reads its data set in a random order."""
+    sampler = loader.sampler
+    return isinstance(sampler, RandomSampler) or bool(
+        isinstance(sampler, DistributedSampler) and sampler.shuffle)
 
 
 class LoaderSplit:
@@ -45,25 +73,60 @@ class LoaderSplit:
     :param holdout: the share held out, in ``[0, 1)`` (ignored with ``holdout_loader``)
     :param seed: seed of the held-out choice
     :param holdout_loader: a separate held-out loader, or ``None``
+    :param group: the process group sharing the fine-tuning (``None``: this process alone)
+    :raises ValueError: across processes, for a loader that is not a ``DataLoader`` over a
+        map-style data set, or a held-out share with fewer samples than ranks
     """
 
-    def __init__(self, loader, holdout: float, seed: int, holdout_loader=None):
+    def __init__(self, loader, holdout: float, seed: int, holdout_loader=None, group=None):
         self.loader, self.mask, self.hold = loader, None, holdout_loader
-        self.train = loader
+        self.train, self.sampler, self.sharded_hold = loader, None, False
+        self.rank, self.size = world_of(group)
         dataset = getattr(loader, "dataset", None)
-        if holdout_loader is None and holdout > 0:
-            if (isinstance(loader, DataLoader) and loader.batch_size is not None
-                    and not isinstance(dataset, IterableDataset)):
+        if self.size > 1:
+            self._shard(loader, holdout, seed, holdout_loader)
+        elif holdout_loader is None and holdout > 0:
+            if _map_style(loader):
                 held, kept = _held_out_order(len(dataset), holdout, seed)
-                shuffle = isinstance(loader.sampler, RandomSampler)
-                self.train = _like(loader, Subset(dataset, kept.tolist()), shuffle)
-                self.hold = _like(loader, Subset(dataset, held.tolist()), False)
+                self.train = _like(loader, Subset(dataset, kept.tolist()), _shuffles(loader))
+                self.hold = _like(loader, Subset(dataset, held.tolist()))
             else:
                 n = sum(batch_inputs(b).shape[0] for b in loader)
                 held = _held_out_order(n, holdout, seed)[0] if n else torch.zeros(0).long()
                 self.mask = torch.zeros(n, dtype=torch.bool)
                 self.mask[held] = True
         self.steps = self._count_steps()
+
+    def _shard(self, loader, holdout: float, seed: int, holdout_loader) -> None:
+        """The loaders of one rank across processes (see the module docstring)."""
+        if not _map_style(loader):
+            raise ValueError(
+                "fine-tuning across processes reads a DataLoader over a map-style data set "
+                f"(each rank its shard through a DistributedSampler), got {type(loader).__name__}"
+                ": pass such a DataLoader (or one tensor), the same on every rank, or "
+                "distributed=False to fine-tune in every process on its own")
+        dataset, train_set = loader.dataset, loader.dataset
+        if holdout_loader is None and holdout > 0:
+            held, kept = _held_out_order(len(dataset), holdout, seed)
+            train_set = Subset(dataset, kept.tolist())
+            self.hold = self._sharded(loader, Subset(dataset, held.tolist()))
+        elif holdout_loader is not None and _map_style(holdout_loader):
+            self.hold = self._sharded(holdout_loader, holdout_loader.dataset)
+        self.sampler = DistributedSampler(train_set, self.size, self.rank,
+                                          shuffle=_shuffles(loader), seed=seed,
+                                          drop_last=loader.drop_last)
+        self.train = _like(loader, train_set, sampler=self.sampler)
+
+    def _sharded(self, loader, dataset) -> DataLoader:
+        """A loader like ``loader`` over this rank's shard of ``dataset``, every sample on one
+        rank (:class:`~tpp_plugin.distributed.ShardSampler`)."""
+        if len(dataset) < self.size:
+            raise ValueError(
+                f"the held-out share holds {len(dataset)} samples, fewer than the {self.size} "
+                "processes sharing the fine-tuning: raise holdout, pass more samples or use "
+                "fewer processes")
+        self.sharded_hold = True
+        return _like(loader, dataset, sampler=ShardSampler(dataset, self.size, self.rank))
 
     def _count_steps(self) -> int:
         """Training steps (batches with a sample to train on) per epoch."""
@@ -94,8 +157,11 @@ class LoaderSplit:
             if x.shape[0]:
                 yield x
 
-    def training_batches(self):
-        """The inputs of each training batch of one epoch."""
+    def training_batches(self, epoch: int = 0):
+        """The inputs of each training batch of epoch ``epoch`` (from 1; it seeds a
+        ``DistributedSampler``'s shuffling across processes)."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         if self.mask is not None:
             yield from self._rows(self.loader, held=False)
             return

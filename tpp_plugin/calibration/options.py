@@ -74,6 +74,7 @@ class CalibrationOptions:
     finetune_holdout: float = 0.2
     stream: bool = True
     cache_bytes: int | None = 1 << 28
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if self.bias_correction is True:
@@ -87,6 +88,8 @@ class CalibrationOptions:
         if self.refine not in (False, None, True, "global", "local"):
             raise ValueError(f"refine must be False, 'global' or 'local', got {self.refine!r}")
         check_cache_bytes(self.cache_bytes)
+        if not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed must be True or False, got {self.distributed!r}")
 
     def _check_search(self) -> None:
         """The threshold search's options: granularity, objective, grid, bins, channel_dim and

@@ -20,6 +20,12 @@ The subsets are the ones the in-memory pass draws (same seeds, same sample count
 is the in-memory pass's up to the summation order of the means. What is held at once: the
 store's cap, one batch's values of one node, and the subsets (bounded by ``max_values`` and
 ``max_rows``, not by the number of samples).
+
+Across processes (a :class:`ChunkLayout` with a process group, under ``torchrun``): every rank
+reads the same loader and keeps chunk ``k`` of the pass when ``k mod W`` is its rank, so each
+rank runs both networks on its ``1/W`` of the samples; the sums are all-reduced and the subsets
+assembled from every rank's rows (other ranks add zeros: the values arrive exactly), so every
+rank takes the same decisions, those of one process up to the summation order of the sums.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ import torch
 from torch import fx
 
 from ..batches import batch_inputs
+from ..distributed import all_reduce_sum, check_same_on_ranks, world_of
 from .passes import REFITTABLE, feeds_probe, residual_partner
 from .quantiser import Probe, normalise_channel_dim
 from .refit import can_refit, refit_rows
 from .search import sample_subset
 
-__all__ = ["ChunkStore", "Stream", "streamed_inputs", "streamed_lockstep", "check_cache_bytes"]
+__all__ = ["ChunkStore", "ChunkLayout", "Stream", "streamed_inputs", "streamed_lockstep",
+           "check_cache_bytes"]
 
 
 def check_cache_bytes(value) -> None:
@@ -152,49 +160,143 @@ class Stream:
             self.store.free(chunk)
 
 
+class ChunkLayout:
+    """Which samples of the calibration pass the chunks of this process hold.
+
+    Chunk ``k`` of the whole pass (in the order the samples are read) holds the samples
+    ``[lo_k, hi_k)``; with a process group of ``W`` ranks, rank ``r`` holds the chunks with
+    ``k mod W == r`` (in one process, all of them). :meth:`rows` takes a chunk's rows of a sample
+    subset, :meth:`join` puts the rows of every chunk on every rank together in sample order,
+    :meth:`reduce` sums over the ranks.
+
+    :param group: the process group sharing the pass (``None``: this process alone)
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.size = world_of(group)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every chunk (the inputs are read again)."""
+        self.bounds: list = []  # (lo, hi) of each chunk this process holds
+        self.total = 0  # samples of the whole pass
+        self.chunks = 0  # chunks of the whole pass
+
+    def take(self, n: int) -> bool:
+        """Count the pass's next chunk, of ``n`` samples; whether this process holds it."""
+        mine = self.chunks % self.size == self.rank
+        if mine:
+            self.bounds.append((self.total, self.total + n))
+        self.chunks += 1
+        self.total += n
+        return mine
+
+    @property
+    def sizes(self) -> list:
+        """The sample counts of the chunks this process holds."""
+        return [hi - lo for lo, hi in self.bounds]
+
+    def rows(self, idx, b: int, value: torch.Tensor) -> torch.Tensor:
+        """The rows of ``value`` (chunk ``b``'s) whose sample index is in ``idx`` (sorted;
+        ``None``: all rows)."""
+        if idx is None:
+            return value
+        lo, hi = self.bounds[b]
+        local = idx[(idx >= lo) & (idx < hi)] - lo
+        return value[local.to(value.device)]
+
+    def join(self, parts: dict, idx) -> torch.Tensor:
+        """The rows of a subset (``idx``, sorted; ``None``: every sample), in sample order, from
+        ``parts`` (chunk ``b`` → its :meth:`rows`) of every rank: in one process their
+        concatenation; across processes each rank's rows in place in a zero tensor, all-reduced
+        (the other ranks add zeros: exact)."""
+        ordered = [parts[b] for b in sorted(parts)]
+        if self.size == 1:
+            return torch.cat(ordered)
+        first = ordered[0]
+        n = self.total if idx is None else idx.numel()
+        full = first.new_zeros((n, *first.shape[1:]))
+        for b, part in zip(sorted(parts), ordered):
+            lo, hi = self.bounds[b]
+            if idx is not None:
+                lo, hi = (int(torch.searchsorted(idx, v)) for v in (lo, hi))
+            full[lo:hi] = part
+        return all_reduce_sum(full, self.group, dtype=None).to(first.device)
+
+    def reduce(self, value):
+        """``value`` (a number or tensor) summed over the ranks (itself in one process)."""
+        if self.size == 1:
+            return value
+        total = all_reduce_sum(value, self.group, dtype=None)
+        return total.to(value.device) if isinstance(value, torch.Tensor) else total.item()
+
+    def check(self, fingerprint: float) -> None:
+        """Across processes: refuse a loader that is not the same on every rank, or a pass with
+        fewer chunks than ranks (a ``ValueError`` on every rank)."""
+        if self.size == 1:
+            return
+        check_same_on_ranks([self.total, self.chunks, fingerprint],
+                            "the calibration batches (sample count, chunk count, first batch's "
+                            "sum)", self.group)
+        if self.chunks < self.size:
+            raise ValueError(
+                f"the calibration pass has {self.chunks} chunks of at most batch_size samples "
+                f"({self.total} samples), fewer than the {self.size} processes sharing it: "
+                "use a smaller batch_size, more samples or fewer processes")
+
+
 # ------------------------------------------------------------------------------------------------
 # the inputs
 # ------------------------------------------------------------------------------------------------
 def streamed_inputs(batches: Iterable, device, dtype, max_samples, seed: int, chunk_size: int,
-                    store: ChunkStore) -> tuple:
+                    store: ChunkStore, group=None) -> tuple:
     """The calibration inputs as a :class:`Stream` of chunks of at most ``chunk_size`` samples:
     every sample of ``batches`` if there are at most ``max_samples``, else the ``max_samples``
     samples (chosen with ``seed``, in their order) the in-memory calibration would choose —
     then ``batches`` is read twice (first to count), so a shuffling loader gives another
-    subset.
+    subset. With a process group (``group``), this rank's share of the chunks
+    (:class:`ChunkLayout`); every rank must pass the same batches.
 
-    :return: ``(stream, sizes)``: the chunks and their sample counts
+    :return: ``(stream, layout)``: the chunks this process holds and their :class:`ChunkLayout`
     :raises ValueError: for no batch, no sample, a batch shaped unlike the first, a non-finite
-        input, or a loader whose second pass holds another number of samples
+        input, a loader whose second pass holds another number of samples, or (across
+        processes) batches that differ between the ranks or fewer chunks than ranks
     """
-    stream, sizes = Stream(store), []
+    stream, layout = Stream(store), ChunkLayout(group)
 
     def emit(x):
         for i in range(0, x.shape[0], chunk_size):
-            part = x[i:i + chunk_size].to(device=device, dtype=dtype)
+            n = min(chunk_size, x.shape[0] - i)
+            if not layout.take(n):
+                continue
+            part = x[i:i + n].to(device=device, dtype=dtype)
             if part.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
                 part = part.clone()  # hold this chunk, not the batch it is a view of
             stream.add(part, "the calibration inputs")
-            sizes.append(part.shape[0])
 
-    n, shape = 0, None
+    n, shape, fingerprint = 0, None, 0.0
     for batch in batches:
         x = batch_inputs(batch)  # checked as read by the caller (checks.CheckedBatches)
+        if shape is None:
+            fingerprint = float(x.sum(dtype=torch.float64))
         shape = tuple(x.shape[1:])
         n += x.shape[0]
         if max_samples is None or n <= max_samples:
             if x.shape[0]:
                 emit(x)
-        elif sizes:  # more than max_samples: only counting from here on
+        elif layout.chunks:  # more than max_samples: only counting from here on
             stream.free()
-            stream.chunks, sizes = [], []
+            stream.chunks = []
+            layout.reset()
     if shape is None:
         raise ValueError("the calibration loader yielded no batch: pass at least one batch of "
                          "inputs (e.g. a DataLoader over some training images)")
     if n == 0:
         raise ValueError("the calibration batches hold no samples")
     if max_samples is None or n <= max_samples:
-        return stream, sizes
+        layout.check(fingerprint)
+        return stream, layout
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
     wanted = torch.zeros(n, dtype=torch.bool)
     wanted[idx] = True
@@ -218,24 +320,14 @@ def streamed_inputs(batches: Iterable, device, dtype, max_samples, seed: int, ch
     rest = torch.cat(pending) if pending else None
     if rest is not None and rest.shape[0]:
         emit(rest)
-    return stream, sizes
+    layout.check(fingerprint)
+    return stream, layout
 
 
 # ------------------------------------------------------------------------------------------------
 # the pass
 # ------------------------------------------------------------------------------------------------
-def _gather(stream: Stream, idx, offsets: list, b: int, value=None):
-    """The rows of batch ``b`` (of ``stream``, or ``value``) whose global sample index is in
-    ``idx`` (``None``: all rows)."""
-    value = stream[b] if value is None else value
-    if idx is None:
-        return value
-    lo, hi = offsets[b], offsets[b + 1]
-    local = idx[(idx >= lo) & (idx < hi)] - lo
-    return value[local.to(value.device)]
-
-
-def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibration,
+def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, layout: ChunkLayout, calibration,
                       refit: bool) -> None:
     """:func:`~.passes.lockstep` over the chunks of ``inputs`` (see the module docstring).
 
@@ -250,10 +342,7 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
     interp = fx.Interpreter(gm)
     env = ({}, {})
     users_left = {n: len(n.users) for n in gm.graph.nodes}
-    offsets = [0]
-    for s in sizes:
-        offsets.append(offsets[-1] + s)
-    nb = len(sizes)
+    nb = len(layout.bounds)
     first = True
     pending = {}  # node -> the _ProbeStats of the ReLU call it feeds, filled as it is produced
     for node in gm.graph.nodes:
@@ -282,7 +371,7 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
         module = modules.get(node.target) if node.op == "call_module" else None
         last = {a for a in node.all_input_nodes if users_left[a] == 1}
         what = f"the value of {node.name!r}"
-        watch = _watchers(calibration, node, modules, offsets, pending)
+        watch = _watchers(calibration, node, modules, layout, pending)
         if isinstance(module, Probe):
             src = node.args[0]
             s_ann, s_q = env[0][src], env[1][src]
@@ -290,7 +379,7 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
             if stats is not None:
                 stats.decide()
             else:
-                _visit(calibration, module, s_q, s_ann, offsets)
+                _visit(calibration, module, s_q, s_ann, layout)
             out_ann, out_q = Stream(store), Stream(store)
             for b in range(nb):
                 a_ann = s_ann[b]
@@ -309,7 +398,7 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, sizes: list, calibrati
             env[0][node], env[1][node] = out_ann, out_q
         elif (refit and isinstance(module, REFITTABLE) and not node.kwargs
               and len(node.args) == 1 and env[0][node.args[0]] is not env[1][node.args[0]]):
-            env[0][node], env[1][node] = _refit_layer(calibration, node, module, env, offsets,
+            env[0][node], env[1][node] = _refit_layer(calibration, node, module, env, layout,
                                                       modules, node.args[0] in last, what,
                                                       watch)
         elif all(env[0][a] is env[1][a] for a in node.all_input_nodes):
@@ -363,8 +452,8 @@ class _ProbeStats:
     produced (:meth:`add`, side 0 the ANN's, 1 the quantised network's): the per-channel sums
     of each side (float64) and the rows of the sample subset the threshold search reads."""
 
-    def __init__(self, calibration, probe: Probe, offsets: list):
-        self.calibration, self.probe, self.offsets = calibration, probe, offsets
+    def __init__(self, calibration, probe: Probe, layout: ChunkLayout):
+        self.calibration, self.probe, self.layout = calibration, probe, layout
         self.idx = self.dim = self.others = self.dtype = None
         self.sums, self.counts = [0.0, 0.0], [0, 0]
         self.subs = ({}, {})
@@ -375,7 +464,7 @@ class _ProbeStats:
             self.dim = normalise_channel_dim(o.channel_dim, value, f"ReLU call {probe.name!r}")
             self.others = [d for d in range(value.dim()) if d != self.dim]
             per_sample = value[0].numel() // value.shape[self.dim] if self.dim else 0
-            self.idx = sample_subset(self.offsets[-1], per_sample, o.max_values,
+            self.idx = sample_subset(self.layout.total, per_sample, o.max_values,
                                      o.seed + probe.index)
             self.dtype = value.dtype
         # summed in the value's dtype per chunk (sum(dtype=float64) would copy the chunk in
@@ -389,22 +478,24 @@ class _ProbeStats:
                 "calibration inputs")
         self.sums[side] = self.sums[side] + total
         self.counts[side] += value.numel() // value.shape[self.dim]
-        self.subs[side][b] = _gather(None, self.idx, self.offsets, b, value)
+        self.subs[side][b] = self.layout.rows(self.idx, b, value)
 
     def decide(self) -> None:
         """Calibrate the call from what was added (every chunk of both sides)."""
-        # the quantised network's, then the ANN's
-        means = [(s / c).to(self.dtype) for s, c in zip(self.sums[::-1], self.counts[::-1])]
-        subs = [torch.cat([part[b] for b in sorted(part)]) for part in self.subs]
+        # the quantised network's, then the ANN's (summed over the ranks)
+        reduce = self.layout.reduce
+        means = [(reduce(s) / reduce(c)).to(self.dtype)
+                 for s, c in zip(self.sums[::-1], self.counts[::-1])]
+        subs = [self.layout.join(part, self.idx) for part in self.subs]
         self.subs = ({}, {})
         self.calibration.decide(self.probe.index, self.dim, means, subs[1], subs[0], None)
 
 
-def _visit(calibration, probe: Probe, s_q: Stream, s_ann: Stream, offsets: list) -> None:
+def _visit(calibration, probe: Probe, s_q: Stream, s_ann: Stream, layout: ChunkLayout) -> None:
     """Calibrate ReLU call ``probe`` from its input over all chunks (read once more), when its
     statistics were not gathered while the input was produced."""
-    stats = _ProbeStats(calibration, probe, offsets)
-    for b in range(len(offsets) - 1):
+    stats = _ProbeStats(calibration, probe, layout)
+    for b in range(len(layout.bounds)):
         a = s_q[b]
         a_ann = a if s_ann is s_q else s_ann[b]
         stats.add(1, b, a)
@@ -412,13 +503,13 @@ def _visit(calibration, probe: Probe, s_q: Stream, s_ann: Stream, offsets: list)
     stats.decide()
 
 
-def _watchers(calibration, node, modules, offsets, pending) -> tuple:
+def _watchers(calibration, node, modules, layout, pending) -> tuple:
     """Where ``node``'s chunks go as they are produced — the ANN's, the quantised network's,
     and the one value of both: into the statistics of the ReLU call ``node`` alone feeds
     (kept in ``pending``), else nowhere."""
     if not feeds_probe(node, modules):
         return None, None, None
-    stats = _ProbeStats(calibration, modules[next(iter(node.users)).target], offsets)
+    stats = _ProbeStats(calibration, modules[next(iter(node.users)).target], layout)
     pending[node] = stats
 
     def both(b, value):
@@ -434,7 +525,7 @@ def _watchers(calibration, node, modules, offsets, pending) -> tuple:
     return ann, quantised, both
 
 
-def _refit_layer(calibration, node, module, env, offsets, modules, free_input, what,
+def _refit_layer(calibration, node, module, env, layout, modules, free_input, what,
                  watch) -> tuple:
     """The streams of a refitted conv/linear layer's output on both sides: the ANN's computed
     while the refit's sample subset is gathered, then the fitted layer applied chunk by chunk."""
@@ -447,9 +538,9 @@ def _refit_layer(calibration, node, module, env, offsets, modules, free_input, w
     relu = feeds_probe(node, modules) or (
         partner is not None and feeds_probe(next(iter(node.users)), modules))
     out_ann, out_q = Stream(store, watch[0]), Stream(store, watch[1])
-    nb = len(offsets) - 1
+    nb = len(layout.bounds)
     fit = can_refit(module, o.max_features)
-    idx, subs = None, ([], [], [], [])
+    idx, subs = None, ({}, {}, {}, {})
     for b in range(nb):
         z = module(s_ann[b])
         out_ann.add(z, what)
@@ -459,15 +550,16 @@ def _refit_layer(calibration, node, module, env, offsets, modules, free_input, w
             continue
         if b == 0:
             channel_dim = -1 if isinstance(module, torch.nn.Linear) else 1
-            idx = refit_rows(offsets[-1], z[0].numel() // z.shape[channel_dim], o.max_rows,
+            idx = refit_rows(layout.total, z[0].numel() // z.shape[channel_dim], o.max_rows,
                              o.seed)
         parts = [s_q, None] + ([] if partner is None else list(partner))
         for k, source in enumerate(parts):
-            subs[k].append(_gather(source, idx, offsets, b, z if source is None else None))
+            subs[k][b] = layout.rows(idx, b, z if source is None else source[b])
     fitted = module
     if fit:
-        x_q, z_ann = torch.cat(subs[0]), torch.cat(subs[1])
-        pair = None if partner is None else (torch.cat(subs[2]), torch.cat(subs[3]))
+        x_q, z_ann = layout.join(subs[0], idx), layout.join(subs[1], idx)
+        pair = None if partner is None else (layout.join(subs[2], idx),
+                                             layout.join(subs[3], idx))
         fitted = calibration.refit(node.target, module, x_q, z_ann, pair, relu)
         del x_q, z_ann, pair, subs
     for b in range(nb):
