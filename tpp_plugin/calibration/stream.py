@@ -232,18 +232,12 @@ class ChunkLayout:
         return total.to(value.device) if isinstance(value, torch.Tensor) else total.item()
 
     def check(self, fingerprint: float) -> None:
-        """Across processes: refuse a loader that is not the same on every rank, or a pass with
-        fewer chunks than ranks (a ``ValueError`` on every rank)."""
-        if self.size == 1:
-            return
-        check_same_on_ranks([self.total, self.chunks, fingerprint],
-                            "the calibration batches (sample count, chunk count, first batch's "
-                            "sum)", self.group)
-        if self.chunks < self.size:
-            raise ValueError(
-                f"the calibration pass has {self.chunks} chunks of at most batch_size samples "
-                f"({self.total} samples), fewer than the {self.size} processes sharing it: "
-                "use a smaller batch_size, more samples or fewer processes")
+        """Across processes: refuse a loader that is not the same on every rank (a
+        ``ValueError`` on every rank)."""
+        if self.size > 1:
+            check_same_on_ranks([self.total, self.chunks, fingerprint],
+                                "the calibration batches (sample count, chunk count, first "
+                                "batch's sum)", self.group)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,12 +250,13 @@ def streamed_inputs(batches: Iterable, device, dtype, max_samples, seed: int, ch
     samples (chosen with ``seed``, in their order) the in-memory calibration would choose —
     then ``batches`` is read twice (first to count), so a shuffling loader gives another
     subset. With a process group (``group``), this rank's share of the chunks
-    (:class:`ChunkLayout`); every rank must pass the same batches.
+    (:class:`ChunkLayout`; every chunk on every rank when there are fewer chunks than ranks);
+    every rank must pass the same batches.
 
     :return: ``(stream, layout)``: the chunks this process holds and their :class:`ChunkLayout`
     :raises ValueError: for no batch, no sample, a batch shaped unlike the first, a non-finite
         input, a loader whose second pass holds another number of samples, or (across
-        processes) batches that differ between the ranks or fewer chunks than ranks
+        processes) batches that differ between the ranks
     """
     stream, layout = Stream(store), ChunkLayout(group)
 
@@ -295,8 +290,8 @@ def streamed_inputs(batches: Iterable, device, dtype, max_samples, seed: int, ch
     if n == 0:
         raise ValueError("the calibration batches hold no samples")
     if max_samples is None or n <= max_samples:
-        layout.check(fingerprint)
-        return stream, layout
+        return _shared_or_alone(stream, layout, fingerprint, batches, device, dtype,
+                                max_samples, seed, chunk_size, store)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
     wanted = torch.zeros(n, dtype=torch.bool)
     wanted[idx] = True
@@ -320,8 +315,19 @@ def streamed_inputs(batches: Iterable, device, dtype, max_samples, seed: int, ch
     rest = torch.cat(pending) if pending else None
     if rest is not None and rest.shape[0]:
         emit(rest)
+    return _shared_or_alone(stream, layout, fingerprint, batches, device, dtype, max_samples,
+                            seed, chunk_size, store)
+
+
+def _shared_or_alone(stream, layout, fingerprint, *again) -> tuple:
+    """``(stream, layout)`` once the batches are checked to be the same on every rank; with
+    fewer chunks than ranks (some rank would hold none) the inputs read again for this process
+    alone: every rank then calibrates on all of them, to the same result."""
     layout.check(fingerprint)
-    return stream, layout
+    if layout.chunks >= layout.size:
+        return stream, layout
+    stream.free()
+    return streamed_inputs(*again, group=None)
 
 
 # ------------------------------------------------------------------------------------------------
