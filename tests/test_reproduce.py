@@ -175,16 +175,24 @@ def calibration_run(tmp_path_factory):
 
     out, ckpt = tmp_path_factory.mktemp("calibration"), tmp_path_factory.mktemp("checkpoint")
     recipes = ["99.9%", "ltb", "tpp"] if _has_ltb() else ["99.9%", "tpp"]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         code = cli_main(["reproduce", *CALIB_ARGS, "--model", "cnn5", "--seeds", "2",
                          "--calibration", *recipes, "--diag-T", "2", "--checkpoint", str(ckpt),
                          "--out", str(out)])
+    (ckpt / "stderr.txt").write_text(errors.getvalue())
     assert code == 0
     name = "digits-cnn5-relu-calib-" + "-".join(r.replace("99.9%", "p99.9") for r in recipes)
     assert sorted(p.name for p in out.iterdir()) == [name + ".json", name + ".png"]
     result = json.loads((out / (name + ".json")).read_text())
     return result, recipes, printed.getvalue(), ckpt
+
+
+def test_calibration_run_draws_no_converter_bars(calibration_run):
+    """SpikingJelly's recipes draw a tqdm bar over the calibration loader of every conversion;
+    reproduce silences them (stderr is not a terminal here: no bar of its own either)."""
+    ckpt = calibration_run[3]
+    assert "%|" not in (ckpt / "stderr.txt").read_text()
 
 
 def test_calibration_json_holds_every_recipe_neuron_and_count_per_T(calibration_run):

@@ -71,7 +71,14 @@ from ..distributed import (
 from ..qcfs import qcfs_levels
 from ..stats import check_energy_constant
 from . import data
-from .models import MODELS, build_model, progress_bar, spiking_layers, train_ann
+from .models import (
+    MODELS,
+    build_model,
+    framework_bars_off,
+    progress_bar,
+    spiking_layers,
+    train_ann,
+)
 from .report import (
     format_accuracy_table,
     format_calibration_report,
@@ -383,7 +390,8 @@ def run(args, echo=print) -> list[dict]:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     owned = not (dist.is_available() and dist.is_initialized()) and init_distributed(device)
-    results = _run_on(args, device, echo)
+    with framework_bars_off():  # one bar per (model, ANN type) stage, not one per conversion
+        results = _run_on(args, device, echo)
     if owned:  # the group this call created ends with it (after an error torchrun ends it)
         shutdown_distributed()
     return results
