@@ -57,7 +57,9 @@ def test_streamed_calibration_equals_the_in_memory_one(name, T, granularity):
     _assert_same(memory, streamed)
     assert memory.weights  # the refit ran
     cache = streamed.settings["cache"]
-    assert cache["spilled_bytes"] > 10 * cache["cache_bytes"]  # the file was used
+    # the file was used, for several times what memory held (ReLU outputs are not stored:
+    # they are recomputed from their inputs when read)
+    assert cache["spilled_bytes"] > 3 * cache["cache_bytes"]
     assert cache["peak_bytes"] <= cache["cache_bytes"]
 
 
