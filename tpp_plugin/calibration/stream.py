@@ -16,6 +16,11 @@ accumulated over the chunks, then applied chunk by chunk:
   the residual partner;
 * the output: the per-class sums of the ANN's output minus the quantised network's.
 
+A ReLU call's outputs are not held: once its threshold is chosen, each read of them applies the
+ReLU (the ANN's side) or the quantiser (the other) to its input's chunk again
+(:class:`LazyStream`) — element-wise work, cheaper than writing the values to the file and
+reading them back.
+
 The subsets are the ones the in-memory pass draws (same seeds, same sample count), so the result
 is the in-memory pass's up to the summation order of the means. What is held at once: the
 store's cap, one batch's values of one node, and the subsets (bounded by ``max_values`` and
