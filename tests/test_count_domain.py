@@ -347,6 +347,28 @@ def test_one_draw_count_is_reproducible_and_draws_one_word_per_four_neurons():
                                                                         generator=g2))
 
 
+@pytest.mark.parametrize("threshold, offset", [
+    (0.5, 0.0), (0.5, 0.25), ("0-d", "0-d"), ("per-neuron", 0.0)])
+def test_one_draw_count_in_cpu_chunks_draws_as_one_pass(monkeypatch, threshold, offset):
+    """The CPU sampler takes the neurons _CPU_CHUNK at a time: the same counts, and the same
+    generator advance, as one pass over all of them (a tail that is not whole words included)."""
+    from tpp_plugin.functional import counts as counts_module
+
+    x = torch.rand(2, 1003) * 1.2 - 0.1
+    theta = {"0-d": torch.tensor(0.7), "per-neuron": torch.full_like(x, 0.6)}.get(
+        threshold, threshold)
+    v_init = torch.tensor(0.2) if offset == "0-d" else offset
+    runs = []
+    for chunk in (1 << 30, 8, 100):
+        monkeypatch.setattr(counts_module, "_CPU_CHUNK", chunk)
+        g = torch.Generator().manual_seed(7)
+        counts = F._two_point_count(x, 8, theta, g, gain=8, offset=v_init)
+        runs.append((counts, torch.empty(1, dtype=torch.int64).random_(generator=g)))
+    for counts, after in runs[1:]:
+        assert torch.equal(counts, runs[0][0]) and torch.equal(after, runs[0][1])
+    assert len(runs[0][0].unique()) > 4
+
+
 def test_count_mode_one_draw_first_layer_counts_follow_the_rule(relu_cnn, batch):
     """The first TPP layer sees the same potentials in both modes; in count mode (one-draw, the
     default) its total count must be Σ expected_count(v) within 4 SE, SE² = Σ p(1−p)."""

@@ -16,7 +16,7 @@ from .checks import (
     check_threshold,
     check_window,
 )
-from .uniforms import _UNIFORM_SCALE, _draw_bits
+from .uniforms import _UNIFORM_SCALE, _fill_words, _words
 
 __all__ = [
     "expected_count",
@@ -132,9 +132,9 @@ _DEVICE_TABLES: dict = {}
 
 
 def _table_on(T: int, dtype: torch.dtype, device) -> tuple:
-    """The tables of :func:`tpp_count_two_point` on ``device``, both ``[T·M + 1]``:
-    ``E(i/M)·2¹⁶`` and the slope ``(E((i+1)/M) − E(i/M))·2¹⁶`` of bin ``i``; the last row is
-    ``w = T`` (``T·2¹⁶``, slope 0)."""
+    """The tables of :func:`tpp_count_two_point` on ``device``, both ``[T·M + 1]``: ``E(i/M)``
+    and the slope ``E((i+1)/M) − E(i/M)`` of bin ``i``; the last row is ``w = T`` (``T``, slope
+    0)."""
     key = (T, dtype, str(device))
     tables = _DEVICE_TABLES.get(key)
     if tables is None:
@@ -143,7 +143,7 @@ def _table_on(T: int, dtype: torch.dtype, device) -> tuple:
         k = torch.div(torch.arange(T * bins), bins, rounding_mode="floor").to(torch.float64)
         start = torch.cat([pairs[:, 0] + k, torch.tensor([float(T)], dtype=torch.float64)])
         slope = torch.cat([pairs[:, 1] - pairs[:, 0], torch.zeros(1, dtype=torch.float64)])
-        tables = tuple((t * 2.0**16).to(device=device, dtype=dtype) for t in (start, slope))
+        tables = tuple(t.to(device=device, dtype=dtype) for t in (start, slope))
         _DEVICE_TABLES[key] = tables
     return tables
 
@@ -169,7 +169,7 @@ def expected_count_fast(w: torch.Tensor, T: int, dtype: torch.dtype = torch.floa
     i = pos.floor()  # at most T·bins: the last row is w = T
     frac, i = pos.sub_(i), i.int()  # index_select: several times faster than start[i]
     count = start.index_select(0, i).add_(slope.index_select(0, i).mul_(frac))
-    return count.div_(2.0**16).view(w.shape).to(w.dtype)
+    return count.view(w.shape).to(w.dtype)
 
 
 def tpp_count_two_point(
@@ -194,8 +194,8 @@ def tpp_count_two_point(
     :param v: membrane potential after the accumulation phase, any shape
     :param T: window length
     :param threshold: firing threshold θ (number or tensor broadcastable to ``v``)
-    :param generator: optional ``torch.Generator`` on ``v``'s device (one ``⌈numel/4⌉``-word
-        draw)
+    :param generator: optional ``torch.Generator`` on ``v``'s device (``⌈numel/4⌉`` words
+        drawn, in order)
     :return: spike counts in ``v``'s dtype, shape of ``v``
 
     Example::
@@ -210,34 +210,79 @@ def tpp_count_two_point(
     return _two_point_count(v, T, threshold, generator)
 
 
+#: neurons per pass of :func:`_two_point_count` on the CPU (a multiple of 4: whole generator
+#: words). Its four temporaries (3.5 MiB in float32) are reused from pass to pass and stay in
+#: the cache; full-size ones were fresh memory at every call, a page fault per 4 KiB, which
+#: cost more than the arithmetic (2¹⁶ to 2¹⁸ timed best on the demo CNN's layers, 1–2 threads).
+_CPU_CHUNK = 1 << 18
+
+
 def _two_point_count(x: torch.Tensor, T: int, threshold, generator, gain=1.0, offset=0.0):
     """:func:`tpp_count_two_point` of ``v = gain·x + offset``, unchecked (count mode passes the
-    mean current ``x``, ``gain = T`` and ``offset = v_init``: no ``v`` buffer)."""
-    # E·2¹⁶ + r (r < 2¹⁶) must stay exact: float64 for float64 potentials and long windows
+    mean current ``x``, ``gain = T`` and ``offset = v_init``: no ``v`` buffer).
+
+    Per neuron: ``w·M`` (``M`` = :data:`COUNT_TABLE_BINS`), its bin ``i`` and the position ``f``
+    inside it, ``E = start[i] + slope[i]·f`` (:func:`_table_on`), then ``⌊E + r·2⁻¹⁶⌋ =
+    k + [r ≥ 2¹⁶·(1 − p)]`` with a random 16-bit ``r``. On the CPU the neurons are taken
+    :data:`_CPU_CHUNK` at a time; the generator hands out its words one after another, so the
+    draws, and the counts, are those of one pass over all neurons.
+    """
+    # E + r·2⁻¹⁶ (r < 2¹⁶) must stay exact: float64 for float64 potentials and long windows
     rdtype = torch.float64 if x.dtype == torch.float64 or T >= 128 else torch.float32
     bins = COUNT_TABLE_BINS
     start, slope = _table_on(T, rdtype, x.device)
     n = x.numel()
     shift = bool(offset.any()) if isinstance(offset, torch.Tensor) else offset != 0
-    if isinstance(threshold, torch.Tensor) or shift:
-        pos = torch.mul(x, gain)
-        if shift:
-            pos.add_(offset)
-        pos = torch.div(pos, threshold) if isinstance(threshold, torch.Tensor) else pos
-        if pos.shape != x.shape:
-            raise ValueError(
-                f"threshold of shape {tuple(threshold.shape)} must broadcast to v's shape "
-                f"{tuple(x.shape)} without enlarging it"
-            )
-        scale = bins if isinstance(threshold, torch.Tensor) else bins / threshold
-        pos = pos.to(rdtype).reshape(n).mul_(scale)
-    else:
-        pos = torch.mul(x.reshape(n), gain * bins / threshold).to(rdtype)  # w·M, one op
-    pos.clamp_(0, T * bins)
-    index = pos.to(torch.int32)  # truncation == floor for pos >= 0
-    pos.frac_()  # the position inside the bin, in [0, 1]
-    # E·2¹⁶ interpolated, plus a random 16-bit r: ⌊(E·2¹⁶ + r)/2¹⁶⌋ = k + [r ≥ 2¹⁶·(1 − p)]
-    count = torch.addcmul(start.index_select(0, index), slope.index_select(0, index), pos)
-    count.add_(_draw_bits(n, x.device, generator).to(rdtype))
-    count.mul_(_UNIFORM_SCALE).floor_()
-    return count.view(x.shape).to(x.dtype)
+    flat = x.reshape(n)
+    step = _CPU_CHUNK if x.device.type == "cpu" else max(n, 1)
+    m = min(step, n)
+    pos = None  # w·M of all neurons, formed at once for per-neuron θ or v_init and for a cast
+    if x.dtype != rdtype or any(isinstance(a, torch.Tensor) and a.dim() > 0
+                                for a in (threshold, offset)):
+        pos = _scaled_potential(x, T, threshold, gain, offset, shift, rdtype)
+    buffer = torch.empty(0 if pos is not None else m, dtype=rdtype, device=x.device)
+    out = torch.empty(n, dtype=rdtype, device=x.device)
+    index = torch.empty(m, dtype=torch.int32, device=x.device)
+    other = torch.empty(m, dtype=rdtype, device=x.device)  # slope[i], then r
+    words = torch.empty(_words(m), dtype=torch.int64, device=x.device)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        i, s, count = index[:hi - lo], other[:hi - lo], out[lo:hi]
+        if pos is not None:
+            p = pos[lo:hi]
+        elif shift or isinstance(threshold, torch.Tensor):  # as _scaled_potential
+            p = torch.mul(flat[lo:hi], gain, out=buffer[:hi - lo])
+            if shift:
+                p.add_(offset)
+            if isinstance(threshold, torch.Tensor):
+                p.div_(threshold).mul_(bins)
+            else:
+                p.mul_(bins / threshold)
+        else:
+            p = torch.mul(flat[lo:hi], gain * bins / threshold, out=buffer[:hi - lo])
+        p.clamp_(0, T * bins)
+        i.copy_(p)  # truncation == floor for p >= 0
+        p.frac_()  # the position inside the bin, in [0, 1]
+        torch.index_select(start, 0, i, out=count)
+        count.addcmul_(torch.index_select(slope, 0, i, out=s), p)  # E, interpolated
+        bits = _fill_words(words[:_words(hi - lo)], generator).view(torch.uint16)[:hi - lo]
+        count.add_(s.copy_(bits), alpha=_UNIFORM_SCALE).floor_()
+    return out.view(x.shape).to(x.dtype)
+
+
+def _scaled_potential(x, T, threshold, gain, offset, shift, rdtype) -> torch.Tensor:
+    """``w·M = (gain·x + offset)/θ·M`` of all neurons, flat, in ``rdtype`` (a new tensor)."""
+    bins = COUNT_TABLE_BINS
+    if not (isinstance(threshold, torch.Tensor) or shift):
+        return torch.mul(x.reshape(-1), gain * bins / threshold).to(rdtype)  # one op
+    pos = torch.mul(x, gain)
+    if shift:
+        pos.add_(offset)
+    pos = torch.div(pos, threshold) if isinstance(threshold, torch.Tensor) else pos
+    if pos.shape != x.shape:
+        raise ValueError(
+            f"threshold of shape {tuple(threshold.shape)} must broadcast to v's shape "
+            f"{tuple(x.shape)} without enlarging it"
+        )
+    scale = bins if isinstance(threshold, torch.Tensor) else bins / threshold
+    return pos.to(rdtype).reshape(-1).mul_(scale)
