@@ -48,7 +48,7 @@ import tpp_plugin
 
 from ..cli import ListOnce, device, nonnegative_int, positive_int
 from . import data, scale_bench
-from .models import digits_cnn, train_ann
+from .models import digits_cnn, framework_bars_off, train_ann
 
 __all__ = ["BACKENDS", "torch_cases", "time_cases", "peak_memory", "add_arguments", "main"]
 
@@ -294,7 +294,8 @@ def bench_count_mode(Ts, repeats: int, epochs: int, echo=print) -> dict:
         else:
             recipe = ann2snn.RateCodingRecipe(calibration, mode="99.9%", neuron="tpp",
                                               neuron_kwargs=kwargs)
-            sj = ann2snn.Converter(recipe).convert(ann)
+            with framework_bars_off():  # no calibration bar between the table's rows
+                sj = ann2snn.Converter(recipe).convert(ann)
         functional.set_step_mode(sj, "m")
         for T in Ts:
             snn = snt.convert(ann, calibration, num_steps=T, mode="99.9%", **kwargs)
