@@ -262,11 +262,6 @@ class ChunkLayout:
         self.total += n
         return mine
 
-    @property
-    def sizes(self) -> list:
-        """The sample counts of the chunks this process holds."""
-        return [hi - lo for lo, hi in self.bounds]
-
     def rows(self, idx, b: int, value: torch.Tensor) -> torch.Tensor:
         """The rows of ``value`` (chunk ``b``'s) whose sample index is in ``idx`` (sorted;
         ``None``: all rows)."""
@@ -456,19 +451,17 @@ def streamed_lockstep(gm: fx.GraphModule, inputs: Stream, layout: ChunkLayout, c
                 stats.decide()
             else:
                 _visit(calibration, module, s_q, s_ann, layout)
-            if users_left[src] == 1:  # the input's last user: the outputs read it lazily
+            if src in last:  # the input's last user: the outputs read it lazily
                 env[0][node], env[1][node] = _lazy_outputs(s_ann, s_q, module, nb)
                 for side in (0, 1):
-                    env[side].pop(src)  # now owned by the lazy outputs
-                users_left[src] = 0
-                _trim()
-                continue
-            out_ann, out_q = Stream(store), Stream(store)  # the input is read again later
-            for b in range(nb):
-                a_ann = s_ann[b]
-                out_q.add(module(a_ann if s_q is s_ann else s_q[b]), what)
-                out_ann.add(torch.relu(a_ann), what)
-            env[0][node], env[1][node] = out_ann, out_q
+                    env[side].pop(src)  # now owned by the lazy outputs, not freed below
+            else:
+                out_ann, out_q = Stream(store), Stream(store)  # the input is read again later
+                for b in range(nb):
+                    a_ann = s_ann[b]
+                    out_q.add(module(a_ann if s_q is s_ann else s_q[b]), what)
+                    out_ann.add(torch.relu(a_ann), what)
+                env[0][node], env[1][node] = out_ann, out_q
         elif (refit and isinstance(module, REFITTABLE) and not node.kwargs
               and len(node.args) == 1 and env[0][node.args[0]] is not env[1][node.args[0]]):
             env[0][node], env[1][node] = _refit_layer(calibration, node, module, env, layout,
